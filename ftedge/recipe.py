@@ -1,0 +1,226 @@
+"""The recipe: what to tune, on what data, how, and where to ship it.
+
+Pydantic models with ``extra="forbid"`` so unknown keys are errors; every field is
+described (``ftedge validate --explain`` prints them). ``load_recipe`` applies
+``KEY=VALUE`` overrides (dotted keys, YAML-typed values) before validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ftedge.errors import FtedgeError
+
+DataFormat = Literal["messages", "alpaca", "completion", "text_label"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    train: Path = Field(description="Training data file: .csv, .jsonl/.json, or a local HF-datasets folder/.parquet/.arrow file. Relative paths are resolved from the recipe's folder.")
+    val: Path | None = Field(None, description="Optional separate validation file (same format). If unset, `val_fraction` of `train` is held out with a fixed seed.")
+    format: DataFormat = Field("text_label", description="Row format: `messages` (role/content list), `alpaca` (instruction/input/output), `completion` (prompt/completion, or text), `text_label` (a text and a label; the label is the assistant's answer).")
+    text_field: str = Field("text", description="Column holding the user text (`text_label`) or the raw text (`completion` without prompt).")
+    label_field: str = Field("label", description="Column holding the label (`text_label`): the answer the model learns to give.")
+    messages_field: str = Field("messages", description="Column holding the chat turns (`messages`).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt (`completion`).")
+    completion_field: str = Field("completion", description="Column holding the completion (`completion`).")
+    system_prompt: str | None = Field(None, description="System prompt put in front of every example (and used at inference/bench). Keep it short: it costs tokens on every row.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of `train` held out for validation when `val` is not set (fixed seed).")
+    max_examples: int | None = Field(None, gt=0, description="Use at most this many training rows (after the validation split); null = all.")
+    seed: int = Field(0, description="Seed of the train/validation split and shuffling.")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt: `all-linear` or a list of module names (e.g. [q_proj, v_proj]).")
+
+
+class QuantConfig(_Strict):
+    bits: Literal[4, 16, 32] = Field(4, description="Base weights while training: 4 = QLoRA (bitsandbytes), 16/32 = plain LoRA or full fine-tuning on a float base.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bitsandbytes).")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Compute dtype; `auto` picks bf16 where the hardware supports it, else fp16 on CUDA, else fp32.")
+
+
+class TrainConfig(_Strict):
+    method: Literal["qlora", "lora", "full"] = Field("qlora", description="`qlora` (4-bit base + LoRA), `lora` (float base + LoRA), or `full` fine-tuning (tiny models only).")
+    max_steps: int | None = Field(300, gt=0, description="Optimizer steps to train; null = use `epochs`.")
+    epochs: float = Field(1.0, gt=0, description="Epochs to train when `max_steps` is null.")
+    batch_size: int = Field(16, gt=0, description="Examples per micro-batch (with packing: the token budget is batch_size x max_length).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(5.0e-4, gt=0, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of steps spent warming up linearly.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_length: int = Field(256, gt=8, description="Maximum tokens per example; longer rows are truncated with a counted warning.")
+    packing: bool = Field(True, description="Pack examples into rows without padding (padding-free; no attention across examples).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    eval_every: int = Field(50, gt=0, description="Evaluate validation loss every N steps.")
+    save_every: int = Field(50, gt=0, description="Write a resumable checkpoint every N steps.")
+    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after this many evaluations without improvement; null = never stop early.")
+    seed: int = Field(0, description="Seed of initialization, dropout and data order.")
+
+
+class ExportConfig(_Strict):
+    target: str = Field("laptop-cpu", description="Target profile: a name in export/ (e.g. `laptop-cpu`, `raspberry-pi-5`) or a path to a YAML profile.")
+    merge_into: Literal["dequantized", "float"] = Field("dequantized", description="Merge the adapter into the dequantized NF4 base (what QLoRA trained against; default) or into the original float base.")
+
+
+class EvalConfig(_Strict):
+    task: Literal["label_match", "perplexity"] = Field("label_match", description="`label_match`: the generated answer must equal the label after trimming; `perplexity`: held-out perplexity only.")
+    max_examples: int = Field(500, gt=0, description="Held-out examples to score per artifact.")
+    max_new_tokens: int = Field(16, gt=0, description="Generation budget per example for `label_match`.")
+
+
+class Recipe(_Strict):
+    name: str = Field(description="Run name prefix: runs go to runs/<name>-<UTC timestamp>/.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    base_model: str = Field("smollm2-135m-instruct", description="Base model: an alias (`smollm2-135m-instruct`, embedded), a local HF folder, a .gguf file, or a hub id (needs network).")
+    trust_remote_code: bool = Field(False, description="Allow the base model's own Python code to run. Off unless you trust it.")
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_too_long(cls, v: str) -> str:
+        if len(v) > 80:
+            raise ValueError("at most 80 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.train.method == "qlora" and self.quant.bits != 4:
+            raise ValueError("train.method=qlora needs quant.bits=4 (or use train.method=lora)")
+        if self.data.format == "text_label" and self.data.label_field == self.data.text_field:
+            raise ValueError("data.label_field and data.text_field must differ")
+        return self
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise FtedgeError(f"override {item!r} is not KEY=VALUE", hint="write e.g. -o train.max_steps=20")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise FtedgeError(f"override {item!r} has an empty key", hint="write e.g. -o train.max_steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted ``KEY=VALUE`` pairs in a raw recipe dict (values parsed as YAML scalars)."""
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise FtedgeError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        msg = f"{source}: unknown key {loc!r}"
+        hint = "remove it or check its spelling; `ftedge validate --explain` lists every key"
+    elif kind == "missing":
+        msg = f"{source}: missing required key {loc!r}"
+        hint = "add it; `ftedge validate --explain` describes it"
+    else:
+        value = first.get("input")
+        shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+        msg = f"{source}: {loc}: {first['msg']}{shown}"
+        hint = "`ftedge validate --explain` lists allowed values"
+    more = len(err.errors()) - 1
+    if more:
+        msg += f" [+{more} more problem{'s' if more > 1 else ''}]"
+    return FtedgeError(msg, hint=hint).one_line()
+
+
+def parse_recipe(raw: dict[str, Any], *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate a raw dict into a Recipe; relative data paths resolve against ``base_dir``."""
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise FtedgeError(_format_validation_error(source, err)) from None
+    if base_dir is not None:
+        data = recipe.data
+        if not data.train.is_absolute():
+            data.train = (base_dir / data.train).resolve()
+        if data.val is not None and not data.val.is_absolute():
+            data.val = (base_dir / data.val).resolve()
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_files: bool = True) -> Recipe:
+    """Load, override and validate a recipe YAML; check its data files exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise FtedgeError(f"recipe {path} not found", hint="give the path of a recipe YAML, e.g. recipes/smollm2-banking77.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise FtedgeError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})", hint="fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise FtedgeError(f"{path}: a recipe must be a YAML mapping (got {type(raw).__name__})")
+    raw = apply_overrides(raw, list(overrides or []))
+    recipe = parse_recipe(raw, source=str(path), base_dir=path.resolve().parent)
+    if check_files:
+        check_data_files(recipe, source=str(path))
+    return recipe
+
+
+def check_data_files(recipe: Recipe, *, source: str) -> None:
+    for key, value in (("data.train", recipe.data.train), ("data.val", recipe.data.val)):
+        if value is not None and not Path(value).exists():
+            raise FtedgeError(f"{source}: {key}: file {value} not found", hint=f"fix the path or pass -o {key}=PATH")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (paths absolute), for freezing into a run folder."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def explain(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) for every recipe field, nested sections included."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.append((key, "section", "", field.description or ""))
+            rows.extend(explain(ann, prefix=f"{key}."))
+            continue
+        type_name = str(ann).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
+        if field.is_required():
+            default = "(required)"
+        elif field.default_factory is not None:
+            default = ""
+        else:
+            default = repr(field.default) if not isinstance(field.default, str) else field.default
+        rows.append((key, type_name, str(default), field.description or ""))
+    return rows

@@ -1,0 +1,92 @@
+"""What the CLI calls: open or create the run, call the stage, handle resume and skips.
+
+Stage modules (train, merge, export, bench) never import each other; they meet here and in
+the run's manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ftedge.errors import FtedgeError
+from ftedge.run import Run
+
+log = logging.getLogger(__name__)
+
+
+def _not_available(command: str, err: ImportError) -> FtedgeError:
+    return FtedgeError(f"`ftedge {command}` is not available in this build ({err})", hint="update ftedge")
+
+
+def create_or_resume(recipe_path: Path | None, overrides: list[str], run_dir: Path | None, resume: Path | None) -> Run:
+    """A new run from a recipe (checked before any model loads), or an existing one to resume."""
+    if resume is not None:
+        if recipe_path is not None or overrides:
+            raise FtedgeError("--resume continues a run with its frozen recipe", hint="drop the RECIPE and -o options, or start a new run")
+        return Run.open(resume)
+    from ftedge.preflight import preflight
+    from ftedge.recipe import load_recipe
+
+    assert recipe_path is not None
+    preflight(recipe_path, overrides)
+    return Run.create(load_recipe(recipe_path, overrides), run_dir=run_dir)
+
+
+def train(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None) -> Run:
+    run = create_or_resume(recipe_path, overrides, run_dir, resume)
+    try:
+        from ftedge.train import train_stage
+    except ImportError as err:
+        raise _not_available("train", err) from None
+    train_stage(run, resume=resume is not None)
+    return run
+
+
+def merge(run_dir: Path, *, into: str | None = None, force: bool = False) -> Path:
+    run = Run.open(run_dir)
+    try:
+        from ftedge.merge import merge_stage
+    except ImportError as err:
+        raise _not_available("merge", err) from None
+    return merge_stage(run, into=into, force=force)
+
+
+def export(run_dir: Path, *, target: str | None = None, force: bool = False) -> None:
+    from ftedge.targets import load_target
+
+    run = Run.open(run_dir)
+    try:
+        from ftedge.export import export_stage
+    except ImportError as err:
+        raise _not_available("export", err) from None
+    export_stage(run, load_target(target or run.recipe().export.target), force=force)
+
+
+def bench(subject: Path, *, target: str | None = None, json_path: Path | None = None, data: Path | None = None) -> None:
+    try:
+        from ftedge.bench import bench_artifact, bench_run
+    except ImportError as err:
+        raise _not_available("bench", err) from None
+    from ftedge.targets import load_target
+
+    if subject.is_dir() and (subject / "manifest.json").is_file():
+        run = Run.open(subject)
+        bench_run(run, load_target(target or run.recipe().export.target), json_path=json_path)
+    else:
+        bench_artifact(subject, load_target(target or "laptop-cpu"), json_path=json_path, data=data)
+
+
+def chat(artifact: Path, *, prompt: str | None, system: str | None, max_new_tokens: int, threads: int | None) -> None:
+    from ftedge.chat import chat_session
+
+    chat_session(artifact, prompt=prompt, system=system, max_new_tokens=max_new_tokens, threads=threads)
+
+
+def run_all(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None) -> Run:
+    """train -> merge -> export -> bench -> ship; a resumed run continues at its first unfinished stage."""
+    from ftedge.pipeline import run_pipeline
+
+    run = create_or_resume(recipe_path, overrides, run_dir, resume)
+    run_pipeline(run, resumed=resume is not None)
+    return run
