@@ -85,12 +85,12 @@ class Recipe(_Strict):
     name: str = Field(description="Run name prefix: runs go to runs/<name>-<UTC timestamp>/.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     base_model: str = Field("smollm2-135m-instruct", description="Base model: an alias (`smollm2-135m-instruct`, embedded), a local HF folder, a .gguf file, or a hub id (needs network).")
     trust_remote_code: bool = Field(False, description="Allow the base model's own Python code to run. Off unless you trust it.")
-    data: DataConfig
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    quant: QuantConfig = Field(default_factory=QuantConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    data: DataConfig = Field(description="Training data: file, format, field mapping, system prompt, validation split.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter shape.")
+    quant: QuantConfig = Field(default_factory=QuantConfig, description="How the base weights are held while training (QLoRA 4-bit or float).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization, schedule, batching, checkpoints, evaluation.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Where to ship: target profile and merge mode.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="How bench scores each artifact.")
 
     @field_validator("name")
     @classmethod

@@ -85,8 +85,8 @@ def chat(artifact: Path, *, prompt: str | None, system: str | None, max_new_toke
 
 def run_all(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None) -> Run:
     """train -> merge -> export -> bench -> ship; a resumed run continues at its first unfinished stage."""
+    run = create_or_resume(recipe_path, overrides, run_dir, resume)
     from ftedge.pipeline import run_pipeline
 
-    run = create_or_resume(recipe_path, overrides, run_dir, resume)
     run_pipeline(run, resumed=resume is not None)
     return run

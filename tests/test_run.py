@@ -1,0 +1,90 @@
+"""Run folders: frozen recipe, manifest stage status, atomic artifacts with sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from ftedge import atomic
+from ftedge.errors import FtedgeError, StageMissingError
+from ftedge.recipe import load_recipe
+from ftedge.run import Run
+
+
+def test_create_freezes_recipe_and_manifest(tiny_recipe: Path, tmp_path: Path) -> None:
+    recipe = load_recipe(tiny_recipe, ["train.max_steps=3"])
+    run = Run.create(recipe, runs_root=tmp_path / "runs")
+    assert run.path.parent == (tmp_path / "runs").resolve() and run.path.name.startswith("tiny-")
+    frozen = run.recipe()
+    assert frozen.train.max_steps == 3 and frozen.data.train == recipe.data.train
+    m = run.manifest()
+    assert m["schema"] == 1 and set(m["stages"]) == {"train", "merge", "export", "bench"}
+    assert all(s["status"] == "pending" for s in m["stages"].values())
+    second = Run.create(recipe, runs_root=tmp_path / "runs")
+    assert second.path != run.path
+
+
+def test_stage_status_timings_and_failure(tiny_recipe: Path, tmp_path: Path) -> None:
+    run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "r")
+    with run.stage("train") as metrics:
+        assert run.stage_status("train") == "running"
+        metrics["steps"] = 4
+    st = run.manifest()["stages"]["train"]
+    assert st["status"] == "done" and st["metrics"] == {"steps": 4} and st["seconds"] >= 0
+    with pytest.raises(RuntimeError), run.stage("merge"):
+        raise RuntimeError("disk on fire")
+    st = run.manifest()["stages"]["merge"]
+    assert st["status"] == "failed" and "disk on fire" in st["error"]
+    with pytest.raises(StageMissingError, match=r"run `ftedge merge .*` first"):
+        run.require("merge", "merged model", "ftedge merge")
+
+
+def test_record_artifact_size_and_sha(tiny_recipe: Path, tmp_path: Path) -> None:
+    run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "r")
+    f = run.path / "gguf" / "m.gguf"
+    atomic.write_bytes(f, b"GGUF" + b"\0" * 100)
+    entry = run.record_artifact("gguf-f16", f, stage="export", format="gguf", quant="f16")
+    assert entry["size_bytes"] == 104 and entry["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert entry["path"] == "gguf/m.gguf"
+    assert run.artifact_path("gguf-f16") == f
+    d = run.path / "onnx" / "int4"
+    d.mkdir(parents=True)
+    (d / "a").write_text("x")
+    (d / "b").write_text("yz")
+    assert run.record_artifact("onnx-int4", d, stage="export")["size_bytes"] == 3
+    assert set(run.artifacts(stage="export")) == {"gguf-f16", "onnx-int4"}
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with pytest.raises(OSError), atomic.atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "half").write_text("partial")
+        raise OSError(28, "No space left on device")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+    with atomic.atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "whole").write_text("done")
+    assert (target / "whole").read_text() == "done"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_open_errors(tmp_path: Path) -> None:
+    with pytest.raises(FtedgeError, match="not found"):
+        Run.open(tmp_path / "nope")
+    with pytest.raises(FtedgeError, match="not an ftedge run"):
+        Run.open(tmp_path)
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(FtedgeError, match="cannot be read"):
+        Run.open(tmp_path)
+
+
+def test_manifest_is_valid_json_after_many_updates(tiny_recipe: Path, tmp_path: Path) -> None:
+    run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "r")
+    for i in range(20):
+        run.update(lambda m, i=i: m.setdefault("counter", []).append(i))
+    assert json.loads(run.manifest_path.read_text())["counter"] == list(range(20))
