@@ -64,6 +64,8 @@ def export(run_dir: Path, *, target: str | None = None, force: bool = False) -> 
 
 
 def bench(subject: Path, *, target: str | None = None, json_path: Path | None = None, data: Path | None = None) -> None:
+    if not subject.exists():
+        raise FtedgeError(f"{subject} not found", hint="give a run folder, a .gguf file or an ORT GenAI folder")
     try:
         from ftedge.bench import bench_artifact, bench_run
     except ImportError as err:
