@@ -88,3 +88,14 @@ def test_manifest_is_valid_json_after_many_updates(tiny_recipe: Path, tmp_path: 
     for i in range(20):
         run.update(lambda m, i=i: m.setdefault("counter", []).append(i))
     assert json.loads(run.manifest_path.read_text())["counter"] == list(range(20))
+
+
+def test_atomic_files_get_the_usual_mode(tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "r.md", "x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "r.md").stat().st_mode & 0o777 == 0o644
