@@ -55,7 +55,7 @@ class TrainConfig(_Strict):
     method: Literal["qlora", "lora", "full"] = Field("qlora", description="`qlora` (4-bit base + LoRA), `lora` (float base + LoRA), or `full` fine-tuning (tiny models only).")
     max_steps: int | None = Field(300, gt=0, description="Optimizer steps to train; null = use `epochs`.")
     epochs: float = Field(1.0, gt=0, description="Epochs to train when `max_steps` is null.")
-    batch_size: int = Field(16, gt=0, description="Examples per micro-batch (with packing: the token budget is batch_size x max_length).")
+    batch_size: int = Field(16, gt=0, description="Examples per micro-batch (per process); with packing they are laid end to end in rows of at most max_length tokens.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     lr: float = Field(5.0e-4, gt=0, description="Peak learning rate.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")

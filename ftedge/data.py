@@ -1,0 +1,441 @@
+"""Training data: read rows, turn them into chat examples, tokenize with loss masks.
+
+Files: ``.csv``, ``.jsonl`` / ``.json`` (a list or JSON lines), and local Hugging Face
+datasets (a ``save_to_disk`` folder, ``.parquet`` or ``.arrow``; needs the ``datasets``
+package). Formats (``data.format``):
+
+- ``messages``: a list of ``{role, content}`` turns (OpenAI style; a JSON string in CSV);
+- ``alpaca``: ``instruction``, optional ``input``, ``output``;
+- ``completion``: ``prompt`` + ``completion`` (a chat turn), or ``text`` alone (raw text,
+  every token trained, no chat template);
+- ``text_label``: a text and a label; the label is the assistant's answer.
+
+Every row becomes an :class:`Example`: ``messages`` (system prompt + turns, without the final
+answer) and ``target`` (the final answer), so a bench can prompt any runtime with its own
+chat template. :func:`encode` applies the base tokenizer's chat template and marks which
+tokens carry loss: only assistant tokens, their end-of-turn token included (so exported
+models stop). Over-long rows are truncated, counted and reported in one warning: the end of
+the user text goes first (the system prompt, the template's assistant header and the answer
+stay), then the end of the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftedge.errors import FtedgeError
+from ftedge.recipe import DataConfig, Recipe
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+HF_SUFFIXES = (".parquet", ".arrow")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One chat example: the prompt turns and the final answer (what bench compares with)."""
+
+    messages: list[dict[str, str]]
+    target: str
+    source: str = ""  # "file:row", for messages
+    raw: bool = False  # completion rows without a prompt: plain text, no chat template
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [*self.messages, {"role": "assistant", "content": self.target}]
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    val: list[Example]
+    labels: list[str] = field(default_factory=list)  # text_label: the label set (sorted)
+
+
+@dataclass
+class Encoded:
+    """A tokenized example: ``labels[i]`` is the token at ``i`` if trained there, else -100."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+# --------------------------------------------------------------------------- reading rows
+def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of a data file as ``(where, row)``; ``where`` is ``file:row`` for error messages."""
+    path = Path(path)
+    if not path.exists():
+        raise FtedgeError(f"data file {path} not found", hint="fix data.train / data.val in the recipe (relative paths start at the recipe's folder)")
+    if path.is_dir() or path.suffix in HF_SUFFIXES:
+        return _read_hf(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix in (".jsonl", ".json"):
+        return _read_json(path)
+    raise FtedgeError(f"data file {path}: unsupported file type {path.suffix!r}", hint="use .csv, .jsonl/.json, .parquet/.arrow, or a HF-datasets folder")
+
+
+def _read_csv(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            # Data row i sits on line i + 1 (the header is line 1) when no field spans lines.
+            return [(f"{path}:row {i}", dict(row)) for i, row in enumerate(reader, start=1)]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise FtedgeError(f"{path}: cannot read as UTF-8 CSV ({err})", hint="save the file as UTF-8 CSV with a header row") from None
+
+
+def _read_json(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    text = path.read_text(encoding="utf-8-sig")
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".json" and stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise FtedgeError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})", hint="fix the JSON syntax") from None
+        rows = [(f"{path}:row {i}", item) for i, item in enumerate(items, start=1)]
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise FtedgeError(f"{path}:line {lineno}: not valid JSON ({err.msg})", hint="write one JSON object per line") from None
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise FtedgeError(f"{where}: expected a JSON object, got {type(row).__name__}", hint="each row must be an object with the recipe's fields")
+    return rows
+
+
+def _read_hf(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        import datasets
+    except ImportError:
+        raise FtedgeError(f"{path}: reading Hugging Face dataset files needs the `datasets` package", hint="pip install datasets, or export the data to .jsonl/.csv") from None
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise FtedgeError(f"{path}: dataset dict without a 'train' split (has {list(ds)})", hint="point data.train at one split's folder")
+                ds = ds["train"]
+        else:
+            kind = "parquet" if path.suffix == ".parquet" else "arrow"
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except FtedgeError:
+        raise
+    except Exception as err:
+        raise FtedgeError(f"{path}: cannot load as a Hugging Face dataset ({type(err).__name__}: {err})", hint="give a save_to_disk folder, a .parquet or an .arrow file") from None
+    return [(f"{path}:row {i}", dict(row)) for i, row in enumerate(ds, start=1)]
+
+
+# --------------------------------------------------------------------------- rows -> examples
+def _field(row: dict[str, Any], name: str, where: str, fmt: str, *, required: bool = True) -> str | None:
+    value = row.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if not required:
+            return None
+        have = ", ".join(sorted(map(str, row))) or "none"
+        raise FtedgeError(f"{where}: row has no {name!r} (format {fmt}; fields: {have})", hint=f"fill the field or set the recipe's data field mapping (e.g. data.{_mapping_key(fmt, name)})")
+    return value if isinstance(value, str) else str(value)
+
+
+def _mapping_key(fmt: str, name: str) -> str:
+    return {"text_label": "label_field / data.text_field", "completion": "prompt_field / data.completion_field", "messages": "messages_field"}.get(fmt, "format")
+
+
+def _with_system(system: str | None, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    if system and not (turns and turns[0]["role"] == "system"):
+        return [{"role": "system", "content": system}, *turns]
+    return turns
+
+
+def row_to_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Example:
+    """One row in the recipe's format, as an Example (raises FtedgeError naming the row)."""
+    fmt = cfg.format
+    system = cfg.system_prompt
+    if fmt == "text_label":
+        text = _field(row, cfg.text_field, where, fmt)
+        label = _field(row, cfg.label_field, where, fmt)
+        assert text is not None and label is not None
+        return Example(_with_system(system, [{"role": "user", "content": text}]), label.strip(), where)
+    if fmt == "alpaca":
+        instruction = _field(row, "instruction", where, fmt)
+        extra = _field(row, "input", where, fmt, required=False)
+        output = _field(row, "output", where, fmt)
+        assert output is not None
+        user = f"{instruction}\n\n{extra}" if extra else str(instruction)
+        return Example(_with_system(system, [{"role": "user", "content": user}]), output, where)
+    if fmt == "completion":
+        if cfg.prompt_field in row:
+            prompt = _field(row, cfg.prompt_field, where, fmt)
+            completion = _field(row, cfg.completion_field, where, fmt)
+            assert prompt is not None and completion is not None
+            return Example(_with_system(system, [{"role": "user", "content": prompt}]), completion, where)
+        text = _field(row, cfg.text_field, where, fmt)
+        assert text is not None
+        return Example([], text, where, raw=True)
+    if fmt == "messages":
+        return _messages_example(row, where, cfg)
+    raise FtedgeError(f"unknown data format {fmt!r}", hint="use messages, alpaca, completion or text_label")
+
+
+def _messages_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Example:
+    turns = row.get(cfg.messages_field)
+    if isinstance(turns, str):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            raise FtedgeError(f"{where}: {cfg.messages_field!r} is not a JSON list of messages", hint='write [{"role": "user", "content": "..."}, ...]') from None
+    if turns is None:
+        _field(row, cfg.messages_field, where, "messages")
+    if not isinstance(turns, list) or not turns:
+        raise FtedgeError(f"{where}: {cfg.messages_field!r} must be a non-empty list of messages", hint='write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]')
+    clean: list[dict[str, str]] = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise FtedgeError(f"{where}: message {i} is not a {{role, content}} object with role in {list(ROLES)}", hint="fix the message list")
+        clean.append({"role": turn["role"], "content": turn["content"]})
+    if clean[-1]["role"] != "assistant":
+        raise FtedgeError(f"{where}: the last message must be the assistant's answer (got {clean[-1]['role']!r})", hint="end each conversation with an assistant turn")
+    return Example(_with_system(cfg.system_prompt, clean[:-1]), clean[-1]["content"], where)
+
+
+def examples_from_file(path: Path, cfg: DataConfig) -> list[Example]:
+    return [row_to_example(row, where, cfg) for where, row in read_rows(path)]
+
+
+# --------------------------------------------------------------------------- splits
+def _split(examples: list[Example], cfg: DataConfig, source: Path) -> tuple[list[Example], list[Example]]:
+    if cfg.val is not None:
+        val = examples_from_file(cfg.val, cfg)
+        if not val:
+            raise FtedgeError(f"validation file {cfg.val} has no rows", hint="add rows or drop data.val to hold out a fraction of data.train")
+        train = list(examples)
+        random.Random(cfg.seed).shuffle(train)
+        return train, val
+    order = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = round(len(examples) * cfg.val_fraction) if cfg.val_fraction > 0 else 0
+    if cfg.val_fraction > 0:
+        n_val = max(1, n_val)
+    if n_val >= len(examples):
+        raise FtedgeError(f"{source}: {len(examples)} rows are too few to hold out val_fraction={cfg.val_fraction}", hint="add rows, lower data.val_fraction, or give data.val")
+    val = [examples[i] for i in order[:n_val]]
+    train = [examples[i] for i in order[n_val:]]
+    return train, val
+
+
+def load_splits(recipe: Recipe) -> Splits:
+    """Train and validation examples: a fixed-seed held-out fraction, or the separate ``data.val`` file."""
+    cfg = recipe.data
+    examples = examples_from_file(cfg.train, cfg)
+    if not examples:
+        raise FtedgeError(f"data file {cfg.train} has no rows", hint="check the file (a CSV needs a header row and data rows)")
+    train, val = _split(examples, cfg, cfg.train)
+    if cfg.max_examples is not None:
+        train = train[: cfg.max_examples]
+    labels: list[str] = []
+    if cfg.format == "text_label":
+        labels = sorted({e.target for e in examples} | {e.target for e in val})
+        if len(labels) < 2:
+            raise FtedgeError(f"{cfg.train}: label field {cfg.label_field!r} has a single class ({labels[0]!r})", hint="a classifier needs at least two labels; check data.label_field")
+    return Splits(train=train, val=val, labels=labels)
+
+
+def check_dataset(recipe: Recipe) -> str:
+    """Cheap checks before any model loads; returns a one-line summary."""
+    splits = load_splits(recipe)
+    cfg = recipe.data
+    where = f"val {cfg.val.name}" if cfg.val is not None else f"val {len(splits.val)} held out (seed {cfg.seed})"
+    summary = f"data: {len(splits.train)} train rows, {where}, format {cfg.format}"
+    if splits.labels:
+        summary += f", {len(splits.labels)} labels"
+    return summary
+
+
+# --------------------------------------------------------------------------- tokenization
+class ChatEncoder:
+    """Applies a tokenizer's chat template and masks everything but the assistant's tokens."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.eot = self._end_of_turn()
+        self.truncated = 0
+        self.dropped = 0
+        self._tail = self._prompt_tail_tokens()
+
+    def _end_of_turn(self) -> str | None:
+        probe = self._render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\x00ANSWER\x00"}])
+        after = probe.split("\x00ANSWER\x00", 1)[-1]
+        for tok in (*END_OF_TURN, getattr(self.tok, "eos_token", None)):
+            if tok and tok in after:
+                return tok
+        return None
+
+    def _prompt_tail_tokens(self) -> int:
+        """Tokens after the last user message's text in a generation prompt (kept when truncating)."""
+        text = self._render([{"role": "user", "content": "\x00END\x00"}], generation=True)
+        return len(self._ids(text.split("\x00END\x00", 1)[-1]))
+
+    def _render(self, messages: Sequence[dict[str, str]], *, generation: bool = False) -> str:
+        return self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a generation prompt (what inference feeds the model)."""
+        return self._ids(self._render(messages, generation=True))
+
+    def pieces(self, example: Example) -> list[tuple[str, bool]]:
+        """The rendered conversation as ``(text, trained)`` pieces."""
+        if example.raw:
+            eos = getattr(self.tok, "eos_token", None) or ""
+            return [(example.target + eos, True)]
+        conv = example.conversation()
+        out: list[tuple[str, bool]] = []
+        done = ""
+        for i, msg in enumerate(conv):
+            if msg["role"] != "assistant":
+                continue
+            before = self._render(conv[:i], generation=True)
+            full = self._render(conv[: i + 1])
+            if not before.startswith(done) or not full.startswith(before):
+                raise FtedgeError("the base model's chat template renders a conversation differently from its prefix, so assistant tokens cannot be located", hint="use a base model with a standard chat template (e.g. ChatML or Llama-3)")
+            answer = full[len(before):]
+            cut = answer.find(self.eot, len(msg["content"].rstrip()) // 2) if self.eot else -1
+            if cut >= 0:
+                trained, rest = answer[: cut + len(self.eot or "")], answer[cut + len(self.eot or "") :]
+            else:
+                trained, rest = answer + (getattr(self.tok, "eos_token", None) or ""), ""
+            out += [(before[len(done):], False), (trained, True)]
+            if i < len(conv) - 1:
+                out.append((rest, False))
+            done = full
+        return [(t, flag) for t, flag in out if t]
+
+    def encode(self, example: Example) -> Encoded | None:
+        """Token ids and labels, truncated to ``max_length``; None if no trained token would remain."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, trained in self.pieces(example):
+            piece = self._ids(text)
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+        if len(ids) > self.max_length:
+            self.truncated += 1
+            ids, labels = self._truncate(ids, labels)
+        if not any(x != IGNORE for x in labels[1:]):
+            self.dropped += 1
+            return None
+        labels[0] = IGNORE  # nothing predicts an example's first token (and in a packed row it must not)
+        return Encoded(ids, labels)
+
+    def _truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Drop the end of the text before the first answer (keeping the template's tail), then the row's end."""
+        over = len(ids) - self.max_length
+        first = next((i for i, x in enumerate(labels) if x != IGNORE), len(ids))
+        cut_end = max(0, first - self._tail)
+        cut_start = max(0, cut_end - over)
+        ids, labels = ids[:cut_start] + ids[cut_end:], labels[:cut_start] + labels[cut_end:]
+        return ids[: self.max_length], labels[: self.max_length]
+
+    def encode_all(self, examples: Iterable[Example], *, what: str = "train") -> list[Encoded]:
+        before_t, before_d = self.truncated, self.dropped
+        out = [e for e in map(self.encode, examples) if e is not None]
+        trunc, drop = self.truncated - before_t, self.dropped - before_d
+        if trunc:
+            log.warning("%s: %d row%s longer than max_length=%d tokens were truncated%s", what, trunc, "s" if trunc > 1 else "",
+                        self.max_length, f" ({drop} dropped: no answer token left)" if drop else "")
+        if not out and (trunc or drop):
+            raise FtedgeError(f"{what}: no row fits max_length={self.max_length} tokens with its answer", hint="raise train.max_length or shorten the system prompt")
+        return out
+
+
+def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if getattr(tok, "chat_template", None) is None:
+        raise FtedgeError(f"tokenizer of {model_dir} has no chat template", hint="use an instruct/chat base model, or the completion format with a text field")
+    return tok
+
+
+def check_fits(encoder: ChatEncoder, examples: Sequence[Example]) -> None:
+    """A max_length below the fixed prompt (system + template) cannot hold any answer: say so."""
+    chat = next((e for e in examples if not e.raw), None)
+    if chat is None:
+        return
+    fixed = len(encoder.prompt_ids([*(m if m["role"] == "system" else {**m, "content": ""} for m in chat.messages)]))
+    if fixed + 1 >= encoder.max_length:
+        raise FtedgeError(f"train.max_length={encoder.max_length} is smaller than the prompt ({fixed} tokens of system prompt and chat template)", hint="raise train.max_length or shorten data.system_prompt")
+
+
+def tokenized_splits(recipe: Recipe, tokenizer: Any, splits: Splits | None = None) -> tuple[list[Encoded], list[Encoded]]:
+    """Tokenized, masked training and validation rows for a recipe (the training stage's input)."""
+    splits = splits or load_splits(recipe)
+    enc = ChatEncoder(tokenizer, recipe.train.max_length)
+    check_fits(enc, splits.train)
+    return enc.encode_all(splits.train, what="train"), enc.encode_all(splits.val, what="val")
+
+
+def make_batch(rows: Sequence[Encoded], *, max_length: int, packing: bool, pad_id: int = 0) -> dict[str, Any]:
+    """Tensors for one micro-batch; labels are already aligned to inputs (the loss shifts them).
+
+    With ``packing``, examples are laid end to end in rows of at most ``max_length`` tokens
+    and ``position_ids`` restart at 0 for each example: with no attention mask, transformers
+    turns that into a block-diagonal mask, so no token attends across examples. Padding
+    (only at row ends) forms its own block and carries no loss. Without packing, one example
+    per row, right-padded, with an attention mask.
+    """
+    import torch
+
+    if packing:
+        packed: list[list[Encoded]] = [[]]
+        used = 0
+        for row in rows:
+            n = len(row.input_ids)
+            if packed[-1] and used + n > max_length:
+                packed.append([])
+                used = 0
+            packed[-1].append(row)
+            used += n
+        groups = packed
+    else:
+        groups = [[row] for row in rows]
+    width = max(sum(len(r.input_ids) for r in g) for g in groups)
+    ids, labels, pos, mask = [], [], [], []
+    for g in groups:
+        gi = [t for r in g for t in r.input_ids]
+        gl = [t for r in g for t in r.labels]
+        gp = [p for r in g for p in range(len(r.input_ids))]
+        pad = width - len(gi)
+        ids.append(gi + [pad_id] * pad)
+        labels.append(gl + [IGNORE] * pad)
+        pos.append(gp + list(range(pad)))
+        mask.append([1] * len(gi) + [0] * pad)
+    batch: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if packing:
+        batch["position_ids"] = torch.tensor(pos)
+    else:
+        batch["attention_mask"] = torch.tensor(mask)
+    batch["n_tokens"] = sum(len(r.input_ids) for r in rows)
+    return batch

@@ -1,0 +1,371 @@
+"""The training loop: batches, optimizer steps, eval, checkpoints, resume, progress.
+
+A short loop on accelerate (device placement, DDP under ``accelerate launch``, autocast,
+backward) rather than ``transformers.Trainer`` / TRL ``SFTTrainer``, for reasons measured
+or needed here: the loss computes the LM head only on labelled tokens (``train_model``),
+batches are packed padding-free with per-example position ids, a step's loss is normalised
+by the trained tokens of the whole global step (so DDP and grad accumulation give the same
+update as one process), checkpoints are written atomically with everything an exact resume
+needs (trainable weights, optimizer, scheduler, RNG, step = data position), and progress,
+metrics.jsonl and TensorBoard come from one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import resource
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftedge import atomic
+from ftedge.data import Encoded, make_batch
+from ftedge.recipe import TrainConfig
+from ftedge.train_model import LabelOnlyLoss, load_trainable_state, trainable_state
+
+log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 2
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@dataclass
+class State:
+    """What the loop carries between steps (saved in every checkpoint)."""
+
+    step: int = 0
+    tokens: int = 0  # non-padding tokens processed (all processes)
+    trained_tokens: int = 0
+    examples: int = 0
+    seconds: float = 0.0  # training time, excluding model load
+    best_eval: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    last_loss: float | None = None
+    last_eval: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def total_steps(cfg: TrainConfig, n_train: int, world: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    return max(1, math.ceil(cfg.epochs * n_train / per_step))
+
+
+def step_examples(step: int, n: int, per_step: int, seed: int) -> list[int]:
+    """Indices of the examples of global step ``step`` (0-based): a seeded shuffle per epoch."""
+    out: list[int] = []
+    start = step * per_step
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), n)
+        order = list(range(n))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        out.extend(order[offset : offset + per_step - len(out)])
+    return out
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
+    return get_scheduler(name, opt, num_warmup_steps=int(round(cfg.warmup_ratio * steps)), num_training_steps=steps)
+
+
+class Interrupt:
+    """First Ctrl-C asks the loop to checkpoint and stop; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to stop now)")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Interrupt]:
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class Trainer:
+    """Runs the steps of one training stage; see the module docstring."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, train_rows: list[Encoded], val_rows: list[Encoded], out_dir: Path,
+                 *, dtype: torch.dtype, pad_id: int, accelerator: Any) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.train_rows = train_rows
+        self.val_rows = val_rows
+        self.out = Path(out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.best_dir = self.out / "best"
+        self.pad_id = pad_id
+        self.acc = accelerator
+        self.dtype = dtype
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.steps = total_steps(cfg, len(train_rows), self.world)
+        self.loss_module = LabelOnlyLoss(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = make_scheduler(self.opt, cfg, self.steps)
+        if self.world > 1:
+            self.loss_module, self.opt = accelerator.prepare(self.loss_module, self.opt)
+        self.state = State()
+        self.device = accelerator.device
+
+    # -- batches ------------------------------------------------------------
+    def _micro_batches(self, step: int) -> list[list[Encoded]]:
+        cfg = self.cfg
+        per_micro = cfg.batch_size * self.world
+        idx = step_examples(step, len(self.train_rows), per_micro * cfg.grad_accum, cfg.seed)
+        out = []
+        for m in range(cfg.grad_accum):
+            chunk = idx[m * per_micro : (m + 1) * per_micro]
+            mine = chunk[self.rank * cfg.batch_size : (self.rank + 1) * cfg.batch_size]
+            out.append([self.train_rows[i] for i in mine])
+        return out
+
+    def _tensors(self, rows: list[Encoded]) -> dict[str, Any]:
+        batch = make_batch(rows, max_length=self.cfg.max_length, packing=self.cfg.packing, pad_id=self.pad_id)
+        n_tokens = batch.pop("n_tokens")
+        return {k: v.to(self.device) for k, v in batch.items()} | {"n_tokens": n_tokens}
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return float(self.acc.reduce(t, reduction="sum").item())
+
+    # -- one step -----------------------------------------------------------
+    def train_step(self, step: int) -> float:
+        micro = [self._tensors(rows) for rows in self._micro_batches(step)]
+        local_trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        global_trained = max(1.0, self._sum(float(local_trained)))
+        total = 0.0
+        for i, b in enumerate(micro):
+            n_tokens = b.pop("n_tokens")
+            sync = contextlib.nullcontext() if (self.world == 1 or i == len(micro) - 1) else self.acc.no_sync(self.loss_module)
+            with sync:
+                with self._autocast():
+                    loss_sum, _ = self.loss_module(**b)
+                # DDP averages gradients over processes: scale so the result is sum / global tokens.
+                loss = loss_sum * (self.world / global_trained)
+                if self.world > 1:
+                    self.acc.backward(loss)
+                else:
+                    loss.backward()
+            total += float(loss_sum.detach())
+            self.state.tokens += int(self._sum(float(n_tokens)))
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.state.trained_tokens += int(global_trained)
+        self.state.examples += self.cfg.batch_size * self.cfg.grad_accum * self.world
+        return self._sum(total) / global_trained
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.val_rows:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        count = 0.0
+        rows = self.val_rows[self.rank :: self.world]
+        bs = max(self.cfg.batch_size, 8)
+        for i in range(0, len(rows), bs):
+            b = self._tensors(rows[i : i + bs])
+            b.pop("n_tokens")
+            with self._autocast():
+                s, n = self.loss_module(**b)
+            total += float(s)
+            count += float(n)
+        if was_training:
+            self.model.train()
+        return self._sum(total) / max(1.0, self._sum(count))
+
+    # -- checkpoints --------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        if not self.ckpt_dir.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            self.acc.wait_for_everyone() if self.world > 1 else None
+            return None
+        from safetensors.torch import save_file
+
+        path = self.ckpt_dir / f"step-{self.state.step:06d}"
+        with atomic.atomic_path(path) as tmp:
+            tmp.mkdir(parents=True)
+            save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": self._unwrapped_opt().state_dict(), "scheduler": self.sched.state_dict()}, tmp / "optim.pt")
+            torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+            atomic.write_json(tmp / "state.json", {**self.state.__dict__, "python_rng": list(random.getstate()[1]), "steps": self.steps})
+        for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        if self.world > 1:
+            self.acc.wait_for_everyone()
+        log.debug("checkpoint %s", path)
+        return path
+
+    def _unwrapped_opt(self) -> torch.optim.Optimizer:
+        return getattr(self.opt, "optimizer", self.opt)
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        load_trainable_state(self.model, load_file(str(path / "trainable.safetensors")))
+        optim = torch.load(path / "optim.pt", weights_only=True, map_location=self.device)
+        self._unwrapped_opt().load_state_dict(optim["optimizer"])
+        self.sched.load_state_dict(optim["scheduler"])
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        saved = json.loads((path / "state.json").read_text())
+        saved.pop("python_rng", None)
+        saved.pop("steps", None)
+        self.state = State(**saved)
+        log.info("resuming from %s (step %d of %d)", path.name, self.state.step, self.steps)
+
+    def save_best(self) -> None:
+        if self.rank != 0:
+            return
+        with atomic.atomic_path(self.best_dir) as tmp:
+            save_weights(self.model, tmp)
+            atomic.write_json(tmp / "ftedge-train.json", {"step": self.state.step, "eval_loss": self.state.best_eval})
+
+
+def save_weights(model: nn.Module, folder: Path) -> None:
+    """A PEFT adapter folder (LoRA) or a full HF model folder (full fine-tuning), safetensors."""
+    target = getattr(model, "module", model)
+    target.save_pretrained(str(folder), safe_serialization=True)
+
+
+class Recorder:
+    """metrics.jsonl + TensorBoard events (rank 0 only); a resume drops records past its step."""
+
+    def __init__(self, out: Path, *, enabled: bool, resume_step: int) -> None:
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb: Any = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            atomic.write_text(self.path, "".join(f"{ln}\n" for ln in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:  # tensorboard missing: metrics.jsonl still has everything
+            log.warning("tensorboard is not installed: writing metrics.jsonl only")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(f"train/{key}" if not key.startswith("eval") else key.replace("_", "/", 1), value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled, transient=False,
+    )
+
+
+def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
+    """Train to the last step (or early stop / Ctrl-C); returns the final state."""
+    cfg = trainer.cfg
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+    st = trainer.state
+    main = trainer.rank == 0
+    rec = Recorder(trainer.out, enabled=main, resume_step=st.step)
+    interrupt = Interrupt()
+    try:
+        with interrupt.installed(), _progress(main) as bar:
+            task = bar.add_task("train", total=trainer.steps, completed=st.step, info="")
+            while st.step < trainer.steps and not st.stopped_early:
+                t0 = time.perf_counter()
+                tokens_before = st.tokens
+                loss = trainer.train_step(st.step)
+                dt = time.perf_counter() - t0
+                st.seconds += dt
+                st.step += 1
+                st.last_loss = loss
+                record: dict[str, Any] = {"step": st.step, "loss": round(loss, 6), "lr": trainer.sched.get_last_lr()[0],
+                                          "tokens": st.tokens, "tok_s": round((st.tokens - tokens_before) / dt, 1), "step_s": round(dt, 3)}
+                if st.step % cfg.eval_every == 0 or st.step == trainer.steps:
+                    ev = trainer.evaluate()
+                    if ev is not None:
+                        st.last_eval = ev
+                        record["eval_loss"] = round(ev, 6)
+                        if st.best_eval is None or ev < st.best_eval - 1e-6:
+                            st.best_eval, st.best_step, st.bad_evals = ev, st.step, 0
+                            trainer.save_best()
+                        else:
+                            st.bad_evals += 1
+                            patience = cfg.early_stopping_patience
+                            if patience is not None and st.bad_evals >= patience:
+                                st.stopped_early = True
+                                log.info("early stop at step %d: eval loss has not improved for %d evaluations (best %.4f at step %d)",
+                                         st.step, st.bad_evals, st.best_eval, st.best_step)
+                st.history.append({k: record[k] for k in ("step", "loss", "eval_loss") if k in record})
+                rec.write(record)
+                info = f"loss {loss:.4f}" + (f" eval {st.last_eval:.4f}" if st.last_eval is not None else "") + f" {st.tokens / max(st.seconds, 1e-9):.0f} tok/s"
+                bar.update(task, completed=st.step, info=info)
+                if st.step % cfg.save_every == 0 or st.step == trainer.steps or st.stopped_early or interrupt.requested:
+                    trainer.save_checkpoint()
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+    finally:
+        rec.close()
+    return st

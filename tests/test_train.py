@@ -1,0 +1,177 @@
+"""The train stage on a tiny random model: artifacts, resume, Ctrl-C, early stopping, methods."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ftedge.errors import FtedgeError
+from ftedge.recipe import load_recipe
+from ftedge.run import Run
+
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _run(recipe_path: Path, tmp_path: Path, name: str = "run", **train) -> Run:
+    raw = yaml.safe_load(recipe_path.read_text())
+    raw["train"].update(train)
+    path = recipe_path.with_name(f"{name}.yaml")
+    path.write_text(yaml.safe_dump(raw))
+    return Run.create(load_recipe(path), run_dir=tmp_path / name)
+
+
+def _losses(run: Run) -> list[dict]:
+    return [json.loads(line) for line in (run.path / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_adapter_metrics_and_is_idempotent(tiny_recipe, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftedge.train import train_stage
+
+    run = _run(tiny_recipe, tmp_path, max_steps=6, lr=5e-3)
+    metrics = train_stage(run)
+    assert metrics["steps"] == 6 and metrics["tokens"] > 0 and metrics["peak_rss_mb"] > 0 and metrics["best_eval_loss"] is not None
+    records = _losses(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert sum("eval_loss" in r for r in records) == 3
+    assert records[-1]["loss"] < records[0]["loss"]  # it learns
+    art = run.artifacts(stage="train")["adapter"]
+    assert art["format"] == "peft" and Path(art["base_model"]).is_dir()
+    assert run.is_done("train") and run.manifest()["stages"]["train"]["metrics"]["steps"] == 6
+    assert list((run.path / "train").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (run.path / "train" / "checkpoints").iterdir())
+    assert ckpts == ["step-000004", "step-000006"]  # the last two kept
+    # the adapter is the best-eval one and loads with peft
+    best = json.loads((run.path / "adapter" / "ftedge-train.json").read_text())
+    assert best["eval_loss"] == pytest.approx(min(r["eval_loss"] for r in records if "eval_loss" in r), abs=1e-5)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(art["base_model"]), str(run.path / "adapter"))
+    assert model is not None
+    # a finished stage is skipped
+    before = run.manifest()["stages"]["train"]["finished"]
+    assert train_stage(run)["steps"] == 6
+    assert run.manifest()["stages"]["train"]["finished"] == before
+
+
+def _interrupt_at(monkeypatch, step: int) -> None:
+    """Send SIGINT (Ctrl-C) to ourselves during the given training step."""
+    from ftedge import train_loop
+
+    real = train_loop.Trainer.train_step
+
+    def fake(self, s):
+        if s == step - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, s)
+
+    monkeypatch.setattr(train_loop.Trainer, "train_step", fake)
+
+
+def test_ctrl_c_checkpoints_and_resume_matches_uninterrupted(tiny_recipe, tmp_path, monkeypatch):
+    from ftedge.train import train_stage
+
+    lora = {"dropout": 0.1}  # RNG state matters for an exact resume
+    raw = yaml.safe_load(tiny_recipe.read_text())
+    raw["lora"].update(lora)
+    tiny_recipe.write_text(yaml.safe_dump(raw))
+    full = _run(tiny_recipe, tmp_path, "full", max_steps=8, save_every=4, eval_every=2)
+    train_stage(full)
+    cut = _run(tiny_recipe, tmp_path, "cut", max_steps=8, save_every=4, eval_every=2)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            train_stage(cut)
+    assert cut.stage_status("train") == "failed"
+    assert (cut.path / "train" / "checkpoints" / "step-000003").is_dir()  # saved on Ctrl-C, off the save_every grid
+    assert train_stage(Run.open(cut.path), resume=True)["steps"] == 8
+    a, b = _losses(full), _losses(cut)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
+        assert rb.get("eval_loss", 0) == pytest.approx(ra.get("eval_loss", 0), abs=1e-5)
+    assert cut.is_done("train")
+
+
+def test_early_stopping(tiny_recipe, tmp_path):
+    from ftedge.train import train_stage
+
+    # a vanishing lr: the eval loss stops improving, so patience 2 stops two evaluations after the best
+    run = _run(tiny_recipe, tmp_path, max_steps=20, eval_every=1, early_stopping_patience=2, lr=1e-12, warmup_ratio=0.0, scheduler="constant")
+    metrics = train_stage(run)
+    evals = [r["eval_loss"] for r in _losses(run)]
+    best = min(range(len(evals)), key=evals.__getitem__)
+    assert metrics["stopped_early"] and metrics["steps"] == best + 3 < 20
+    assert metrics["best_step"] == best + 1
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_other_methods(tiny_recipe, tmp_path, method):
+    from ftedge.train import train_stage
+
+    raw = yaml.safe_load(tiny_recipe.read_text())
+    raw["train"].update(method=method, max_steps=2, eval_every=2, save_every=2)
+    raw["quant"] = {"bits": 4, "type": "nf4", "compute_dtype": "bfloat16"} if method == "qlora" else {"bits": 32, "compute_dtype": "auto"}
+    path = tiny_recipe.with_name(f"{method}.yaml")
+    path.write_text(yaml.safe_dump(raw))
+    run = Run.create(load_recipe(path), run_dir=tmp_path / method)
+    metrics = train_stage(run)
+    assert metrics["steps"] == 2
+    art = run.artifacts(stage="train")["adapter"]
+    files = {p.name for p in (run.path / "adapter").iterdir()}
+    if method == "full":
+        assert art["format"] == "hf" and "model.safetensors" in files
+    else:
+        assert art["format"] == "peft" and "adapter_model.safetensors" in files
+
+
+def test_bad_data_fails_before_model_load(tiny_recipe, tmp_path, monkeypatch):
+    from ftedge import train_model
+    from ftedge.train import train_stage
+
+    run = _run(tiny_recipe, tmp_path)
+    (Path(run.recipe().data.train)).write_text("text,category\nhello,a\nhi,a\nyo,a\nsup,a\n")
+    monkeypatch.setattr(train_model, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(FtedgeError, match="single class"):
+        train_stage(run)
+
+
+DDP_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from ftedge.run import Run
+from ftedge.train import train_stage
+train_stage(Run.open(sys.argv[1]))
+"""
+
+
+def test_two_process_ddp_matches_one_process(tiny_recipe, tmp_path):
+    """2 CPU processes (gloo) via torchrun, the launcher `accelerate launch --multi_gpu` uses: batch 2 each = one process with batch 4."""
+    import subprocess
+    import sys
+
+    from ftedge.train import train_stage
+
+    one = _run(tiny_recipe, tmp_path, "one", max_steps=4, batch_size=4, eval_every=2)
+    train_stage(one)
+    two = _run(tiny_recipe, tmp_path, "two", max_steps=4, batch_size=2, eval_every=2)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script), str(two.path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert two.is_done("train")
+    a, b = _losses(one), _losses(two)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
+        assert rb.get("eval_loss", 0) == pytest.approx(ra.get("eval_loss", 0), abs=1e-4)
+        assert rb["tokens"] == ra["tokens"]
