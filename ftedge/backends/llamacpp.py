@@ -1,0 +1,376 @@
+"""llama.cpp backend (llama-cpp-python, low-level API): a .gguf file.
+
+Uses the low-level API rather than ``llama_cpp.Llama`` for two reasons:
+
+* logits for every position of a sequence (the parity gate compares them with PyTorch);
+* the AMX trap: on CPUs that advertise AMX, ggml's AMX "extra buffer type" segfaults on
+  every quantized GGUF (``ggml_backend_amx_mul_mat``). Loading with the model parameter
+  ``use_extra_bufts=False`` avoids it, and ``Llama()`` does not pass that parameter through.
+  ``extra_bufts_enabled`` decides; ``FTEDGE_LLAMA_EXTRA_BUFTS=0|1`` overrides the decision.
+
+Every file is checked with the ``gguf`` reader before llama.cpp sees it, so a missing or
+truncated file is a one-line error, never a crash inside native code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftedge.backends.base import GGUF_MAGIC, Backend
+from ftedge.errors import FtedgeError
+
+log = logging.getLogger(__name__)
+
+FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+_EXTRA_BUFTS_ENV = "FTEDGE_LLAMA_EXTRA_BUFTS"
+
+
+# -- file inspection (no llama.cpp involved) ------------------------------------------
+@dataclass
+class GgufInfo:
+    """What the ``gguf`` reader says about a file: metadata and tensor types."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensor_types: dict[str, int] = field(default_factory=dict)  # type name -> tensor count
+    special_texts: dict[str, str] = field(default_factory=dict)  # bos/eos/eot/pad -> token text
+
+    @property
+    def quantized(self) -> bool:
+        return any(t not in FLOAT_TYPES for t in self.tensor_types)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    def token_id(self, key: str) -> int | None:
+        value = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
+        return int(value) if value is not None else None
+
+
+def _field_value(f: Any) -> Any:
+    """Decode a scalar or string GGUF field (arrays are skipped: vocabularies are large)."""
+    import gguf
+
+    types = list(f.types)
+    if not types or types[0] == gguf.GGUFValueType.ARRAY:
+        return None
+    part = f.parts[f.data[0]]
+    if types[0] == gguf.GGUFValueType.STRING:
+        return bytes(part).decode("utf-8", errors="replace")
+    return part.tolist()[0] if hasattr(part, "tolist") else part
+
+
+def inspect_gguf(path: str | Path) -> GgufInfo:
+    """Read a GGUF's header, metadata and tensor table; one-line error if missing, truncated or not GGUF."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FtedgeError(f"GGUF file {path} not found", hint="give the path of an existing .gguf file")
+    st = path.stat()
+    return _inspect_cached(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _inspect_cached(path: Path, size: int, mtime_ns: int) -> GgufInfo:
+    import gguf
+
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise FtedgeError(f"{path} is not a GGUF file (bad magic {magic!r})", hint="give a complete .gguf file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # numpy errors when the file ends early
+        raise FtedgeError(f"{path} is truncated or damaged ({size} bytes; {type(err).__name__}: {err})", hint="re-export or re-download the file") from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size or not reader.tensors:
+        raise FtedgeError(f"{path} is truncated ({size} bytes, tensors need {end})", hint="re-export or re-download the file")
+    metadata = {}
+    for name, f in reader.fields.items():
+        value = _field_value(f)
+        if value is not None:
+            metadata[name] = value
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    specials: dict[str, str] = {}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    for kind in ("bos", "eos", "eot", "pad"):
+        tid = metadata.get(f"tokenizer.ggml.{kind}_token_id")
+        if tokens is not None and isinstance(tid, int) and 0 <= tid < len(tokens.data):
+            specials[kind] = bytes(tokens.parts[tokens.data[tid]]).decode("utf-8", errors="replace")
+    return GgufInfo(path=path, metadata=metadata, tensor_types=types, special_texts=specials)
+
+
+# -- llama.cpp process-wide setup ---------------------------------------------------
+_native_log = logging.getLogger("ftedge.llama_cpp")
+_log_capture: list[str] | None = None
+
+
+def _make_log_callback() -> Any:
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        msg = text.decode("utf-8", errors="replace")
+        if _log_capture is not None:
+            _log_capture.append(msg)
+        if level in (2, 3):  # warn, error
+            _native_log.debug(msg.rstrip())
+
+    return _callback
+
+
+@functools.lru_cache(maxsize=1)
+def _init_llama() -> Any:
+    """Initialise llama.cpp once and route its log through Python logging (quiet by default)."""
+    import llama_cpp
+
+    callback = _make_log_callback()
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    return callback  # cached: the ctypes callback must stay alive
+
+
+class capture_native_log:
+    """Collect llama.cpp's log lines while the block runs (e.g. quantization fallbacks)."""
+
+    def __enter__(self) -> list[str]:
+        global _log_capture
+        _init_llama()
+        _log_capture = []
+        return _log_capture
+
+    def __exit__(self, *exc: object) -> None:
+        global _log_capture
+        _log_capture = None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """True when ggml's CPU backend would use AMX (built with it and the CPU advertises it)."""
+    import llama_cpp
+
+    _init_llama()
+    info = (llama_cpp.llama_print_system_info() or b"").decode(errors="replace")
+    if "AMX_INT8 = 1" in info:
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "amx_tile" in flags or "amx_int8" in flags
+
+
+def extra_bufts_enabled(info: GgufInfo) -> bool:
+    """Whether to let ggml use extra buffer types (weight repacking, AMX) for this file.
+
+    Off for quantized files on AMX CPUs (the segfault); on otherwise (repacking is faster).
+    """
+    forced = os.environ.get(_EXTRA_BUFTS_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not (info.quantized and cpu_has_amx())
+
+
+# -- the backend ------------------------------------------------------------------------
+class LlamaCppBackend(Backend):
+    name = "llama.cpp"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int = 2048, n_batch: int = 512) -> None:
+        import llama_cpp
+
+        self.path = Path(path)
+        self.info = inspect_gguf(self.path)
+        _init_llama()
+        self._lib = llama_cpp
+        self.extra_bufts = extra_bufts_enabled(self.info)
+        if not self.extra_bufts:
+            log.debug("%s: loading with use_extra_bufts=False (quantized GGUF on an AMX CPU)", self.path.name)
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        mparams.use_extra_bufts = self.extra_bufts
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
+        if not self._model:
+            raise FtedgeError(f"llama.cpp cannot load {self.path}", hint="check the file is a complete GGUF of an architecture llama.cpp supports")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        threads = threads or min(4, os.cpu_count() or 1)
+        self.n_batch = min(n_batch, n_ctx)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+            raise FtedgeError(f"llama.cpp cannot create a context for {self.path} (n_ctx={n_ctx})", hint="lower n_ctx or free memory")
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._stop_ids = self._find_stop_ids()
+
+    # -- vocabulary ------------------------------------------------------------------
+    def _find_stop_ids(self) -> set[int]:
+        lib = self._lib
+        ids = {int(t) for t in (lib.llama_vocab_eos(self._vocab), lib.llama_vocab_eot(self._vocab)) if t >= 0}
+        ids.update(i for i in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, i))
+        return ids
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return set(self._stop_ids)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return dict(self.info.metadata)
+
+    def token_text(self, token: int) -> str:
+        return self._piece(token, special=True).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        template = self.info.chat_template
+        if not template:
+            raise FtedgeError(f"{self.path} has no chat template in its metadata (tokenizer.chat_template)", hint="re-export it with ftedge export")
+        return render_chat_template(
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._special_text("bos"),
+            eos_token=self._special_text("eos"),
+        )
+
+    def _special_text(self, kind: str) -> str:
+        tid = self.info.token_id(kind)
+        return self.token_text(tid) if tid is not None and 0 <= tid < self.n_vocab else ""
+
+    def tokenize(self, text: str) -> list[int]:
+        lib = self._lib
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (lib.llama_token * cap)()
+        n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, False, True)
+        if n < 0:
+            cap = -n
+            buf = (lib.llama_token * cap)()
+            n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, False, True)
+            if n < 0:
+                raise FtedgeError(f"llama.cpp could not tokenize a {len(text)}-character text")
+        return list(buf[:n])
+
+    def _piece(self, token: int, *, special: bool) -> bytes:
+        lib = self._lib
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = lib.llama_token_to_piece(self._vocab, lib.llama_token(token), buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return b"".join(self._piece(int(t), special=False) for t in ids).decode("utf-8", errors="replace")
+
+    # -- inference -------------------------------------------------------------------
+    def _clear(self) -> None:
+        lib = self._lib
+        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+
+    def _decode(self, ids: Sequence[int], start: int, *, all_logits: bool) -> None:
+        lib = self._lib
+        b = self._batch
+        n = len(ids)
+        b.n_tokens = n
+        for i, tok in enumerate(ids):
+            b.token[i] = int(tok)
+            b.pos[i] = start + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = all_logits
+        b.logits[n - 1] = True
+        rc = lib.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise FtedgeError(f"llama.cpp failed to evaluate {n} tokens of {self.path.name} (code {rc})")
+
+    def _check_len(self, n: int) -> None:
+        if n == 0:
+            raise FtedgeError("empty token sequence")
+        if n > self.n_ctx:
+            raise FtedgeError(f"{n} tokens do not fit the context of {self.n_ctx}", hint="raise n_ctx or shorten the prompt")
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        ids = list(ids)
+        self._check_len(len(ids))
+        self._clear()
+        out = np.empty((len(ids), self.n_vocab), dtype=np.float32)
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            self._decode(chunk, start, all_logits=True)
+            ptr = self._lib.llama_get_logits(self._ctx)
+            out[start : start + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab))
+        return out
+
+    def _last_logits(self) -> np.ndarray:
+        ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None) -> Iterator[int]:
+        ids = list(ids)
+        self._check_len(len(ids))
+        stops = self.stop_ids if stop_ids is None else stop_ids
+        self._clear()
+        for start in range(0, len(ids), self.n_batch):
+            self._decode(ids[start : start + self.n_batch], start, all_logits=False)
+        pos = len(ids)
+        for _ in range(max_new_tokens):
+            tok = int(np.argmax(self._last_logits()))
+            yield tok
+            if tok in stops or pos >= self.n_ctx:
+                return
+            self._decode([tok], pos, all_logits=False)
+            pos += 1
+
+    def close(self) -> None:
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        if getattr(self, "_batch", None) is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def render_chat_template(template: str, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool, bos_token: str = "", eos_token: str = "") -> str:
+    """Render a Hugging Face style Jinja chat template in a sandbox (as transformers does)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
+    except TemplateError as err:
+        raise FtedgeError(f"the chat template cannot render these messages ({err})") from None
