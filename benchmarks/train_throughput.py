@@ -20,12 +20,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ftedge.memory import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-banking77.yaml"
@@ -55,7 +56,7 @@ def worker_ftedge(steps: int, batch: int, out: Path) -> dict:
     run = Run.create(recipe, run_dir=out / "ftedge-run")
     m = train_stage(run)
     return {"adapter": str(run.path / "adapter"), "train_seconds": m["seconds"], "tokens": m["tokens"], "examples": m["examples"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def worker_trl(steps: int, batch: int, out: Path) -> dict:
@@ -83,7 +84,7 @@ def worker_trl(steps: int, batch: int, out: Path) -> dict:
     t = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()
     trainer.model.save_pretrained(str(out / "trl-adapter"))
     return {"adapter": str(out / "trl-adapter"), "train_seconds": seconds, "tokens": _useful_tokens(recipe, rows), "examples": len(rows),
             "peak_rss_mb": rss, "trl_runtime": result.metrics.get("train_runtime")}

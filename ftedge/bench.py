@@ -215,13 +215,11 @@ def run_worker(job: dict[str, Any], work_dir: Path, name: str, *, command: Calla
     with open(log_path, "w", encoding="utf-8") as log_fh:
         proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            code = proc.wait()
         except BaseException:
             proc.kill()
             proc.wait()
             raise
-    proc.returncode = code = os.waitstatus_to_exitcode(status)
-    child_rss = usage.ru_maxrss / 1024.0
     result: dict[str, Any] | None = None
     if result_path.is_file():
         try:
@@ -232,7 +230,8 @@ def run_worker(job: dict[str, Any], work_dir: Path, name: str, *, command: Calla
         why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         tail = _last_line(log_path)
         result = {"status": "failed", "error": f"bench worker crashed ({why})" + (f": {tail}" if tail else "")}
-    result.setdefault("peak_rss_mb", child_rss)
+    # The worker reports its own peak (VmHWM); wait4's ru_maxrss would include this process's.
+    result.setdefault("peak_rss_mb", None)
     result["wall_seconds"] = round(time.perf_counter() - started, 2)
     result["log"] = str(log_path)
     return result

@@ -21,6 +21,7 @@ import numpy as np
 from ftedge import atomic
 from ftedge.backends.base import Backend
 from ftedge.errors import FtedgeError
+from ftedge.memory import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -252,12 +253,6 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         backend.close()
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,8 +54,9 @@ def train_stage(run: Run, *, resume: bool = False) -> dict[str, Any]:
     check_dataset(recipe)  # cheap one-line errors before any model loads
     from accelerate import Accelerator
 
+    from ftedge.memory import peak_rss_mb
     from ftedge.models import resolve_base_model
-    from ftedge.train_loop import Trainer, fit, peak_rss_mb, total_steps
+    from ftedge.train_loop import Trainer, fit, total_steps
     from ftedge.train_model import compute_dtype, load_model, pick_device
 
     out = run.path / "train"

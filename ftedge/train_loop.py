@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import random
-import resource
 import shutil
 import signal
 import time
@@ -37,10 +36,6 @@ from ftedge.train_model import LabelOnlyLoss, load_trainable_state, trainable_st
 log = logging.getLogger(__name__)
 
 KEEP_CHECKPOINTS = 2
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 @dataclass
