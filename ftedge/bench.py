@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import fnmatch
 import json
 import logging
 import os
@@ -94,6 +95,17 @@ def _kind_of(key: str, entry: dict[str, Any]) -> tuple[str, str | None] | None:
     return None
 
 
+def select_artifacts(models: list[ArtifactSpec], patterns: list[str] | None, where: Path) -> list[ArtifactSpec]:
+    """The models whose name matches one of ``patterns`` (globs); all of them for None."""
+    if patterns is None:
+        return models
+    names = [m.name for m in models]
+    for pat in patterns:
+        if not fnmatch.filter(names, pat):
+            raise FtedgeError(f"eval.artifacts: {pat!r} matches no artifact of {where} ({', '.join(names)})", hint="fix the name or glob in the recipe's eval.artifacts")
+    return [m for m in models if any(fnmatch.fnmatchcase(m.name, pat) for pat in patterns)]
+
+
 def run_specs(run: Any) -> list[ArtifactSpec]:
     """The reference (PyTorch base+adapter, else merged) first, then merged, GGUFs, ONNX variants."""
     recipe = run.recipe()
@@ -135,7 +147,8 @@ def run_specs(run: Any) -> list[ArtifactSpec]:
         specs.append(ArtifactSpec("pytorch", "torch", f"{quant}+lora", base, _model_size(base) + _model_size(adapter), load, reference=True))
     elif models[0].format == "hf":
         models[0].reference = True
-    return specs + models
+    chosen = {m.name for m in select_artifacts(models, recipe.eval.artifacts, run.path)}
+    return specs + [m for m in models if m.reference or m.name in chosen]
 
 
 def run_examples(recipe: Any) -> list[dict[str, Any]]:

@@ -87,6 +87,31 @@ def generate_text(backend: Backend, ids: Sequence[int], max_new_tokens: int) -> 
     return backend.detokenize(out)
 
 
+def greedy_answer(backend: Backend, prompt: Sequence[int], full: Sequence[int], logp: np.ndarray, max_new_tokens: int) -> tuple[str, int]:
+    """The greedy answer to ``prompt``, reusing the teacher-forced pass over ``full`` (prompt + gold answer).
+
+    Greedy decoding emits the gold tokens for as long as the argmax at each answer position is
+    the gold token. So an answer whose every argmax matches (end-of-turn included) needs no
+    decoding at all, and one that diverges at answer token j is decoded from prompt + gold[:j].
+    This is the same greedy answer up to float rounding between one batched pass and
+    token-by-token decoding; it skips most decoding when the model is mostly right.
+    Returns (answer text, tokens decoded).
+    """
+    stops = backend.stop_ids
+    gold = list(full[len(prompt) :])
+    pred = logp[len(prompt) - 1 : len(full) - 1].argmax(axis=-1)
+    j = 0
+    while j < len(gold) and int(pred[j]) == gold[j]:
+        j += 1
+    if j == len(gold) and gold and gold[-1] in stops and len(gold) <= max_new_tokens:
+        return backend.detokenize([t for t in gold if t not in stops]), 0
+    if j < len(gold) and j < max_new_tokens and not any(t in stops for t in gold[:j]):
+        new = list(backend.generate([*prompt, *gold[:j]], max_new_tokens=max_new_tokens - j, stop_ids=stops))
+        return backend.detokenize([t for t in [*gold[:j], *new] if t not in stops]), len(new)
+    new = list(backend.generate(prompt, max_new_tokens=max_new_tokens, stop_ids=stops))
+    return backend.detokenize([t for t in new if t not in stops]), len(new)
+
+
 # -- quality ---------------------------------------------------------------------
 def measure_quality(
     backend: Backend,
@@ -97,16 +122,19 @@ def measure_quality(
     n_ctx: int,
     reference_in: Path | None = None,
     reference_out: Path | None = None,
+    reuse_teacher_forcing: bool = True,
 ) -> dict[str, Any]:
     """Accuracy (label_match), answer perplexity, and top-1 agreement / KL against a reference file.
 
     ``reference_out`` saves this backend's top-k log-probs as the reference for other artifacts.
+    ``reuse_teacher_forcing`` scores answers with ``greedy_answer`` (decodes only where the
+    model leaves the gold answer); off, every answer is decoded from its prompt.
     """
     ref = None
     if reference_in is not None and Path(reference_in).is_file():
         with np.load(reference_in) as z:
             ref = {k: z[k] for k in z.files}
-    correct = scored = skipped = mismatched = 0
+    correct = scored = skipped = mismatched = decoded = 0
     nll_sum = 0.0
     nll_count = 0
     agree = kl_sum = 0.0
@@ -123,14 +151,20 @@ def measure_quality(
             offsets.append(offsets[-1])
             row_offsets.append(row_offsets[-1])
             continue
+        logp = log_softmax(backend.logits(full)[:-1])  # row j predicts full[j + 1]
         if task == "label_match":
-            answer = generate_text(backend, prompt, max_new_tokens).strip()
+            if reuse_teacher_forcing:
+                answer, n_new = greedy_answer(backend, prompt, full, logp, max_new_tokens)
+            else:
+                new_ids = list(backend.generate(prompt, max_new_tokens=max_new_tokens, stop_ids=backend.stop_ids))
+                answer, n_new = backend.detokenize([t for t in new_ids if t not in backend.stop_ids]), len(new_ids)
+            answer = answer.strip()
+            decoded += n_new
             ok = answer == str(ex["target"]).strip()
             correct += ok
             scored += 1
             if len(predictions) < 50:
                 predictions.append({"target": str(ex["target"]), "answer": answer, "correct": ok})
-        logp = log_softmax(backend.logits(full)[:-1])  # row j predicts full[j + 1]
         answer_rows = np.arange(len(prompt) - 1, len(full) - 1)
         nll_sum += float(-logp[answer_rows, np.asarray(full[len(prompt):])].sum())
         nll_count += len(answer_rows)
@@ -176,6 +210,7 @@ def measure_quality(
         "kl": kl_sum / compared if compared else None,
         "parity_positions": compared,
         "tokenization_mismatches": mismatched,
+        "decoded_tokens": decoded,
         "predictions": predictions,
     }
 

@@ -79,6 +79,7 @@ class EvalConfig(_Strict):
     task: Literal["label_match", "perplexity"] = Field("label_match", description="`label_match`: the generated answer must equal the label after trimming; `perplexity`: held-out perplexity only.")
     max_examples: int = Field(500, gt=0, description="Held-out examples to score per artifact.")
     max_new_tokens: int = Field(16, gt=0, description="Generation budget per example for `label_match`.")
+    artifacts: list[str] | None = Field(None, description="Artifacts to bench besides the PyTorch reference, by manifest name or glob (`merged`, `gguf-q4_k_m`, `onnx-*`); null: all of them.")
 
 
 class Recipe(_Strict):

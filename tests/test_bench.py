@@ -74,7 +74,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     }
 
 
-def _make_run(folder: Path, arts: dict[str, Path], *, include: tuple[str, ...] = ("adapter", "merged", "gguf", "onnx")) -> Run:
+def _make_run(folder: Path, arts: dict[str, Path], *, include: tuple[str, ...] = ("adapter", "merged", "gguf", "onnx"), bench_only: list[str] | None = None) -> Run:
     data = write_text_label_csv(folder / "train.csv", n=40)
     recipe = {
         "name": "tiny",
@@ -82,7 +82,7 @@ def _make_run(folder: Path, arts: dict[str, Path], *, include: tuple[str, ...] =
         "data": {"train": data.name, "format": "text_label", "text_field": "text", "label_field": "category", "system_prompt": "Reply with the intent label.", "val_fraction": 0.25},
         "quant": {"bits": 32, "compute_dtype": "float32"},
         "train": {"method": "lora", "max_steps": 4},
-        "eval": {"task": "label_match", "max_examples": 6, "max_new_tokens": 6},
+        "eval": {"task": "label_match", "max_examples": 6, "max_new_tokens": 6, "artifacts": bench_only},
     }
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run = Run.create(load_recipe(folder / "recipe.yaml"), run_dir=folder / "run")
@@ -169,10 +169,55 @@ def test_quality_scores_label_match_and_reference_parity(artifacts: dict[str, Pa
     assert again["parity_positions"] > 4 * 10
 
 
-def bench_answer(backend, messages) -> str:
+@pytest.mark.parametrize("kind", ["merged", "gguf"])
+def test_reusing_teacher_forcing_gives_the_decoded_answers(kind: str, artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftedge.backends import load_backend
+    from ftedge.backends.torch import TorchBackend
+    from ftedge.bench_worker import conversation_ids
+
+    backend = TorchBackend(artifacts["merged"], threads=1) if kind == "merged" else load_backend(artifacts["gguf"], threads=1, n_ctx=512)
+    base_stops = backend.stop_ids
+
+    def use_stops(extra: int) -> None:
+        monkeypatch.setattr(type(backend), "stop_ids", property(lambda self: base_stops | {extra}))
+
+    try:
+        prompts = [[{"role": "user", "content": t}] for t in ("where is my card", "rate for pounds", "i lost my card", "top up failed", "refund please")]
+        chains = [list(backend.generate(backend.chat_ids(p), max_new_tokens=12, stop_ids=set())) for p in prompts]
+        # A random model never ends its turn: make one token it generates end the turn, chosen so a
+        # gold answer ending on it tokenizes to exactly the model's own tokens (every argmax matches).
+        own = None
+        for i, chain in enumerate(chains):
+            for k in range(len(chain)):
+                if chain[k] in chain[:k]:
+                    break
+                use_stops(chain[k])
+                prompt, full = conversation_ids(backend, prompts[i], backend.detokenize(chain[: k + 1]))
+                if full[len(prompt) :] == chain[: k + 1]:
+                    own = (i, k)
+                    break
+            if own:
+                break
+        assert own, "no generated token makes a stop that round-trips through the tokenizer"
+        i, k = own
+        use_stops(chains[i][k])
+        greedy = [bench_answer(backend, p, 12) for p in prompts]
+        targets = [*greedy[:3], greedy[3][:2] + " zz", "not-this"]
+        targets[i] = backend.detokenize(chains[i][: k + 1])  # the gold answer ends on the model's stop
+        examples = [{"messages": p, "target": t} for p, t in zip(prompts, targets, strict=True)]
+        fast = measure_quality(backend, examples, task="label_match", max_new_tokens=12, n_ctx=512)
+        slow = measure_quality(backend, examples, task="label_match", max_new_tokens=12, n_ctx=512, reuse_teacher_forcing=False)
+    finally:
+        backend.close()
+    assert [p["answer"] for p in fast["predictions"]] == [p["answer"] for p in slow["predictions"]] == greedy
+    assert fast["accuracy"] == slow["accuracy"]
+    assert fast["decoded_tokens"] < slow["decoded_tokens"]
+
+
+def bench_answer(backend, messages, max_new_tokens: int = 6) -> str:
     from ftedge.bench_worker import generate_text
 
-    return generate_text(backend, backend.chat_ids(messages), 6).strip()
+    return generate_text(backend, backend.chat_ids(messages), max_new_tokens).strip()
 
 
 def test_speed_reports_ttft_prefill_and_decode(artifacts: dict[str, Path]) -> None:
@@ -276,6 +321,20 @@ def test_a_crashing_worker_loses_only_its_artifact(tmp_path: Path, artifacts: di
     assert by["gguf-f16"]["decode_tok_s"] is None and by["gguf-f16"]["fits"] is None
     assert "gguf-f16" in (run.path / "bench" / "report.md").read_text()
     assert doc["artifacts"][1]["status"] == "failed" and run.is_done("bench")
+
+
+def test_eval_artifacts_picks_what_to_bench(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    for sub in ("all", "some", "ref", "bad"):
+        (tmp_path / sub).mkdir()
+    every = [s.name for s in bench.run_specs(_make_run(tmp_path / "all", artifacts))]
+    assert every == ["pytorch", "merged", "gguf-f16", "onnx-fp32"]
+    some = bench.run_specs(_make_run(tmp_path / "some", artifacts, bench_only=["gguf-*", "onnx-fp32"]))
+    assert [s.name for s in some] == ["pytorch", "gguf-f16", "onnx-fp32"] and some[0].reference
+    # without an adapter the merged model is the reference and stays
+    no_adapter = bench.run_specs(_make_run(tmp_path / "ref", artifacts, include=("merged", "gguf", "onnx"), bench_only=["onnx-*"]))
+    assert [(s.name, s.reference) for s in no_adapter] == [("merged", True), ("onnx-fp32", False)]
+    with pytest.raises(FtedgeError, match="'gguf-q4_k_m' matches no artifact"):
+        bench.run_specs(_make_run(tmp_path / "bad", artifacts, bench_only=["gguf-q4_k_m"]))
 
 
 def test_fit_verdict_uses_the_target_budgets(tmp_path: Path) -> None:
