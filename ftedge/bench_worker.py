@@ -31,9 +31,12 @@ EPS = 1e-12
 
 # -- math ------------------------------------------------------------------------
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64, copy=False)
-    x = x - x.max(axis=-1, keepdims=True)
-    return (x - np.log(np.exp(x).sum(axis=-1, keepdims=True))).astype(np.float32)
+    """float32 log-softmax over the last axis (max-shifted; the sum of exps accumulates in float64)."""
+    x = logits.astype(np.float32, copy=True)
+    x -= x.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(x).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    x -= lse
+    return x
 
 
 def top_k(logp: np.ndarray, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:

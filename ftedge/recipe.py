@@ -61,6 +61,7 @@ class TrainConfig(_Strict):
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of steps spent warming up linearly.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this before each step (as transformers' Trainer does); null = no clipping.")
     max_length: int = Field(256, gt=8, description="Maximum tokens per example; longer rows are truncated with a counted warning.")
     packing: bool = Field(True, description="Pack examples into rows without padding (padding-free; no attention across examples).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")

@@ -128,7 +128,9 @@ class Trainer:
         self.steps = total_steps(cfg, len(train_rows), self.world)
         self.loss_module = LabelOnlyLoss(model)
         params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.last_grad_norm: float | None = None
         self.sched = make_scheduler(self.opt, cfg, self.steps)
         if self.world > 1:
             self.loss_module, self.opt = accelerator.prepare(self.loss_module, self.opt)
@@ -183,6 +185,8 @@ class Trainer:
                     loss.backward()
             total += float(loss_sum.detach())
             self.state.tokens += int(self._sum(float(n_tokens)))
+        if self.cfg.max_grad_norm is not None:  # gradients are already averaged over processes here
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -338,6 +342,8 @@ def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
                 st.last_loss = loss
                 record: dict[str, Any] = {"step": st.step, "loss": round(loss, 6), "lr": trainer.sched.get_last_lr()[0],
                                           "tokens": st.tokens, "tok_s": round((st.tokens - tokens_before) / dt, 1), "step_s": round(dt, 3)}
+                if trainer.last_grad_norm is not None:
+                    record["grad_norm"] = round(trainer.last_grad_norm, 4)
                 if st.step % cfg.eval_every == 0 or st.step == trainer.steps:
                     ev = trainer.evaluate()
                     if ev is not None:

@@ -363,6 +363,17 @@ class LlamaCppBackend(Backend):
 def render_chat_template(template: str, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool, bos_token: str = "", eos_token: str = "") -> str:
     """Render a Hugging Face style Jinja chat template in a sandbox (as transformers does)."""
     from jinja2 import TemplateError
+
+    try:
+        return _compiled_template(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
+    except TemplateError as err:
+        raise FtedgeError(f"the chat template cannot render these messages ({err})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str) -> Any:
+    """Compile a chat template once (compiling took longer than rendering, per request)."""
+    from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
@@ -371,6 +382,6 @@ def render_chat_template(template: str, messages: Sequence[dict[str, str]], *, a
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     try:
-        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
+        return env.from_string(template)
     except TemplateError as err:
-        raise FtedgeError(f"the chat template cannot render these messages ({err})") from None
+        raise FtedgeError(f"the chat template does not compile ({err})") from None
