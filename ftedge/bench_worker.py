@@ -22,6 +22,7 @@ from ftedge import atomic
 from ftedge.backends.base import Backend
 from ftedge.errors import FtedgeError
 from ftedge.memory import peak_rss_mb
+from ftedge.parity import common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,11 @@ def measure_quality(
     save_top_ids: list[np.ndarray] = []
     save_top_logp: list[np.ndarray] = []
     offsets, row_offsets = [0], [0]
-    for i, ex in enumerate(examples):
-        prompt, full = conversation_ids(backend, ex["messages"], ex["target"])
+    convs = [conversation_ids(backend, ex["messages"], ex["target"]) for ex in examples]
+    # Positions every conversation shares (system prompt, template header) would weigh as
+    # much as N positions; top-1 / KL are scored from where the conversations first differ.
+    start = max(common_prefix([full for _, full in convs]) - 1, 0)
+    for i, (ex, (prompt, full)) in enumerate(zip(examples, convs, strict=True)):
         if len(full) + (max_new_tokens if task == "label_match" else 0) > n_ctx:
             skipped += 1
             offsets.append(offsets[-1])
@@ -186,10 +190,11 @@ def measure_quality(
                 mismatched += 1
                 continue
             rows = slice(int(ref["row_offsets"][i]), int(ref["row_offsets"][i + 1]))
-            r_ids, r_logp = ref["top_ids"][rows], ref["top_logp"][rows]
-            agree += float((logp.argmax(axis=-1) == r_ids[:, 0]).sum())
-            kl_sum += float(grouped_kl(r_ids, r_logp, logp).sum())
-            compared += len(logp)
+            r_ids, r_logp = ref["top_ids"][rows][start:], ref["top_logp"][rows][start:]
+            mine = logp[start:]
+            agree += float((mine.argmax(axis=-1) == r_ids[:, 0]).sum())
+            kl_sum += float(grouped_kl(r_ids, r_logp, mine).sum())
+            compared += len(mine)
     if reference_out is not None:
         n_rows = sum(len(x) for x in save_top_ids)
         with atomic.atomic_path(Path(reference_out)) as tmp:

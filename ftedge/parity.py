@@ -138,7 +138,8 @@ def compare_logits(ref_logprobs: Sequence[np.ndarray], other_logits: Sequence[np
     return {"top1": agree / n if n else float("nan"), "kl": max(kl, 0.0), "positions": n}
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every sequence shares (0 for fewer than two)."""
     if len(seqs) < 2:
         return 0
     n = min(len(s) for s in seqs)
@@ -179,7 +180,7 @@ def build_reference(merged_dir: Path, prompts: Sequence[Prompt], *, threads: int
         eot_text = ref.tokenizer.convert_ids_to_tokens(_end_of_turn(ref))
         texts = [prompt_text(ref.tokenizer, p, eot=eot_text) for p in prompts]
         ids = [ref.tokenize(t) for t in texts]
-        start = max(_common_prefix(ids) - 1, 0)
+        start = max(common_prefix(ids) - 1, 0)
         logprobs = [log_softmax(ref.logits(s))[start:].astype(np.float32) for s in ids]
         chat_texts = [ref.apply_chat_template(p.messages) for p in prompts]
         stop_ids = ref.tokenize(chat_texts[0])

@@ -57,7 +57,8 @@ NOTES = [
     "accuracy: the generated answer equals the label after trimming (greedy, `max_new_tokens` from the recipe).",
     "ppl: perplexity of the held-out answers (and end-of-turn token) given their prompts.",
     "top-1 / KL: next-token agreement and KL(reference || artifact) in nats over every position of the held-out "
-    "conversations; KL groups the tokens outside the reference's top 64 into one (a tight lower bound).",
+    "conversations after the prefix they all share (system prompt, template header; scored once it would "
+    "count N times); KL groups the tokens outside the reference's top 64 into one (a tight lower bound).",
     "TTFT / prefill: time to the first generated token of the speed prompt; decode tok/s: median over repeats "
     "after warm-up; p95 tok/s: speed at the 95th-percentile inter-token latency (the slow tail).",
     "peak RSS: maximum resident memory of the process that loaded and ran the artifact (each artifact has its own).",
