@@ -7,6 +7,8 @@ the run's manifest.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 from ftedge.errors import FtedgeError
@@ -33,8 +35,30 @@ def create_or_resume(recipe_path: Path | None, overrides: list[str], run_dir: Pa
     return Run.create(load_recipe(recipe_path, overrides), run_dir=run_dir)
 
 
+def launcher_rank() -> tuple[int, int]:
+    """(rank, world size) set by `accelerate launch` / torchrun; (0, 1) when run directly."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _wait_for_run(run_dir: Path, timeout: float = 600.0) -> Run:
+    """Other ranks open the run folder rank 0 creates (after its preflight)."""
+    deadline = time.monotonic() + timeout
+    while not (run_dir / "manifest.json").is_file():
+        if time.monotonic() > deadline:
+            raise FtedgeError(f"rank 0 did not create {run_dir} within {timeout:.0f} s", hint="see rank 0's error above")
+        time.sleep(0.2)
+    return Run.open(run_dir)
+
+
 def train(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None) -> Run:
-    run = create_or_resume(recipe_path, overrides, run_dir, resume)
+    rank, world = launcher_rank()
+    if world > 1 and resume is None:
+        # Every process must train into the same folder; only rank 0 creates it.
+        if run_dir is None:
+            raise FtedgeError(f"{world} training processes need one shared run folder", hint="pass --run-dir runs/NAME to `accelerate launch -m ftedge.cli train`")
+        run = create_or_resume(recipe_path, overrides, run_dir, None) if rank == 0 else _wait_for_run(Path(run_dir))
+    else:
+        run = create_or_resume(recipe_path, overrides, run_dir, resume)
     try:
         from ftedge.train import train_stage
     except ImportError as err:

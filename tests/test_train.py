@@ -167,17 +167,9 @@ def test_bad_data_fails_before_model_load(tiny_recipe, tmp_path, monkeypatch):
         train_stage(run)
 
 
-DDP_SCRIPT = """
-import sys, torch
-torch.set_num_threads(1)
-from ftedge.run import Run
-from ftedge.train import train_stage
-train_stage(Run.open(sys.argv[1]))
-"""
-
-
 def test_two_process_ddp_matches_one_process(tiny_recipe, tmp_path):
-    """2 CPU processes (gloo) via torchrun, the launcher `accelerate launch --multi_gpu` uses: batch 2 each = one process with batch 4."""
+    """`ftedge train` under torchrun (the launcher `accelerate launch --multi_gpu` uses), 2 CPU
+    processes (gloo), batch 2 each = one process with batch 4; both ranks share one run folder."""
     import subprocess
     import sys
 
@@ -185,13 +177,15 @@ def test_two_process_ddp_matches_one_process(tiny_recipe, tmp_path):
 
     one = _run(tiny_recipe, tmp_path, "one", max_steps=4, batch_size=4, eval_every=2)
     train_stage(one)
-    two = _run(tiny_recipe, tmp_path, "two", max_steps=4, batch_size=2, eval_every=2)
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script), str(two.path)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "ftedge.cli", "train", str(tiny_recipe),
+              "-o", "train.max_steps=4", "-o", "train.batch_size=2", "-o", "train.eval_every=2"]
+    # without one shared --run-dir each rank would make its own folder: refused in one line
+    proc = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "need one shared run folder" in proc.stderr and "FtedgeError" not in proc.stderr  # torchrun adds its own traceback
+    proc = subprocess.run([*launch, "--run-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    two = Run.open(tmp_path / "two")
     assert two.is_done("train")
     a, b = _losses(one), _losses(two)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
