@@ -154,14 +154,16 @@ def plot_png(doc: dict[str, Any]) -> bytes:
     key, label = _plot_axis(ok)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     try:
-        for e in ok:
-            y = e.get(key)
-            if y is None:
-                continue
-            y = y / MB if key == "size_bytes" else y
+        points = sorted((e for e in ok if e.get(key) is not None), key=lambda e: e["decode_tok_s"])
+        span = max((e["decode_tok_s"] for e in points), default=1.0) or 1.0
+        last_x, flip = None, False
+        for e in points:
+            x, y = e["decode_tok_s"], e[key] / MB if key == "size_bytes" else e[key]
             marker = "*" if e.get("reference") else ("o" if e.get("fits") is not False else "x")
-            ax.scatter(e["decode_tok_s"], y, s=90 if marker == "*" else 45, marker=marker, zorder=3)
-            ax.annotate(e["name"], (e["decode_tok_s"], y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            ax.scatter(x, y, s=90 if marker == "*" else 45, marker=marker, zorder=3)
+            flip = (not flip) if last_x is not None and x - last_x < 0.12 * span else False  # neighbours: labels above / below
+            last_x = x
+            ax.annotate(e["name"], (x, y), textcoords="offset points", xytext=(6, -12 if flip else 5), fontsize=8)
         failed = [e["name"] for e in doc["artifacts"] if e.get("status") != "ok"]
         if failed:
             ax.text(0.01, 0.01, "failed: " + ", ".join(failed), transform=ax.transAxes, fontsize=7, color="red", va="bottom")
