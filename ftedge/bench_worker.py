@@ -21,6 +21,7 @@ import numpy as np
 from ftedge import atomic
 from ftedge.backends.base import Backend
 from ftedge.errors import FtedgeError
+from ftedge.logs import quiet_third_party
 from ftedge.memory import peak_rss_mb
 from ftedge.parity import common_prefix
 
@@ -304,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ftedge.bench_worker JOB.json RESULT.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party()
     job = json.loads(Path(args[0]).read_text(encoding="utf-8"))
     try:
         result = run_job(job)

@@ -13,11 +13,20 @@ def setup_logging(debug: bool = False) -> None:
     level = logging.DEBUG if debug else logging.INFO
     handler = RichHandler(show_path=debug, rich_tracebacks=debug, markup=False, show_time=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
-    for noisy in ("transformers", "torch", "accelerate", "peft", "bitsandbytes", "httpx", "huggingface_hub", "urllib3", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    quiet_third_party(debug)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def quiet_third_party(debug: bool = False) -> None:
+    """Third-party loggers at WARNING (DEBUG with --debug), and known-harmless warnings off."""
+    for noisy in ("transformers", "torch", "accelerate", "peft", "bitsandbytes", "httpx", "huggingface_hub", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        # bitsandbytes warns on every import that its optional `kernels` CPU kernel (fetched from
+        # the Hugging Face hub) is missing; its built-in CPU path is the one ftedge uses offline.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
