@@ -26,3 +26,23 @@ def test_converter_and_gguf_reader_agree(tiny_model_dir: Path, tmp_path: Path) -
     assert bytes(arch.parts[arch.data[0]]).decode() == "llama"
     assert "tokenizer.chat_template" in fields
     assert len(reader.tensors) == 2 * 9 + 2  # 2 layers x 9 tensors + token_embd + output_norm (tied head)
+
+
+def test_wheel_carries_the_target_profiles(tmp_path: Path) -> None:
+    """A wheel install has no checkout: the export/ profiles must be inside the package."""
+    import shutil
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # build a copy: setuptools writes build/ into the tree it builds
+    for folder in ("ftedge", "export"):
+        shutil.copytree(root / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "_data"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(root / name, src / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("ftedge-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    profiles = {p.name for p in (root / "export").glob("*.yaml")}
+    assert profiles and {f"ftedge/_data/export/{n}" for n in profiles} <= names
