@@ -9,6 +9,7 @@ from a big `ftedge run` process would report the parent's peak. `VmHWM` in
 from __future__ import annotations
 
 import resource
+import sys
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -23,10 +24,4 @@ def peak_rss_mb() -> float:
     except (OSError, ValueError, IndexError):
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024.0 / (1024.0 if _is_macos() else 1.0)  # KiB on Linux, bytes on macOS
-
-
-def _is_macos() -> bool:
-    import sys
-
-    return sys.platform == "darwin"
+    return rss / 1024.0 / (1024.0 if sys.platform == "darwin" else 1.0)  # KiB on Linux, bytes on macOS

@@ -190,10 +190,10 @@ def measure_drift(
     base: Path, adapter: Path, modes: list[str], texts: list[str], *, quant: Any, four_bit: bool, tokenizer: Any, trust_remote_code: bool = False, keep: str | None = None
 ) -> tuple[dict[str, dict[str, float]], Any]:
     """Top-1 agreement and KL of each merge mode against base+adapter on ``texts``; returns the ``keep`` model too."""
-    from ftedge.parity import common_prefix, compare_logits
+    from ftedge.parity import compare_logits, scored_from
 
     ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    start = max(common_prefix(ids) - 1, 0)
+    start = scored_from(ids)
     ref = _reference_model(base, adapter, four_bit=four_bit, quant=quant, trust_remote_code=trust_remote_code)
     ref_lp = _logits(ref, ids, start)
     del ref

@@ -116,10 +116,12 @@ def prompt_text(tokenizer: Any, prompt: Prompt, *, eot: str | None = None) -> st
     return text
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+def log_softmax(x: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """Log-softmax over the last axis in ``dtype`` (max-shifted; the sum of exps accumulates in float64)."""
+    x = x.astype(dtype, copy=True)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(dtype)
+    return x
 
 
 def compare_logits(ref_logprobs: Sequence[np.ndarray], other_logits: Sequence[np.ndarray]) -> dict[str, float]:
@@ -136,6 +138,12 @@ def compare_logits(ref_logprobs: Sequence[np.ndarray], other_logits: Sequence[np
         n += ref.shape[0]
     kl = float(np.concatenate(kls).mean()) if kls else float("nan")
     return {"top1": agree / n if n else float("nan"), "kl": max(kl, 0.0), "positions": n}
+
+
+def scored_from(seqs: Sequence[Sequence[int]]) -> int:
+    """First logit row worth scoring: rows before it see only the prefix every sequence shares
+    (system prompt, template header), which would otherwise count once per sequence."""
+    return max(common_prefix(seqs) - 1, 0)
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
@@ -180,7 +188,7 @@ def build_reference(merged_dir: Path, prompts: Sequence[Prompt], *, threads: int
         eot_text = ref.tokenizer.convert_ids_to_tokens(_end_of_turn(ref))
         texts = [prompt_text(ref.tokenizer, p, eot=eot_text) for p in prompts]
         ids = [ref.tokenize(t) for t in texts]
-        start = max(common_prefix(ids) - 1, 0)
+        start = scored_from(ids)
         logprobs = [log_softmax(ref.logits(s))[start:].astype(np.float32) for s in ids]
         chat_texts = [ref.apply_chat_template(p.messages) for p in prompts]
         stop_ids = ref.tokenize(chat_texts[0])

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ftedge.errors import FtedgeError
-from ftedge.run import Run
+from ftedge.run import MANIFEST, Run
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def launcher_rank() -> tuple[int, int]:
 def _wait_for_run(run_dir: Path, timeout: float = 600.0) -> Run:
     """Other ranks open the run folder rank 0 creates (after its preflight)."""
     deadline = time.monotonic() + timeout
-    while not (run_dir / "manifest.json").is_file():
+    while not (run_dir / MANIFEST).is_file():
         if time.monotonic() > deadline:
             raise FtedgeError(f"rank 0 did not create {run_dir} within {timeout:.0f} s", hint="see rank 0's error above")
         time.sleep(0.2)

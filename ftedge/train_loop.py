@@ -127,9 +127,8 @@ class Trainer:
         self.rank = accelerator.process_index
         self.steps = total_steps(cfg, len(train_rows), self.world)
         self.loss_module = LabelOnlyLoss(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.params = params
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.last_grad_norm: float | None = None
         self.sched = make_scheduler(self.opt, cfg, self.steps)
         if self.world > 1:
