@@ -17,7 +17,6 @@ Results: benchmarks/results/bench_overhead.json.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
 import json
 import os
@@ -33,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ftedge import atomic  # noqa: E402
-from ftedge.models import cache_dir, resolve_base_model  # noqa: E402
+from ftedge.export.gguf import convert_to_gguf, quantize_gguf  # noqa: E402
+from ftedge.hf import cache_dir, resolve_base_model  # noqa: E402
 
 TARGET_PCT = 3.0
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread in a small mountain village."}]
@@ -42,7 +42,6 @@ PROMPT = [{"role": "user", "content": "Write a long, detailed story about a drag
 # -- artifacts ---------------------------------------------------------------------
 def build_default_artifacts() -> tuple[Path, Path]:
     """q4_k_m GGUF and int4 ONNX of the embedded SmolLM2-135M-Instruct, built once and cached."""
-    import llama_cpp
 
     hf = resolve_base_model("smollm2-135m-instruct")
     out = cache_dir() / "bench-overhead"
@@ -50,13 +49,8 @@ def build_default_artifacts() -> tuple[Path, Path]:
     f16, q4 = out / "smollm2-135m.f16.gguf", out / "smollm2-135m.q4_k_m.gguf"
     if not q4.is_file():
         if not f16.is_file():
-            with atomic.atomic_path(f16) as tmp:
-                subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", "--outtype", "f16", "--outfile", str(tmp), str(hf)], check=True, capture_output=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-        with atomic.atomic_path(q4) as tmp:
-            if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
-                raise SystemExit("quantization to q4_k_m failed")
+            convert_to_gguf(hf, f16, outtype="f16")
+        quantize_gguf(f16, q4, "q4_k_m")
     onnx = out / "smollm2-135m-onnx-int4"
     if not (onnx / "genai_config.json").is_file():
         with atomic.atomic_path(onnx) as tmp:
@@ -110,7 +104,8 @@ def compare(name: str, ftedge_run: Callable[[list[int]], list[float]], raw_run: 
 def bench_llama(path: Path, *, threads: int, tokens: int, repeats: int, n_ctx: int) -> dict:
     import llama_cpp as lib
 
-    from ftedge.backends.llamacpp import LlamaCppBackend, extra_bufts_enabled, inspect_gguf
+    from ftedge.backends.llamacpp import LlamaCppBackend, extra_bufts_enabled
+    from ftedge.formats.gguf import inspect_gguf
 
     backend = LlamaCppBackend(path, threads=threads, n_ctx=n_ctx)
     ids = backend.chat_ids(PROMPT)

@@ -45,15 +45,15 @@ def _recipe(steps: int, batch: int):
 
 
 def _useful_tokens(recipe, rows) -> int:
-    from ftedge.data import ChatEncoder, load_tokenizer
-    from ftedge.models import resolve_base_model
+    from ftedge.data import ChatEncoder
+    from ftedge.hf import load_tokenizer, resolve_base_model
 
     enc = ChatEncoder(load_tokenizer(resolve_base_model(recipe.base_model)), recipe.train.max_length)
     return sum(len(e.input_ids) for e in map(enc.encode, rows) if e is not None)
 
 
 def worker_ftedge(steps: int, batch: int, out: Path) -> dict:
-    from ftedge.run import Run
+    from ftedge.manifest import Run
     from ftedge.train import train_stage
 
     recipe = _recipe(steps, batch)
@@ -71,7 +71,7 @@ def worker_trl(steps: int, batch: int, out: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from ftedge.data import load_splits
-    from ftedge.models import resolve_base_model
+    from ftedge.hf import resolve_base_model
 
     recipe = _recipe(steps, batch)
     base = resolve_base_model(recipe.base_model)
@@ -100,9 +100,9 @@ def eval_loss(adapter: str, steps: int, batch: int) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ftedge.data import ChatEncoder, load_splits, load_tokenizer, make_batch
-    from ftedge.models import resolve_base_model
-    from ftedge.train_model import LabelOnlyLoss
+    from ftedge.data import ChatEncoder, load_splits, make_batch
+    from ftedge.hf import load_tokenizer, resolve_base_model
+    from ftedge.train.model import LabelOnlyLoss
 
     recipe = _recipe(steps, batch)
     base = resolve_base_model(recipe.base_model)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import click
 
 from ftedge.backends import load_backend
 from ftedge.backends.base import Backend
 from ftedge.errors import FtedgeError
+from ftedge.manifest import MANIFEST, Run
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,8 @@ N_CTX = 4096
 COMMANDS = "/reset clears the conversation, /exit (or Ctrl-D) quits"
 
 
-def _find_run(path: Path) -> Any | None:
+def _find_run(path: Path) -> Run | None:
     """The run a path is or lives in (up to three folders up), else None."""
-    from ftedge.run import MANIFEST, Run
-
     path = path.resolve()
     for folder in [path, *list(path.parents)[:3]]:
         if folder.is_dir() and (folder / MANIFEST).is_file():
@@ -34,35 +32,17 @@ def _find_run(path: Path) -> Any | None:
     return None
 
 
-def _gate_passed(entry: dict[str, Any]) -> bool | None:
-    """The parity-gate verdict recorded with an artifact (True/False), None when none was recorded."""
-    for key in ("gate_passed", "passed", "gate", "parity"):
-        value = entry.get(key)
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            return value.lower() in ("pass", "passed", "ok")
-        if isinstance(value, dict):
-            for sub in ("passed", "pass", "ok"):
-                if isinstance(value.get(sub), bool):
-                    return value[sub]
-            if isinstance(value.get("status"), str):
-                return value["status"].lower() in ("pass", "passed", "ok")
-    return None
-
-
-def pick_run_artifact(run: Any) -> Path:
-    """ship/*.gguf, else the first gguf-* artifact that passed its gate, else merged."""
+def pick_run_artifact(run: Run) -> Path:
+    """ship/*.gguf, else the first GGUF that passed its gate, else the merged model."""
     ship = sorted((run.path / "ship").glob("*.gguf"))
     if ship:
         return ship[0]
-    arts = run.artifacts()
-    for key, entry in arts.items():
-        passed = _gate_passed(entry) is not False and entry.get("status", "done") != "failed"  # as ship/ picks
-        if key.startswith("gguf-") and passed and (run.path / entry["path"]).is_file():
-            return run.path / entry["path"]
-    if "merged" in arts:
-        return run.artifact_path("merged")
+    ggufs = run.usable_models("gguf")
+    if ggufs:
+        return ggufs[0].path
+    merged = run.artifact("merged")
+    if merged is not None and merged.usable:
+        return merged.path
     raise FtedgeError(f"{run.path} has no shipped, passing GGUF or merged model to chat with", hint=f"run `ftedge merge {run.path}` and `ftedge export {run.path}` first")
 
 
@@ -165,7 +145,7 @@ def chat_session(artifact: Path, *, prompt: str | None, system: str | None, max_
     path, run_system = resolve(Path(artifact))
     system = run_system if system is None else (system or None)
     backend = load_backend(path, threads=threads, n_ctx=N_CTX)
-    n_ctx = min(N_CTX, int(getattr(backend, "n_ctx", None) or getattr(backend, "context_length", None) or N_CTX))
+    n_ctx = min(N_CTX, backend.context_length)
     with backend:
         if prompt is not None:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

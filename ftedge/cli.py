@@ -1,4 +1,5 @@
-"""The ``ftedge`` command line. Commands parse options, call one stage, and print."""
+"""The ``ftedge`` command line: click only. Each command parses its options, calls one function of
+``ftedge.commands`` and prints."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def validate(recipe: Path | None, overrides: tuple[str, ...], explain: bool) -> 
             return
     if recipe is None:
         raise click.UsageError("give a RECIPE (or --explain)")
-    from ftedge.preflight import preflight
+    from ftedge.validate import preflight
 
     report = preflight(recipe, list(overrides))
     for line in report:
@@ -104,11 +105,11 @@ def train(recipe: Path | None, overrides: tuple[str, ...], run_dir: Path | None,
       ftedge train recipes/smollm2-banking77.yaml -o train.max_steps=20 --run-dir runs/try1
       ftedge train --resume runs/try1
     """
-    from ftedge import stages
+    from ftedge import commands
 
     if resume is None and recipe is None:
         raise click.UsageError("give a RECIPE, or --resume RUN")
-    run = stages.train(recipe, list(overrides), run_dir=run_dir, resume=resume)
+    run = commands.train(recipe, list(overrides), run_dir=run_dir, resume=resume)
     click.echo(f"run: {run.path}")
 
 
@@ -123,9 +124,9 @@ def merge(run_dir: Path, into: str | None, force: bool) -> None:
     Example:
       ftedge merge runs/smollm2-banking77-20261126-120000
     """
-    from ftedge import stages
+    from ftedge import commands
 
-    stages.merge(run_dir, into=into, force=force)
+    commands.merge(run_dir, into=into, force=force)
 
 
 @main.command(context_settings=CONTEXT)
@@ -140,9 +141,9 @@ def export(run_dir: Path, target: str | None, force: bool) -> None:
       ftedge export runs/my-run
       ftedge export runs/my-run --target raspberry-pi-5
     """
-    from ftedge import stages
+    from ftedge import commands
 
-    stages.export(run_dir, target=target, force=force)
+    commands.export(run_dir, target=target, force=force)
 
 
 @main.command(context_settings=CONTEXT)
@@ -158,9 +159,9 @@ def bench(subject: Path, target: str | None, json_path: Path | None, data: Path 
       ftedge bench runs/my-run
       ftedge bench model.q4_k_m.gguf --data val.csv --json out.json
     """
-    from ftedge import stages
+    from ftedge import commands
 
-    stages.bench(subject, target=target, json_path=json_path, data=data)
+    commands.bench(subject, target=target, json_path=json_path, data=data)
 
 
 @main.command(name="run", context_settings=CONTEXT)
@@ -176,12 +177,29 @@ def run_cmd(recipe: Path | None, overrides: tuple[str, ...], run_dir: Path | Non
       ftedge run recipes/smollm2-banking77.yaml
       ftedge run --resume runs/smollm2-banking77-20261126-120000
     """
-    from ftedge import stages
+    from ftedge import commands
 
     if resume is None and recipe is None:
         raise click.UsageError("give a RECIPE, or --resume RUN")
-    run = stages.run_all(recipe, list(overrides), run_dir=run_dir, resume=resume)
+    run = commands.run_all(recipe, list(overrides), run_dir=run_dir, resume=resume)
     click.echo(f"run: {run.path}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--target", default=None, help="Target profile (which quant to ship); default: the run's.")
+@click.option("--force", is_flag=True, help="Rebuild a finished ship/ bundle.")
+def ship(run_dir: Path, target: str | None, force: bool) -> None:
+    """Build the run's ship/ bundle: the chosen GGUF, an Ollama Modelfile and a README.
+
+    \b
+    Example:
+      ftedge ship runs/my-run
+    """
+    from ftedge import commands
+
+    out = commands.ship(run_dir, target=target, force=force)
+    click.echo(f"ship: {out}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -198,9 +216,9 @@ def chat(artifact: Path, prompt: str | None, system: str | None, max_new_tokens:
       ftedge chat runs/my-run/ship/model.q4_k_m.gguf
       ftedge chat runs/my-run -p "I still haven't received my card"
     """
-    from ftedge import stages
+    from ftedge import commands
 
-    stages.chat(artifact, prompt=prompt, system=system, max_new_tokens=max_new_tokens, threads=threads)
+    commands.chat(artifact, prompt=prompt, system=system, max_new_tokens=max_new_tokens, threads=threads)
 
 
 if __name__ == "__main__":  # pragma: no cover

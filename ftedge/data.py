@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from ftedge.errors import FtedgeError
+from ftedge.hf import end_of_turn_token
 from ftedge.recipe import DataConfig, Recipe
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 HF_SUFFIXES = (".parquet", ".arrow")
 
 
@@ -270,6 +270,46 @@ def check_dataset(recipe: Recipe) -> str:
     return summary
 
 
+# --------------------------------------------------------------------------- held-out prompts
+FALLBACK_PROMPTS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "My card has not arrived yet. What should I do?",
+    "Translate 'good morning' into Spanish.",
+    "List three primary colors.",
+    "How many days are in a leap year?",
+    "Give me a short tip for sleeping better.",
+    "What does a CPU do?",
+)
+
+
+@dataclass
+class Prompt:
+    """One chat prompt and, optionally, the answer the model was tuned to give."""
+
+    messages: list[dict[str, str]]
+    target: str | None = None
+
+    def text(self, tokenizer: Any, *, eot: str | None = None) -> str:
+        """The prompt rendered with the HF chat template, followed by its answer (and ``eot``) when known."""
+        text = tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+        if self.target:
+            text += self.target + (eot or "")
+        return text
+
+
+def gate_prompts(recipe: Recipe, n: int = 16) -> list[Prompt]:
+    """Validation prompts of the recipe's data (held-out rows with their answers), or fixed chat prompts when there are none."""
+    val = load_splits(recipe).val
+    prompts = [Prompt([dict(m) for m in ex.messages], ex.target) for ex in val[:n]]
+    if prompts:
+        return prompts
+    log.warning("no validation rows; the parity gate uses fixed chat prompts")
+    system = recipe.data.system_prompt
+    head = [{"role": "system", "content": system}] if system else []
+    return [Prompt([*head, {"role": "user", "content": text}]) for text in FALLBACK_PROMPTS[:n]]
+
+
 # --------------------------------------------------------------------------- tokenization
 class ChatEncoder:
     """Applies a tokenizer's chat template and masks everything but the assistant's tokens."""
@@ -277,18 +317,10 @@ class ChatEncoder:
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tok = tokenizer
         self.max_length = max_length
-        self.eot = self._end_of_turn()
+        self.eot = end_of_turn_token(tokenizer)
         self.truncated = 0
         self.dropped = 0
         self._tail = self._prompt_tail_tokens()
-
-    def _end_of_turn(self) -> str | None:
-        probe = self._render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\x00ANSWER\x00"}])
-        after = probe.split("\x00ANSWER\x00", 1)[-1]
-        for tok in (*END_OF_TURN, getattr(self.tok, "eos_token", None)):
-            if tok and tok in after:
-                return tok
-        return None
 
     def _prompt_tail_tokens(self) -> int:
         """Tokens after the last user message's text in a generation prompt (kept when truncating)."""
@@ -368,15 +400,6 @@ class ChatEncoder:
         if not out and (trunc or drop):
             raise FtedgeError(f"{what}: no row fits max_length={self.max_length} tokens with its answer", hint="raise train.max_length or shorten the system prompt")
         return out
-
-
-def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    if getattr(tok, "chat_template", None) is None:
-        raise FtedgeError(f"tokenizer of {model_dir} has no chat template", hint="use an instruct/chat base model, or the completion format with a text field")
-    return tok
 
 
 def check_fits(encoder: ChatEncoder, examples: Sequence[Example]) -> None:

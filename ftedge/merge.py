@@ -26,7 +26,8 @@ from typing import Any
 
 from ftedge.atomic import atomic_path
 from ftedge.errors import FtedgeError
-from ftedge.run import Run
+from ftedge.hf import end_of_turn_id
+from ftedge.manifest import Run
 
 log = logging.getLogger(__name__)
 
@@ -63,42 +64,15 @@ def check_adapter(adapter: Path) -> dict[str, Any]:
     return cfg
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or not torch.cuda.is_available() else torch.float16
-    return getattr(torch, name)
-
-
-def _bnb_kwargs(quant: Any) -> dict[str, Any]:
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return {
-        "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant.type,
-            bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=_torch_dtype(quant.compute_dtype),
-        ),
-        "device_map": {"": 0} if torch.cuda.is_available() else "cpu",
-    }
-
-
 def _load_base(base: Path, *, four_bit: bool, quant: Any, trust_remote_code: bool) -> Any:
+    """The base as training loaded it: 4-bit with the recipe's compute dtype (QLoRA), else float32."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    from ftedge.hf import compute_dtype, load_causal_lm
+
     if four_bit:
-        kwargs.update(_bnb_kwargs(quant))
-    else:
-        kwargs["dtype"] = torch.float32
-    try:
-        return AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except OSError as err:
-        raise FtedgeError(f"cannot load base model {base} ({err})") from None
+        return load_causal_lm(base, dtype=compute_dtype(quant.compute_dtype), four_bit=quant, trust_remote_code=trust_remote_code)
+    return load_causal_lm(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
 
 
 def _with_adapter(model: Any, adapter: Path) -> Any:
@@ -141,7 +115,7 @@ def _reference_model(base: Path, adapter: Path, *, four_bit: bool, quant: Any, t
 def _logits(model: Any, ids: list[list[int]], start: int) -> list[Any]:
     import torch
 
-    from ftedge.parity import log_softmax
+    from ftedge.logits import log_softmax
 
     device = next(model.parameters()).device
     out = []
@@ -150,13 +124,6 @@ def _logits(model: Any, ids: list[list[int]], start: int) -> list[Any]:
             x = torch.tensor([seq], device=device)
             out.append(log_softmax(model(input_ids=x).logits[0, start:].float().cpu().numpy()))
     return out
-
-
-def end_of_turn_id(tokenizer: Any) -> int | None:
-    """The token that ends an assistant turn (ChatML's <|im_end|>, Llama 3's <|eot_id|>, ...)."""
-    from ftedge.models import _end_of_turn_id
-
-    return _end_of_turn_id(tokenizer)
 
 
 def _save(model: Any, tokenizer: Any, base: Path, out: Path) -> None:
@@ -190,7 +157,7 @@ def measure_drift(
     base: Path, adapter: Path, modes: list[str], texts: list[str], *, quant: Any, four_bit: bool, tokenizer: Any, trust_remote_code: bool = False, keep: str | None = None
 ) -> tuple[dict[str, dict[str, float]], Any]:
     """Top-1 agreement and KL of each merge mode against base+adapter on ``texts``; returns the ``keep`` model too."""
-    from ftedge.parity import compare_logits, scored_from
+    from ftedge.logits import compare_logits, scored_from
 
     ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     start = scored_from(ids)
@@ -213,7 +180,7 @@ def measure_drift(
 
 def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Path:
     """Merge the run's adapter into a float base; write ``run/merged`` and record it as artifact 'merged'."""
-    run.require("train", "trained adapter", "ftedge train")
+    run.require("train", "trained adapter", "ftedge train --resume")
     out = run.path / "merged"
     if run.is_done("merge") and not force and out.is_dir() and "merged" in run.artifacts():
         log.info("merge already done (%s); use --force to redo it", out)
@@ -231,8 +198,8 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
     if not four_bit and mode == "dequantized":
         note = f"quant.bits={recipe.quant.bits}: training used a float base, so the merge is into the float base"
         mode = "float"
-    from ftedge.models import resolve_base_model
-    from ftedge.parity import gate_prompts
+    from ftedge.data import gate_prompts
+    from ftedge.hf import resolve_base_model
 
     base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
     trust = recipe.trust_remote_code
@@ -244,10 +211,7 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
         eot = end_of_turn_id(tokenizer)
         eot_text = tokenizer.convert_ids_to_tokens(eot) if eot is not None else ""
         prompts = gate_prompts(recipe, N_PROMPTS)
-        texts = []
-        for p in prompts:
-            text = tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
-            texts.append(text + (p.target + eot_text if p.target else ""))
+        texts = [p.text(tokenizer, eot=eot_text) for p in prompts]
         modes = ["dequantized", "float"] if four_bit else ["float"]
         drift, model = measure_drift(base, adapter, modes, texts, quant=recipe.quant, four_bit=four_bit, tokenizer=tokenizer, trust_remote_code=trust, keep=mode)
         best = min(drift, key=lambda m: (drift[m]["kl"], -drift[m]["top1"]))

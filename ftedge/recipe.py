@@ -207,6 +207,25 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
+def type_name_of(ann: Any) -> str:
+    """A readable name of a field's type: ``int``, ``str or None``, ``one of (a, b)``, ``list[...]``."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        return type_name_of(args[0])
+    if origin is Literal:
+        return "one of (" + ", ".join(str(a) for a in args) + ")"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name_of(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name_of(a) for a in args)}]"
+    if ann is type(None):
+        return "None"
+    return getattr(ann, "__name__", str(ann))
+
+
 def explain(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, description) for every recipe field, nested sections included."""
     rows: list[tuple[str, str, str, str]] = []
@@ -217,7 +236,7 @@ def explain(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str
             rows.append((key, "section", "", field.description or ""))
             rows.extend(explain(ann, prefix=f"{key}."))
             continue
-        type_name = str(ann).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
+        type_name = type_name_of(ann)
         if field.is_required():
             default = "(required)"
         elif field.default_factory is not None:

@@ -1,8 +1,8 @@
-"""The ship/ bundle: what a user copies to a laptop.
+"""The ship stage (``ftedge ship``): the ship/ bundle a user copies to a laptop.
 
 ``ship/`` holds the chosen GGUF (a copy, not a link), an Ollama ``Modelfile`` and a README
 with the exact commands for ``ftedge chat``, llama.cpp and Ollama. Nothing in it refers to
-the run folder or the virtual environment.
+the run folder or the virtual environment. It is recorded as artifact ``ship`` once complete.
 """
 
 from __future__ import annotations
@@ -10,28 +10,23 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 from ftedge import atomic
 from ftedge.errors import FtedgeError
-from ftedge.run import Run
+from ftedge.formats.modelfile import write_modelfile
+from ftedge.manifest import Artifact, Run
 from ftedge.targets import Target
 
 log = logging.getLogger(__name__)
 
 
-def choose_gguf(run: Run, target: Target) -> tuple[str, dict[str, Any]]:
-    """The target's `ship` quant if it passed its gate, else the first passing quantized GGUF, else any passing GGUF."""
-    ggufs = {k: v for k, v in run.artifacts(stage="export").items() if v.get("format") == "gguf"}
-    passing = {k: v for k, v in ggufs.items() if v.get("gate", {}).get("passed", True) and v.get("status", "done") != "failed"}
+def choose_gguf(run: Run, target: Target) -> Artifact:
+    """The target's `ship` quant if it passed its gate, else the first passing quantized GGUF of the target, else any passing GGUF."""
+    passing = {a.quant: a for a in run.usable_models("gguf")}
     if not passing:
         raise FtedgeError(f"no GGUF artifact in {run.path} passed its parity gate", hint=f"see `ftedge export {run.path}` output; loosen the target's gates only if the figures are acceptable")
-    preferred = [f"gguf-{target.ship}"] if target.ship else []
-    order = preferred + [f"gguf-{q}" for q in (target.gguf.quants if target.gguf else [])] + sorted(passing)
-    for key in order:
-        if key in passing:
-            return key, passing[key]
-    raise AssertionError("unreachable")
+    order = ([target.ship] if target.ship else []) + list(target.gguf.quants if target.gguf else []) + sorted(q for q in passing if q)
+    return next(passing[q] for q in order if q in passing)
 
 
 def ship_readme(model_file: str, model_name: str, system_prompt: str | None, stop: list[str]) -> str:
@@ -64,25 +59,23 @@ The reply ends at {", ".join(f"`{s}`" for s in stop) or "the model's end-of-turn
 """
 
 
-def ship_stage(run: Run, target: Target) -> Path:
+def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
     """Build ``run/ship`` atomically from the best passing GGUF; record it as artifact 'ship'."""
-    key, entry = choose_gguf(run, target)
-    src = run.path / entry["path"]
+    out = run.path / "ship"
+    if run.is_done("ship") and not force and run.artifact("ship") is not None and out.is_dir():
+        log.info("ship: already done (%s); use --force to rebuild it", out)
+        return out
+    chosen = choose_gguf(run, target)
     recipe = run.recipe()
     model_name = recipe.name.lower()
-    model_file = f"{model_name}.{entry.get('quant', 'gguf')}.gguf"
-    out = run.path / "ship"
-    with atomic.atomic_path(out) as tmp:
-        tmp.mkdir()
-        shutil.copy2(src, tmp / model_file)
-        stop = _write_modelfile(tmp / model_file, tmp / "Modelfile", recipe.data.system_prompt)
-        (tmp / "README.md").write_text(ship_readme(model_file, model_name, recipe.data.system_prompt, stop))
-    run.record_artifact("ship", out, stage="ship", format="bundle", source=key, model_file=model_file)
-    log.info("shipped %s as %s", key, out / model_file)
+    model_file = f"{model_name}.{chosen.quant or 'gguf'}.gguf"
+    with run.stage("ship") as metrics:
+        with atomic.atomic_path(out) as tmp:
+            tmp.mkdir()
+            shutil.copy2(chosen.path, tmp / model_file)
+            stop = write_modelfile(tmp / model_file, tmp / "Modelfile", system=recipe.data.system_prompt, model_ref=f"./{model_file}")
+            atomic.write_text(tmp / "README.md", ship_readme(model_file, model_name, recipe.data.system_prompt, stop))
+        run.record_artifact("ship", out, stage="ship", format="bundle", source=chosen.key, model_file=model_file)
+        metrics.update(source=chosen.key, model_file=model_file)
+    log.info("shipped %s as %s", chosen.key, out / model_file)
     return out
-
-
-def _write_modelfile(gguf_path: Path, out: Path, system_prompt: str | None) -> list[str]:
-    from ftedge.modelfile import write_modelfile
-
-    return write_modelfile(gguf_path, out, system=system_prompt, model_ref=f"./{gguf_path.name}")

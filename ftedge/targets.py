@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from ftedge.errors import FtedgeError
+from ftedge.formats.quants import GGUF_TYPES, ONNX_PRECISIONS
 
-GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0", "q4_1", "q3_k_m", "q2_k")
-ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+# Exactly the types the exporters build (ftedge.formats.quants); case-insensitive in YAML.
+GgufType = Annotated[Literal[GGUF_TYPES], BeforeValidator(_lower)]  # type: ignore[valid-type]
+OnnxPrecision = Annotated[Literal[ONNX_PRECISIONS], BeforeValidator(_lower)]  # type: ignore[valid-type]
+ArtifactType = Annotated[Literal[GGUF_TYPES + ONNX_PRECISIONS], BeforeValidator(_lower)]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
@@ -24,11 +32,14 @@ class GateThresholds(_Strict):
 
 
 class GgufSpec(_Strict):
-    quants: list[str] = Field(default_factory=lambda: ["q4_k_m"], description=f"GGUF types to produce; one of {', '.join(GGUF_QUANTS)}.")
+    quants: list[GgufType] = Field(default_factory=lambda: ["q4_k_m"], description=f"GGUF types to produce; any of {', '.join(GGUF_TYPES)}.")
 
 
 class OnnxSpec(_Strict):
-    precisions: list[Literal["fp32", "fp16", "int8", "int4"]] = Field(default_factory=lambda: ["int4"], description="ONNX (onnxruntime-genai, CPU) precisions to produce.")
+    precisions: list[OnnxPrecision] = Field(
+        default_factory=lambda: ["int4"],
+        description=f"ONNX (onnxruntime-genai, CPU) precisions to produce; any of {', '.join(ONNX_PRECISIONS)} (int4 = GPTQ, int4-rtn = the builder's round-to-nearest).",
+    )
 
 
 class Target(_Strict):
@@ -40,14 +51,13 @@ class Target(_Strict):
     threads: int = Field(2, gt=0, description="CPU threads to benchmark with.")
     max_size_mb: float | None = Field(None, gt=0, description="Largest artifact file size that fits the device (MB); null = no limit.")
     max_ram_mb: float | None = Field(None, gt=0, description="Largest peak resident memory that fits the device (MB); null = no limit.")
-    ship: str | None = Field(None, description="Quant type to put in ship/ (default: the first GGUF quant that passes its gate).")
-    gates: dict[str, GateThresholds] = Field(default_factory=dict, description="Parity thresholds per quant type (e.g. q4_k_m, int4, fp32); unset types use the built-in defaults.")
+    ship: GgufType | None = Field(None, description="GGUF type to put in ship/ (default: the first GGUF quant that passes its gate).")
+    gates: dict[ArtifactType, GateThresholds] = Field(default_factory=dict, description="Parity thresholds per quant type (e.g. q4_k_m, int4, fp32); unset types use the built-in defaults.")
 
-    def validate_quants(self, source: str) -> None:
-        if self.gguf:
-            for q in self.gguf.quants:
-                if q.lower() not in GGUF_QUANTS:
-                    raise FtedgeError(f"{source}: gguf.quants: unknown quant type {q!r}", hint=f"use one of {', '.join(GGUF_QUANTS)}")
+    @field_validator("gates", mode="before")
+    @classmethod
+    def _lower_gate_keys(cls, value: Any) -> Any:
+        return {_lower(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def profile_dirs() -> list[Path]:
@@ -87,6 +97,8 @@ def load_target(name_or_path: str | Path) -> Target:
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "literal_error" and first["loc"][0] in ("gguf", "onnx", "ship", "gates"):
+            kinds = ONNX_PRECISIONS if first["loc"][0] == "onnx" else GGUF_TYPES if first["loc"][0] in ("gguf", "ship") else GGUF_TYPES + ONNX_PRECISIONS
+            raise FtedgeError(f"{path}: {loc}: unknown quant type {first.get('input')!r}", hint=f"ftedge builds {', '.join(kinds)}") from None
         raise FtedgeError(f"{path}: {loc}: {first['msg']}", hint="see export/laptop-cpu.yaml for a valid profile") from None
-    target.validate_quants(str(path))
     return target

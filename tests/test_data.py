@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_text_label_csv
+from helpers import write_text_label_csv
 
-from ftedge.data import IGNORE, ChatEncoder, Encoded, Example, check_dataset, load_splits, load_tokenizer, make_batch, tokenized_splits
+from ftedge.data import IGNORE, ChatEncoder, Encoded, Example, check_dataset, load_splits, make_batch, tokenized_splits
 from ftedge.errors import FtedgeError
+from ftedge.hf import load_tokenizer
 from ftedge.recipe import load_recipe
 
 

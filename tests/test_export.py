@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
+import errno
 from pathlib import Path
 
 import pytest
-from export_helpers import make_adapter, make_run, tiny_target, trained_tiny_model
+from helpers import make_adapter, make_run, tiny_target, trained_tiny_model
 
-from ftedge.errors import FtedgeError, GateFailedError, StageMissingError
+from ftedge.errors import FtedgeError, GateFailedError, StageMissingError, from_os_error
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +63,15 @@ def test_export_gates_and_records_every_artifact(tmp_path: Path, base_and_adapte
 
 
 def test_failing_gate_is_recorded_and_named(tmp_path: Path, base_and_adapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ftedge.export.onnx
     from ftedge.export import export_stage
 
     run = _merged_run(tmp_path, base_and_adapter)
-    # an impossible gate for q4_0 (no 4-bit model has zero KL); and no ONNX exporter available
-    monkeypatch.setitem(sys.modules, "ftedge.export.onnx", None)
+    # an impossible gate for q4_0 (no 4-bit model has zero KL); and an ONNX build that fails
+    def broken_builder(*args, **kwargs):
+        raise FtedgeError("ONNX builder failed on merged (int4): unsupported op")
+
+    monkeypatch.setattr(ftedge.export.onnx, "export_onnx", broken_builder)
     target = tiny_target(tmp_path, ["q4_0"], gates={"q4_0": {"min_top1": 1.0, "max_kl": 0.0}}, onnx=["int4"])
     with pytest.raises(GateFailedError) as info:
         export_stage(run, target)
@@ -86,3 +90,49 @@ def test_failing_gate_is_recorded_and_named(tmp_path: Path, base_and_adapter, mo
 def test_unknown_quant_type_in_target(tmp_path: Path) -> None:
     with pytest.raises(FtedgeError, match="unknown quant type"):
         tiny_target(tmp_path, ["q7_x"])
+
+
+def test_a_full_disk_stops_the_export_with_a_typed_error(tmp_path: Path, base_and_adapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No space left while quantizing: DiskFullError stops the stage; nothing after it is attempted."""
+    import ftedge.export.gguf
+    import ftedge.export.onnx
+    from ftedge.errors import DiskFullError
+    from ftedge.export import export_stage
+
+    run = _merged_run(tmp_path, base_and_adapter)
+
+    def no_space(*args, **kwargs):
+        raise from_os_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "model-q8_0.gguf")
+
+    attempted: list[str] = []
+    monkeypatch.setattr(ftedge.export.gguf, "quantize_gguf", no_space)
+    monkeypatch.setattr(ftedge.export.onnx, "export_onnx", lambda *a, **k: attempted.append("onnx"))
+    with pytest.raises(DiskFullError, match="no space left"):
+        export_stage(run, tiny_target(tmp_path, ["q8_0", "q4_0"], onnx=["fp32"]))
+    arts = run.artifacts(stage="export")
+    assert "gguf-q8_0" not in arts and "gguf-q4_0" not in arts and attempted == []
+    assert run.stage_status("export") == "failed"
+
+
+def test_os_errors_become_one_line_errors_naming_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
+    """An OSError inside the atomic rename of a conversion is typed by its errno, not by its text."""
+    import os
+
+    from ftedge.errors import DiskFullError
+    from ftedge.export.gguf import convert_to_gguf
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".gguf"):
+            raise OSError(code, os.strerror(code))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "tiny.gguf"
+    for code, kind, words in ((errno.ENOSPC, DiskFullError, "no space left"), (errno.EROFS, FtedgeError, "read-only"), (errno.EACCES, FtedgeError, "permission denied")):
+        with pytest.raises(kind, match=words) as info:
+            convert_to_gguf(tiny_model_dir, out, outtype="f16")
+        assert str(out) in str(info.value) and "\n" not in str(info.value)
+        assert (code == errno.ENOSPC) == isinstance(info.value, DiskFullError)
+        assert not out.exists()

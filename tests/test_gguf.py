@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from export_helpers import trained_tiny_model
+from helpers import trained_tiny_model
 
 from ftedge.errors import FtedgeError
 
@@ -39,7 +39,7 @@ def q4_0(f16: Path) -> Path:
 
 
 def test_f16_metadata_has_template_and_special_tokens(f16: Path, model_dir: Path) -> None:
-    from ftedge.backends.llamacpp import inspect_gguf
+    from ftedge.formats.gguf import inspect_gguf
 
     info = inspect_gguf(f16)
     assert info.chat_template and "<|im_start|>" in info.chat_template
@@ -49,8 +49,8 @@ def test_f16_metadata_has_template_and_special_tokens(f16: Path, model_dir: Path
 
 
 def test_k_quant_falls_back_on_short_rows_and_reports_it(f16: Path) -> None:
-    from ftedge.backends.llamacpp import inspect_gguf
     from ftedge.export.gguf import quantize_gguf
+    from ftedge.formats.gguf import inspect_gguf
 
     out = f16.parent / "model-q4_k_m.gguf"
     report = quantize_gguf(f16, out, "q4_k_m", threads=2)
@@ -143,7 +143,7 @@ def test_missing_or_truncated_gguf_is_one_line_error(f16: Path, tmp_path: Path) 
 
 
 def test_modelfile_from_gguf_metadata(q4_0: Path, tmp_path: Path) -> None:
-    from ftedge.modelfile import write_modelfile
+    from ftedge.formats.modelfile import write_modelfile
 
     out = tmp_path / "Modelfile"
     stops = write_modelfile(q4_0, out, system="Reply with the intent label.")

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import convert_to_gguf
+from ftedge.export.gguf import convert_to_gguf
 
 
 def test_doctor_passes() -> None:

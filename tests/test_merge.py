@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from export_helpers import make_adapter, make_run, trained_tiny_model
+from helpers import make_adapter, make_run, trained_tiny_model
 
 from ftedge.errors import FtedgeError, StageMissingError
 
@@ -80,9 +80,9 @@ def test_dequantized_merge_measures_both_modes_and_keeps_float_weights(tmp_path:
 
 
 def test_merge_needs_the_train_stage(tmp_path: Path, base_and_adapter) -> None:
+    from ftedge.manifest import Run
     from ftedge.merge import merge_stage
     from ftedge.recipe import load_recipe
-    from ftedge.run import Run
 
     base, adapter = base_and_adapter
     (tmp_path / "a").mkdir()

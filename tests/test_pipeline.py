@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 
 from ftedge.cli import main
-from ftedge.run import Run
+from ftedge.manifest import Run
 
 
 def _gguf_only_target(tmp_path: Path) -> Path:

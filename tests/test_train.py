@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from ftedge.errors import FtedgeError
+from ftedge.manifest import Run
 from ftedge.recipe import load_recipe
-from ftedge.run import Run
 
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -87,7 +87,7 @@ def test_gradient_clipping(tiny_recipe, tmp_path, monkeypatch, max_norm):
 
 def _interrupt_at(monkeypatch, step: int) -> None:
     """Send SIGINT (Ctrl-C) to ourselves during the given training step."""
-    from ftedge import train_loop
+    from ftedge.train import loop as train_loop
 
     real = train_loop.Trainer.train_step
 
@@ -157,7 +157,7 @@ def test_other_methods(tiny_recipe, tmp_path, method):
 
 
 def test_bad_data_fails_before_model_load(tiny_recipe, tmp_path, monkeypatch):
-    from ftedge import train_model
+    from ftedge.train import model as train_model
     from ftedge.train import train_stage
 
     run = _run(tiny_recipe, tmp_path)

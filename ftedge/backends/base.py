@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ftedge.errors import FtedgeError
-
-GGUF_MAGIC = b"GGUF"
+from ftedge.formats.gguf import GGUF_MAGIC
 
 
 def detect_format(path: Path) -> str:
@@ -45,6 +44,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def stop_ids(self) -> set[int]:
         """Token ids that end a turn (EOS, end-of-turn)."""
+
+    @property
+    @abc.abstractmethod
+    def context_length(self) -> int:
+        """Tokens the loaded artifact holds at once (prompt + generated)."""
 
     @abc.abstractmethod
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:

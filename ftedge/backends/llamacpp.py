@@ -8,8 +8,9 @@ Uses the low-level API rather than ``llama_cpp.Llama`` for two reasons:
   ``use_extra_bufts=False`` avoids it, and ``Llama()`` does not pass that parameter through.
   ``extra_bufts_enabled`` decides; ``FTEDGE_LLAMA_EXTRA_BUFTS=0|1`` overrides the decision.
 
-Every file is checked with the ``gguf`` reader before llama.cpp sees it, so a missing or
-truncated file is a one-line error, never a crash inside native code.
+Every file is checked with ``ftedge.formats.gguf`` before llama.cpp sees it, so a missing or
+truncated file is a one-line error, never a crash inside native code. Chat templates are rendered
+by ``ftedge.formats.chat_template`` (exactly as transformers renders them).
 """
 
 from __future__ import annotations
@@ -19,96 +20,19 @@ import functools
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ftedge.backends.base import GGUF_MAGIC, Backend
+from ftedge.backends.base import Backend
 from ftedge.errors import FtedgeError
+from ftedge.formats.chat_template import render_chat_template
+from ftedge.formats.gguf import GgufInfo, inspect_gguf
 
 log = logging.getLogger(__name__)
 
-FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 _EXTRA_BUFTS_ENV = "FTEDGE_LLAMA_EXTRA_BUFTS"
-
-
-# -- file inspection (no llama.cpp involved) ------------------------------------------
-@dataclass
-class GgufInfo:
-    """What the ``gguf`` reader says about a file: metadata and tensor types."""
-
-    path: Path
-    metadata: dict[str, Any]
-    tensor_types: dict[str, int] = field(default_factory=dict)  # type name -> tensor count
-    special_texts: dict[str, str] = field(default_factory=dict)  # bos/eos/eot/pad -> token text
-
-    @property
-    def quantized(self) -> bool:
-        return any(t not in FLOAT_TYPES for t in self.tensor_types)
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.metadata.get("tokenizer.chat_template")
-
-    def token_id(self, key: str) -> int | None:
-        value = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
-        return int(value) if value is not None else None
-
-
-def _field_value(f: Any) -> Any:
-    """Decode a scalar or string GGUF field (arrays are skipped: vocabularies are large)."""
-    import gguf
-
-    types = list(f.types)
-    if not types or types[0] == gguf.GGUFValueType.ARRAY:
-        return None
-    part = f.parts[f.data[0]]
-    if types[0] == gguf.GGUFValueType.STRING:
-        return bytes(part).decode("utf-8", errors="replace")
-    return part.tolist()[0] if hasattr(part, "tolist") else part
-
-
-def inspect_gguf(path: str | Path) -> GgufInfo:
-    """Read a GGUF's header, metadata and tensor table; one-line error if missing, truncated or not GGUF."""
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise FtedgeError(f"GGUF file {path} not found", hint="give the path of an existing .gguf file")
-    st = path.stat()
-    return _inspect_cached(path, st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=32)
-def _inspect_cached(path: Path, size: int, mtime_ns: int) -> GgufInfo:
-    import gguf
-
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic != GGUF_MAGIC:
-        raise FtedgeError(f"{path} is not a GGUF file (bad magic {magic!r})", hint="give a complete .gguf file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as err:  # numpy errors when the file ends early
-        raise FtedgeError(f"{path} is truncated or damaged ({size} bytes; {type(err).__name__}: {err})", hint="re-export or re-download the file") from None
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > size or not reader.tensors:
-        raise FtedgeError(f"{path} is truncated ({size} bytes, tensors need {end})", hint="re-export or re-download the file")
-    metadata = {}
-    for name, f in reader.fields.items():
-        value = _field_value(f)
-        if value is not None:
-            metadata[name] = value
-    types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    specials: dict[str, str] = {}
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    for kind in ("bos", "eos", "eot", "pad"):
-        tid = metadata.get(f"tokenizer.ggml.{kind}_token_id")
-        if tokens is not None and isinstance(tid, int) and 0 <= tid < len(tokens.data):
-            specials[kind] = bytes(tokens.parts[tokens.data[tid]]).decode("utf-8", errors="replace")
-    return GgufInfo(path=path, metadata=metadata, tensor_types=types, special_texts=specials)
 
 
 # -- llama.cpp process-wide setup ---------------------------------------------------
@@ -234,6 +158,10 @@ class LlamaCppBackend(Backend):
         return set(self._stop_ids)
 
     @property
+    def context_length(self) -> int:
+        return self.n_ctx
+
+    @property
     def metadata(self) -> dict[str, Any]:
         return dict(self.info.metadata)
 
@@ -244,13 +172,8 @@ class LlamaCppBackend(Backend):
         template = self.info.chat_template
         if not template:
             raise FtedgeError(f"{self.path} has no chat template in its metadata (tokenizer.chat_template)", hint="re-export it with ftedge export")
-        return render_chat_template(
-            template,
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._special_text("bos"),
-            eos_token=self._special_text("eos"),
-        )
+        specials = {f"{kind}_token": text for kind in ("bos", "eos", "pad") if (text := self._special_text(kind))}
+        return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, special_tokens=specials)
 
     def _special_text(self, kind: str) -> str:
         tid = self.info.token_id(kind)
@@ -358,30 +281,3 @@ class LlamaCppBackend(Backend):
 
     def __del__(self) -> None:
         self.close()
-
-
-def render_chat_template(template: str, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool, bos_token: str = "", eos_token: str = "") -> str:
-    """Render a Hugging Face style Jinja chat template in a sandbox (as transformers does)."""
-    from jinja2 import TemplateError
-
-    try:
-        return _compiled_template(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
-    except TemplateError as err:
-        raise FtedgeError(f"the chat template cannot render these messages ({err})") from None
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_template(template: str) -> Any:
-    """Compile a chat template once (compiling took longer than rendering, per request)."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template)
-    except TemplateError as err:
-        raise FtedgeError(f"the chat template does not compile ({err})") from None

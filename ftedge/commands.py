@@ -1,7 +1,8 @@
-"""What the CLI calls: open or create the run, call the stage, handle resume and skips.
+"""What each command does: open or create the run, call the stage, handle resume, ranks and skips.
 
-Stage modules (train, merge, export, bench) never import each other; they meet here and in
-the run's manifest.
+The CLI (``ftedge.cli``) parses and prints; everything else a command does is here. Stage
+modules (train, merge, export, bench, ship) never import each other; they meet here and in the
+run's manifest.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ import os
 import time
 from pathlib import Path
 
-from ftedge.errors import FtedgeError
-from ftedge.run import MANIFEST, Run
+from ftedge.errors import FtedgeError, GateFailedError
+from ftedge.manifest import MANIFEST, Run
+from ftedge.targets import load_target
 
 log = logging.getLogger(__name__)
-
-
-def _not_available(command: str, err: ImportError) -> FtedgeError:
-    return FtedgeError(f"`ftedge {command}` is not available in this build ({err})", hint="update ftedge")
 
 
 def create_or_resume(recipe_path: Path | None, overrides: list[str], run_dir: Path | None, resume: Path | None) -> Run:
@@ -27,10 +25,11 @@ def create_or_resume(recipe_path: Path | None, overrides: list[str], run_dir: Pa
         if recipe_path is not None or overrides:
             raise FtedgeError("--resume continues a run with its frozen recipe", hint="drop the RECIPE and -o options, or start a new run")
         return Run.open(resume)
-    from ftedge.preflight import preflight
     from ftedge.recipe import load_recipe
+    from ftedge.validate import preflight
 
-    assert recipe_path is not None
+    if recipe_path is None:
+        raise FtedgeError("give a RECIPE, or --resume RUN")
     preflight(recipe_path, overrides)
     return Run.create(load_recipe(recipe_path, overrides), run_dir=run_dir)
 
@@ -51,6 +50,8 @@ def _wait_for_run(run_dir: Path, timeout: float = 600.0) -> Run:
 
 
 def train(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None) -> Run:
+    from ftedge.train import train_stage
+
     rank, world = launcher_rank()
     if world > 1 and resume is None:
         # Every process must train into the same folder; only rank 0 creates it.
@@ -59,48 +60,40 @@ def train(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | Non
         run = create_or_resume(recipe_path, overrides, run_dir, None) if rank == 0 else _wait_for_run(Path(run_dir))
     else:
         run = create_or_resume(recipe_path, overrides, run_dir, resume)
-    try:
-        from ftedge.train import train_stage
-    except ImportError as err:
-        raise _not_available("train", err) from None
     train_stage(run, resume=resume is not None)
     return run
 
 
 def merge(run_dir: Path, *, into: str | None = None, force: bool = False) -> Path:
-    run = Run.open(run_dir)
-    try:
-        from ftedge.merge import merge_stage
-    except ImportError as err:
-        raise _not_available("merge", err) from None
-    return merge_stage(run, into=into, force=force)
+    from ftedge.merge import merge_stage
+
+    return merge_stage(Run.open(run_dir), into=into, force=force)
 
 
 def export(run_dir: Path, *, target: str | None = None, force: bool = False) -> None:
-    from ftedge.targets import load_target
+    from ftedge.export import export_stage
 
     run = Run.open(run_dir)
-    try:
-        from ftedge.export import export_stage
-    except ImportError as err:
-        raise _not_available("export", err) from None
     export_stage(run, load_target(target or run.recipe().export.target), force=force)
 
 
 def bench(subject: Path, *, target: str | None = None, json_path: Path | None = None, data: Path | None = None) -> None:
+    from ftedge.bench import bench_artifact, bench_run
+
     if not subject.exists():
         raise FtedgeError(f"{subject} not found", hint="give a run folder, a .gguf file or an ORT GenAI folder")
-    try:
-        from ftedge.bench import bench_artifact, bench_run
-    except ImportError as err:
-        raise _not_available("bench", err) from None
-    from ftedge.targets import load_target
-
-    if subject.is_dir() and (subject / "manifest.json").is_file():
+    if subject.is_dir() and (subject / MANIFEST).is_file():
         run = Run.open(subject)
         bench_run(run, load_target(target or run.recipe().export.target), json_path=json_path)
     else:
         bench_artifact(subject, load_target(target or "laptop-cpu"), json_path=json_path, data=data)
+
+
+def ship(run_dir: Path, *, target: str | None = None, force: bool = False) -> Path:
+    from ftedge.ship import ship_stage
+
+    run = Run.open(run_dir)
+    return ship_stage(run, load_target(target or run.recipe().export.target), force=force)
 
 
 def chat(artifact: Path, *, prompt: str | None, system: str | None, max_new_tokens: int, threads: int | None) -> None:
@@ -110,9 +103,39 @@ def chat(artifact: Path, *, prompt: str | None, system: str | None, max_new_toke
 
 
 def run_all(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None) -> Run:
-    """train -> merge -> export -> bench -> ship; a resumed run continues at its first unfinished stage."""
-    run = create_or_resume(recipe_path, overrides, run_dir, resume)
-    from ftedge.pipeline import run_pipeline
+    """train -> merge -> export -> bench -> ship; a resumed run continues at its first unfinished stage.
 
-    run_pipeline(run, resumed=resume is not None)
+    A parity-gate failure still benches and ships what passed, then fails (exit 3).
+    """
+    from ftedge.bench import bench_run
+    from ftedge.export import export_stage
+    from ftedge.merge import merge_stage
+    from ftedge.ship import ship_stage
+    from ftedge.train import train_stage
+
+    run = create_or_resume(recipe_path, overrides, run_dir, resume)
+    target = load_target(run.recipe().export.target)
+    started = time.time()
+    gate_error: GateFailedError | None = None
+    steps = [
+        ("train", lambda: train_stage(run, resume=resume is not None)),
+        ("merge", lambda: merge_stage(run)),
+        ("export", lambda: export_stage(run, target)),
+        ("bench", lambda: bench_run(run, target)),
+        ("ship", lambda: ship_stage(run, target)),
+    ]
+    for name, call in steps:
+        if run.is_done(name):
+            log.info("[%s] already done: skipped", name)
+            continue
+        log.info("[%s] starting", name)
+        try:
+            call()
+        except GateFailedError as err:  # keep going with the artifacts that passed
+            log.error("[%s] %s", name, err.one_line())
+            gate_error = err
+    log.info("ship bundle: %s", run.path / "ship")
+    log.info("run finished in %.1f min: %s", (time.time() - started) / 60, run.path)
+    if gate_error is not None:
+        raise gate_error
     return run

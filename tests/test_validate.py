@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from ftedge.errors import FtedgeError
-from ftedge.preflight import check_export_support, gguf_converter_architectures, onnx_builder_architectures, preflight
 from ftedge.targets import load_target
+from ftedge.validate import check_export_support, gguf_converter_architectures, onnx_builder_architectures, preflight
 
 REPO = Path(__file__).resolve().parents[1]
 # Architectures of the hub models our recipes name (from their config.json on the hub).

@@ -8,8 +8,9 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from ftedge.data import check_dataset
 from ftedge.errors import FtedgeError
-from ftedge.models import EMBEDDED, embedded_gguf, is_hf_folder
+from ftedge.hf import EMBEDDED, embedded_gguf, is_hf_folder
 from ftedge.recipe import Recipe, load_recipe
 from ftedge.targets import Target, load_target
 
@@ -70,9 +71,5 @@ def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> li
     target = load_target(recipe.export.target)
     lines.append(f"target {target.name}: gguf={target.gguf.quants if target.gguf else []} onnx={target.onnx.precisions if target.onnx else []}")
     lines.extend(check_export_support(base_architecture(recipe), target, str(recipe_path)))
-    try:
-        from ftedge.data import check_dataset
-    except ImportError:
-        return lines
     lines.append(check_dataset(recipe))
     return lines

@@ -1,9 +1,13 @@
-"""Run folders and their manifest.
+"""Run folders and their manifest: the only way stages learn what their predecessors made.
 
 A run is ``runs/<recipe-name>-<UTC timestamp>/`` holding the frozen ``recipe.yaml`` and
 ``manifest.json``: per-stage status and timings, and every finished artifact with its
 size and sha256. The manifest is rewritten atomically under a file lock; an artifact is
 recorded only once it is complete.
+
+Stages read artifacts through :class:`Artifact` (a typed view of a manifest entry: its format,
+quant type and parity-gate verdict) and the queries of :class:`Run` (``models()``,
+``usable_models()``), never by parsing keys or entries themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,54 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 RECIPE = "recipe.yaml"
 SCHEMA = 1
-STAGES = ("train", "merge", "export", "bench")
+STAGES = ("train", "merge", "export", "bench", "ship")
+MODEL_FORMATS = ("hf", "gguf", "onnx")  # artifacts a runtime can load (an adapter is not one)
+MODEL_STAGES = ("merge", "export")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A recorded artifact: a typed view of its manifest entry."""
+
+    key: str
+    path: Path  # absolute
+    entry: dict[str, Any]
+
+    @property
+    def stage(self) -> str | None:
+        return self.entry.get("stage")
+
+    @property
+    def format(self) -> str | None:
+        """``hf``, ``gguf``, ``onnx``, ``peft`` (an adapter), ``bundle`` (ship/), ``ollama`` (a Modelfile), ..."""
+        return self.entry.get("format")
+
+    @property
+    def quant(self) -> str | None:
+        """The quant type or precision (``q4_k_m``, ``int4``, ``f16``) of a model artifact, when recorded."""
+        return self.entry.get("quant")
+
+    @property
+    def gate(self) -> dict[str, Any] | None:
+        gate = self.entry.get("gate")
+        return gate if isinstance(gate, dict) else None
+
+    @property
+    def gate_passed(self) -> bool | None:
+        """The export parity gate's verdict; None for an artifact that is not gated (merged, adapter, ...)."""
+        gate = self.gate
+        if gate is not None and isinstance(gate.get("passed"), bool):
+            return gate["passed"]
+        return None
+
+    @property
+    def is_model(self) -> bool:
+        return self.format in MODEL_FORMATS and self.stage in MODEL_STAGES
+
+    @property
+    def usable(self) -> bool:
+        """On disk and not failed at its gate: fit to chat with, bench or ship."""
+        return self.path.exists() and self.gate_passed is not False
 
 
 def utc_now() -> str:
@@ -163,13 +215,14 @@ class Run:
         self.update(_done)
 
     # -- artifacts ----------------------------------------------------------
-    def record_artifact(self, key: str, path: Path, *, stage: str, **meta: Any) -> dict[str, Any]:
+    def record_artifact(self, key: str, path: Path, *, stage: str, format: str | None = None, quant: str | None = None, **meta: Any) -> dict[str, Any]:
         """Record a complete artifact (file or folder) with its size and sha256."""
         path = Path(path).resolve()
         if not path.exists():
             raise FileNotFoundError(path)
         size, digest = atomic.digest_path(path)
-        entry = {"path": self.rel(path), "stage": stage, "size_bytes": size, "sha256": digest, "recorded": utc_now(), **meta}
+        typed = {k: v for k, v in (("format", format), ("quant", quant)) if v is not None}
+        entry = {"path": self.rel(path), "stage": stage, "size_bytes": size, "sha256": digest, "recorded": utc_now(), **typed, **meta}
 
         def _add(m: dict[str, Any]) -> None:
             m.setdefault("artifacts", {})[key] = entry
@@ -177,24 +230,28 @@ class Run:
         self.update(_add)
         return entry
 
-    def set_artifact_fields(self, key: str, **fields: Any) -> None:
-        def _set(m: dict[str, Any]) -> None:
-            m["artifacts"][key].update(fields)
-
-        self.update(_set)
-
-    def drop_artifact(self, key: str) -> None:
-        self.update(lambda m: m.get("artifacts", {}).pop(key, None))
-
     def artifacts(self, stage: str | None = None) -> dict[str, dict[str, Any]]:
         arts = self.manifest().get("artifacts", {})
         return {k: v for k, v in arts.items() if stage is None or v.get("stage") == stage}
 
-    def artifact_path(self, key: str) -> Path:
+    def artifact(self, key: str) -> Artifact | None:
         entry = self.manifest().get("artifacts", {}).get(key)
-        if entry is None:
+        return None if entry is None else Artifact(key, self.path / entry["path"], entry)
+
+    def artifact_path(self, key: str) -> Path:
+        art = self.artifact(key)
+        if art is None:
             raise StageMissingError(f"no artifact {key!r} in {self.path}")
-        return self.path / entry["path"]
+        return art.path
+
+    def models(self, fmt: str | None = None) -> list[Artifact]:
+        """Model artifacts (merged, GGUFs, ONNX folders) in recording order, optionally of one format."""
+        arts = [Artifact(k, self.path / v["path"], v) for k, v in self.manifest().get("artifacts", {}).items()]
+        return [a for a in arts if a.is_model and (fmt is None or a.format == fmt)]
+
+    def usable_models(self, fmt: str | None = None) -> list[Artifact]:
+        """Model artifacts on disk that did not fail their parity gate."""
+        return [a for a in self.models(fmt) if a.usable]
 
     def rel(self, path: Path) -> str:
         path = Path(path).resolve()

@@ -1,7 +1,7 @@
 """The train stage: recipe -> trained adapter in the run folder.
 
 ``train_stage(run)`` resolves the base model, tokenizes the data (``ftedge.data``), loads the
-model per ``train.method`` (``ftedge.train_model``) and runs the loop (``ftedge.train_loop``):
+model per ``train.method`` (``ftedge.train.model``) and runs the loop (``ftedge.train.loop``):
 eval every ``eval_every`` steps, resumable checkpoints in ``train/checkpoints/``,
 ``train/metrics.jsonl`` and TensorBoard events in ``train/``. The best-eval weights become
 ``adapter/`` (a PEFT adapter; a full HF model folder for ``method: full``), written
@@ -22,12 +22,10 @@ import contextlib
 import logging
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 from ftedge import atomic
-from ftedge.errors import FtedgeError
-from ftedge.run import Run
+from ftedge.manifest import Run
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +47,15 @@ def train_stage(run: Run, *, resume: bool = False) -> dict[str, Any]:
         log.info("train: already done in %s (skipped)", run.path)
         return run.manifest()["stages"]["train"].get("metrics", {})
     recipe = run.recipe()
-    from ftedge.data import check_dataset, load_splits, load_tokenizer, tokenized_splits
+    from ftedge.data import check_dataset, load_splits, tokenized_splits
 
     check_dataset(recipe)  # cheap one-line errors before any model loads
     from accelerate import Accelerator
 
+    from ftedge.hf import compute_dtype, load_tokenizer, pick_device, resolve_base_model
     from ftedge.memory import peak_rss_mb
-    from ftedge.models import resolve_base_model
-    from ftedge.train_loop import Trainer, fit, total_steps
-    from ftedge.train_model import compute_dtype, load_model, pick_device
+    from ftedge.train.loop import Trainer, fit, total_steps
+    from ftedge.train.model import load_model
 
     out = run.path / "train"
     base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
@@ -104,7 +102,7 @@ def train_stage(run: Run, *, resume: bool = False) -> dict[str, Any]:
                 if trainer.best_dir.is_dir():
                     shutil.copytree(trainer.best_dir, tmp)
                 else:  # no validation rows: keep the last weights
-                    from ftedge.train_loop import save_weights
+                    from ftedge.train.loop import save_weights
 
                     save_weights(model, tmp)
             fmt = "hf" if cfg.method == "full" else "peft"
@@ -142,10 +140,3 @@ def summary_line(m: dict[str, Any]) -> str:
     return (f"train: {m['steps']} steps, {m['examples']} examples, {m['tokens']} tokens in {m['seconds']:.0f} s "
             f"({m['tokens_per_s'] or 0:.0f} tok/s), peak RSS {m['peak_rss_mb']:.0f} MB, best eval loss {best}"
             + (", stopped early" if m.get("stopped_early") else ""))
-
-
-def require_trained(run: Run) -> Path:
-    """The adapter path, or an actionable error (for other stages and the CLI)."""
-    if "adapter" not in run.artifacts(stage="train"):
-        raise FtedgeError(f"no trained adapter in {run.path}", hint=f"run `ftedge train --resume {run.path}` first")
-    return run.artifact_path("adapter")

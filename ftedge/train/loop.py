@@ -31,7 +31,7 @@ from torch import nn
 from ftedge import atomic
 from ftedge.data import Encoded, make_batch
 from ftedge.recipe import TrainConfig
-from ftedge.train_model import LabelOnlyLoss, load_trainable_state, trainable_state
+from ftedge.train.model import LabelOnlyLoss, load_trainable_state, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class Trainer:
             save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": self._unwrapped_opt().state_dict(), "scheduler": self.sched.state_dict()}, tmp / "optim.pt")
             torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
-            atomic.write_json(tmp / "state.json", {**self.state.__dict__, "python_rng": list(random.getstate()[1]), "steps": self.steps})
+            atomic.write_json(tmp / "state.json", {**self.state.__dict__, "steps": self.steps})
         for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
         if self.world > 1:
@@ -255,7 +255,7 @@ class Trainer:
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         saved = json.loads((path / "state.json").read_text())
-        saved.pop("python_rng", None)
+        saved.pop("python_rng", None)  # written by ftedge <= 0.1.0; the data order never used it
         saved.pop("steps", None)
         self.state = State(**saved)
         log.info("resuming from %s (step %d of %d)", path.name, self.state.step, self.steps)
@@ -287,12 +287,9 @@ class Recorder:
         if self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             atomic.write_text(self.path, "".join(f"{ln}\n" for ln in keep))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out), purge_step=resume_step + 1 if resume_step else None)
-        except ImportError:  # tensorboard missing: metrics.jsonl still has everything
-            log.warning("tensorboard is not installed: writing metrics.jsonl only")
+        self.tb = SummaryWriter(str(out), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

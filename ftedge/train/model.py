@@ -10,63 +10,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ftedge.data import IGNORE
 from ftedge.errors import FtedgeError
+from ftedge.hf import load_causal_lm
 from ftedge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The recipe's compute dtype; ``auto`` = bf16 where supported, else fp16 on CUDA, else fp32."""
-    if name != "auto":
-        dtype = getattr(torch, name)
-        if device.type == "cpu" and dtype == torch.float16:
-            raise FtedgeError("quant.compute_dtype=float16 is not supported for training on CPU", hint="use bfloat16, float32 or auto")
-        return dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-
-
 def load_model(recipe: Recipe, base: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Base model in the recipe's form, LoRA attached (unless full fine-tuning), in train mode."""
-    from transformers import AutoModelForCausalLM
-
     method, q = recipe.train.method, recipe.quant
-    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": recipe.trust_remote_code}
+    trust = recipe.trust_remote_code
     if method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype
-        )
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
-        kwargs["dtype"] = dtype
+        model = load_causal_lm(base, dtype=dtype, four_bit=q, device=device, trust_remote_code=trust)
     elif method == "lora":
-        kwargs["dtype"] = dtype if q.bits == 16 else torch.float32
-    else:
-        kwargs["dtype"] = torch.float32  # full fine-tuning: fp32 master weights, compute under autocast
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
-    except (OSError, ValueError) as err:
-        raise FtedgeError(f"cannot load base model {base} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        model = load_causal_lm(base, dtype=dtype if q.bits == 16 else torch.float32, device=device, trust_remote_code=trust)
+    else:  # full fine-tuning: fp32 master weights, compute under autocast
+        model = load_causal_lm(base, dtype=torch.float32, device=device, trust_remote_code=trust)
     model.config.use_cache = False
     gc = recipe.train.gradient_checkpointing
     if method == "qlora" and device.type == "cpu":
@@ -86,8 +51,6 @@ def load_model(recipe: Recipe, base: Path, device: torch.device, dtype: torch.dt
     elif gc:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if method != "qlora" and device.type != "cpu":
-        model.to(device)
     if method == "full":
         model.train()
         return model

@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 
 from ftedge import atomic
-from ftedge.backends.llamacpp import GgufInfo, inspect_gguf, render_chat_template
 from ftedge.errors import FtedgeError
+from ftedge.formats.chat_template import render_chat_template
+from ftedge.formats.gguf import GgufInfo, inspect_gguf
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ def go_template(chat_template: str, *, bos: str = "", eos: str = "") -> tuple[st
     """(Ollama Go template, default system prompt the Jinja template injects or None)."""
 
     def render(msgs: list[dict[str, str]], gen: bool) -> str:
-        return render_chat_template(chat_template, msgs, add_generation_prompt=gen, bos_token=bos, eos_token=eos)
+        specials = {k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v}
+        return render_chat_template(chat_template, msgs, add_generation_prompt=gen, special_tokens=specials)
 
     sys_m, usr, ast, usr2 = ({"role": "system", "content": _S}, {"role": "user", "content": _U}, {"role": "assistant", "content": _A}, {"role": "user", "content": _U2})
     t_su = render([sys_m, usr], False)

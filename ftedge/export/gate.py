@@ -13,7 +13,7 @@ prompts first differ. The gate also checks
   stop is a training problem, reported but not blamed on the export).
 
 Thresholds come from the target profile's ``gates`` (keyed by quant type), else from
-``DEFAULT_GATES``. How to calibrate them: export a real run, read each artifact's figures in
+``ftedge.formats.quants.DEFAULT_GATES``. How to calibrate them: export a real run, read each artifact's figures in
 the manifest (``gate.top1`` / ``gate.kl``), check the artifact's task accuracy in
 ``ftedge bench``, and set ``min_top1`` a few points below and ``max_kl`` about 2x above the
 figures of artifacts whose accuracy is within a point of the merged model. Figures measured
@@ -30,54 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from ftedge.data import Prompt
 from ftedge.errors import FtedgeError
+from ftedge.formats.quants import DEFAULT_GATES
+from ftedge.hf import end_of_turn_id
+from ftedge.logits import compare_logits, log_softmax, scored_from
 
 log = logging.getLogger(__name__)
 
-# (min_top1, max_kl) per quant type when the target profile does not say.
-DEFAULT_GATES: dict[str, tuple[float, float]] = {
-    "f32": (0.99, 0.01),
-    "f16": (0.99, 0.01),
-    "bf16": (0.98, 0.02),
-    "fp32": (0.99, 0.01),
-    "fp16": (0.99, 0.01),
-    "q8_0": (0.97, 0.03),
-    "int8": (0.95, 0.05),
-    "q6_k": (0.95, 0.06),
-    "q5_k_m": (0.92, 0.10),
-    "q5_k_s": (0.92, 0.10),
-    "q5_0": (0.92, 0.10),
-    "q5_1": (0.92, 0.10),
-    "q4_k_m": (0.85, 0.25),
-    "q4_k_s": (0.85, 0.25),
-    "q4_0": (0.85, 0.25),
-    "q4_1": (0.85, 0.25),
-    "int4": (0.85, 0.25),
-    "q3_k_m": (0.75, 0.50),
-    "q2_k": (0.60, 1.00),
-}
-FALLBACK_GATE = (0.85, 0.25)
 DEFAULT_STOP_BOUND = 64
-
-FALLBACK_PROMPTS: tuple[str, ...] = (
-    "What is the capital of France?",
-    "Write one sentence about the sea.",
-    "My card has not arrived yet. What should I do?",
-    "Translate 'good morning' into Spanish.",
-    "List three primary colors.",
-    "How many days are in a leap year?",
-    "Give me a short tip for sleeping better.",
-    "What does a CPU do?",
-)
-
-
-@dataclass
-class Prompt:
-    """One chat prompt and, optionally, the answer the model was tuned to give."""
-
-    messages: list[dict[str, str]]
-    target: str | None = None
-
 
 def thresholds_for(quant: str, target: Any | None = None) -> dict[str, float]:
     """Gate thresholds for a quant type: the target profile's, else the built-in default."""
@@ -85,77 +46,8 @@ def thresholds_for(quant: str, target: Any | None = None) -> dict[str, float]:
     if quant in gates:
         g = gates[quant]
         return {"min_top1": float(g.min_top1), "max_kl": float(g.max_kl)}
-    top1, kl = DEFAULT_GATES.get(quant.lower(), FALLBACK_GATE)
+    top1, kl = DEFAULT_GATES[quant.lower()]
     return {"min_top1": top1, "max_kl": kl}
-
-
-def gate_prompts(recipe: Any, n: int = 16) -> list[Prompt]:
-    """Validation prompts of the recipe's data (held-out rows), or fixed chat prompts if unavailable."""
-    try:
-        from ftedge.data import load_splits
-
-        val = load_splits(recipe).val
-        prompts = [Prompt([dict(m) for m in ex.messages], getattr(ex, "target", None)) for ex in list(val)[:n]]
-        if prompts:
-            return prompts
-        log.warning("no validation rows; the parity gate uses fixed chat prompts")
-    except ImportError:
-        log.debug("ftedge.data not available; the parity gate uses fixed chat prompts")
-    except FtedgeError as err:
-        log.warning("validation data unavailable (%s); the parity gate uses fixed chat prompts", err.one_line())
-    system = getattr(getattr(recipe, "data", None), "system_prompt", None)
-    head = [{"role": "system", "content": system}] if system else []
-    return [Prompt([*head, {"role": "user", "content": text}]) for text in FALLBACK_PROMPTS[:n]]
-
-
-def prompt_text(tokenizer: Any, prompt: Prompt, *, eot: str | None = None) -> str:
-    """The prompt rendered with the HF chat template, followed by its answer when known."""
-    text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
-    if prompt.target:
-        text += prompt.target + (eot or "")
-    return text
-
-
-def log_softmax(x: np.ndarray, dtype: type = np.float64) -> np.ndarray:
-    """Log-softmax over the last axis in ``dtype`` (max-shifted; the sum of exps accumulates in float64)."""
-    x = x.astype(dtype, copy=True)
-    x -= x.max(axis=-1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(dtype)
-    return x
-
-
-def compare_logits(ref_logprobs: Sequence[np.ndarray], other_logits: Sequence[np.ndarray]) -> dict[str, float]:
-    """Top-1 agreement and mean KL(ref || other) over all positions of all sequences."""
-    agree = 0
-    kls: list[np.ndarray] = []
-    n = 0
-    for ref, oth in zip(ref_logprobs, other_logits, strict=True):
-        if ref.shape != oth.shape:
-            raise FtedgeError(f"logit shapes differ ({ref.shape} vs {oth.shape}): the artifact's vocabulary does not match the model's")
-        lo = log_softmax(oth)
-        agree += int((ref.argmax(-1) == lo.argmax(-1)).sum())
-        kls.append((np.exp(ref) * (ref - lo)).sum(-1))
-        n += ref.shape[0]
-    kl = float(np.concatenate(kls).mean()) if kls else float("nan")
-    return {"top1": agree / n if n else float("nan"), "kl": max(kl, 0.0), "positions": n}
-
-
-def scored_from(seqs: Sequence[Sequence[int]]) -> int:
-    """First logit row worth scoring: rows before it see only the prefix every sequence shares
-    (system prompt, template header), which would otherwise count once per sequence."""
-    return max(common_prefix(seqs) - 1, 0)
-
-
-def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix every sequence shares (0 for fewer than two)."""
-    if len(seqs) < 2:
-        return 0
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        tok = seqs[0][i]
-        if any(s[i] != tok for s in seqs[1:]):
-            return i
-    return n
 
 
 @dataclass
@@ -185,8 +77,8 @@ def build_reference(merged_dir: Path, prompts: Sequence[Prompt], *, threads: int
         raise FtedgeError("the parity gate needs at least one prompt")
     with TorchBackend(merged_dir, threads=threads) as ref:
         stops = ref.stop_ids
-        eot_text = ref.tokenizer.convert_ids_to_tokens(_end_of_turn(ref))
-        texts = [prompt_text(ref.tokenizer, p, eot=eot_text) for p in prompts]
+        eot_text = ref.tokenizer.convert_ids_to_tokens(end_of_turn_id(ref.tokenizer))
+        texts = [p.text(ref.tokenizer, eot=eot_text) for p in prompts]
         ids = [ref.tokenize(t) for t in texts]
         start = scored_from(ids)
         logprobs = [log_softmax(ref.logits(s))[start:].astype(np.float32) for s in ids]
@@ -205,16 +97,6 @@ def build_reference(merged_dir: Path, prompts: Sequence[Prompt], *, threads: int
         stop_bound=stop_bound,
         reference_stop={"stopped": stopped, "tokens": len(out)},
     )
-
-
-def _end_of_turn(backend: Any) -> int:
-    gen = getattr(backend.model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    if isinstance(eos, list) and eos:
-        return int(eos[0])
-    if isinstance(eos, int):
-        return eos
-    return int(backend.tokenizer.eos_token_id)
 
 
 def tokenizer_check(backend: Any, reference: Reference) -> dict[str, Any]:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from export_helpers import SYSTEM, trained_tiny_model
+from helpers import SYSTEM, trained_tiny_model
 
-from ftedge.parity import Prompt, compare_logits, log_softmax, thresholds_for
+from ftedge.data import Prompt
+from ftedge.export.gate import thresholds_for
+from ftedge.logits import compare_logits, log_softmax
 
 
 def test_compare_logits_identical_and_different() -> None:
@@ -21,7 +23,7 @@ def test_compare_logits_identical_and_different() -> None:
 
 
 def test_thresholds_from_target_then_defaults(tmp_path: Path) -> None:
-    from export_helpers import tiny_target
+    from helpers import tiny_target
 
     target = tiny_target(tmp_path, ["q4_0"], gates={"q4_0": {"min_top1": 0.5, "max_kl": 2.0}})
     assert thresholds_for("q4_0", target) == {"min_top1": 0.5, "max_kl": 2.0}
@@ -38,10 +40,10 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
+    from ftedge.export.gate import build_reference
     from ftedge.export.gguf import build_f16, build_quant
-    from ftedge.parity import build_reference
 
     root = tmp_path_factory.mktemp("parity")
     model = trained_tiny_model(root / "model", tokenizer_dir)
@@ -62,7 +64,7 @@ def test_reference_skips_the_shared_prefix_and_stops(setup) -> None:
 
 
 def test_faithful_artifacts_pass(setup) -> None:
-    from ftedge.parity import gate_artifact
+    from ftedge.export.gate import gate_artifact
 
     reference, f16, q8, _ = setup
     for path, quant in ((f16, "f16"), (q8, "q8_0")):
@@ -75,7 +77,7 @@ def test_faithful_artifacts_pass(setup) -> None:
 
 
 def test_broken_artifact_fails_with_figures(setup) -> None:
-    from ftedge.parity import gate_artifact
+    from ftedge.export.gate import gate_artifact
 
     reference, _, _, broken = setup
     gate = gate_artifact(broken, reference, "f16", threads=2, n_ctx=256)
@@ -88,7 +90,7 @@ def test_broken_artifact_fails_with_figures(setup) -> None:
 
 def test_tokenizer_mismatch_is_reported(setup) -> None:
     from ftedge.backends.llamacpp import LlamaCppBackend
-    from ftedge.parity import tokenizer_check
+    from ftedge.export.gate import tokenizer_check
 
     reference, f16, _, _ = setup
 

@@ -1,9 +1,9 @@
-"""Bench: accuracy and latency of every artifact through its backend, side by side.
+"""The bench stage: accuracy and latency of every artifact through its backend, side by side.
 
 ``bench_run`` scores every artifact of a run (the PyTorch base+adapter reference, merged, each
 GGUF quant, each ONNX variant) on the same held-out examples and prompts, under the target
 profile's threads; ``bench_artifact`` does the same for one standalone ``.gguf`` or ORT GenAI
-folder. Each artifact runs in its own process (``ftedge.bench_worker``), so a runtime crash
+folder. Each artifact runs in its own process (``ftedge.bench.worker``), so a runtime crash
 loses only that artifact's entry, and peak RSS is that artifact's own.
 """
 
@@ -29,6 +29,7 @@ from typing import Any
 from ftedge import __version__, atomic
 from ftedge.backends.base import detect_format
 from ftedge.errors import FtedgeError
+from ftedge.manifest import Run
 from ftedge.targets import Target
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,6 @@ def _model_size(path: Path) -> int:
     return sum(p.stat().st_size for p in files)
 
 
-def _kind_of(key: str, entry: dict[str, Any]) -> tuple[str, str | None] | None:
-    """(format, quant) of a manifest artifact that is a model, None for anything else."""
-    if key == "merged":
-        return "hf", entry.get("quant") or entry.get("dtype")
-    for prefix in ("gguf-", "onnx-"):
-        if key.startswith(prefix):
-            return prefix[:-1], entry.get("quant") or entry.get("precision") or key[len(prefix):]
-    return None
-
-
 def select_artifacts(models: list[ArtifactSpec], patterns: list[str] | None, where: Path) -> list[ArtifactSpec]:
     """The models whose name matches one of ``patterns`` (globs); all of them for None."""
     if patterns is None:
@@ -106,45 +97,30 @@ def select_artifacts(models: list[ArtifactSpec], patterns: list[str] | None, whe
     return [m for m in models if any(fnmatch.fnmatchcase(m.name, pat) for pat in patterns)]
 
 
-def run_specs(run: Any) -> list[ArtifactSpec]:
+def run_specs(run: Run) -> list[ArtifactSpec]:
     """The reference (PyTorch base+adapter, else merged) first, then merged, GGUFs, ONNX variants."""
     recipe = run.recipe()
-    arts = run.artifacts()
     models: list[ArtifactSpec] = []
-    for key, entry in arts.items():
-        kind = _kind_of(key, entry)
-        if kind is None:
-            continue
-        path = run.path / entry["path"]
-        fmt, quant = kind
-        if fmt == "hf" and quant is None:
-            quant = _hf_dtype(path) if path.is_dir() else None
-        load = {"trust_remote_code": recipe.trust_remote_code} if fmt == "hf" else {}
-        gate = entry.get("gate")
-        passed = gate.get("passed") if isinstance(gate, dict) and isinstance(gate.get("passed"), bool) else None
-        models.append(ArtifactSpec(key, fmt, quant, path, entry.get("size_bytes"), load, gate_passed=passed))
+    for art in run.models():
+        quant = art.quant or (_hf_dtype(art.path) if art.format == "hf" and art.path.is_dir() else None)
+        load = {"trust_remote_code": recipe.trust_remote_code} if art.format == "hf" else {}
+        models.append(ArtifactSpec(art.key, art.format or "", quant, art.path, art.entry.get("size_bytes"), load, gate_passed=art.gate_passed))
     if not models:
         raise FtedgeError(f"no artifacts in {run.path}", hint=f"run `ftedge export {run.path}` first")
     order = {"hf": 0, "gguf": 1, "onnx": 2}
     models.sort(key=lambda s: (order.get(s.format, 3), s.name))
     specs: list[ArtifactSpec] = []
-    if "adapter" in arts:
-        from ftedge.models import resolve_base_model
+    adapter = run.artifact("adapter")
+    if adapter is not None:
+        from ftedge.hf import resolve_base_model
 
         base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
-        adapter = run.artifact_path("adapter")
         four_bit = recipe.quant.bits == 4
-        load = {
-            "kind": "torch",
-            "adapter": str(adapter),
-            "load_in_4bit": four_bit,
-            "trust_remote_code": recipe.trust_remote_code,
-        }
+        load: dict[str, Any] = {"kind": "torch", "adapter": str(adapter.path), "trust_remote_code": recipe.trust_remote_code}
         if four_bit:
-            compute = recipe.quant.compute_dtype
-            load.update(quant_type=recipe.quant.type, double_quant=recipe.quant.double_quant, compute_dtype="bfloat16" if compute == "auto" else compute)
+            load["four_bit"] = recipe.quant.model_dump()
         quant = recipe.quant.type if four_bit else _hf_dtype(base)
-        specs.append(ArtifactSpec("pytorch", "torch", f"{quant}+lora", base, _model_size(base) + _model_size(adapter), load, reference=True))
+        specs.append(ArtifactSpec("pytorch", "torch", f"{quant}+lora", base, _model_size(base) + _model_size(adapter.path), load, reference=True))
     elif models[0].format == "hf":
         models[0].reference = True
     chosen = {m.name for m in select_artifacts(models, recipe.eval.artifacts, run.path)}
@@ -153,10 +129,8 @@ def run_specs(run: Any) -> list[ArtifactSpec]:
 
 def run_examples(recipe: Any) -> list[dict[str, Any]]:
     """The recipe's held-out examples as plain dicts: {messages (system + user turns), target}."""
-    try:
-        from ftedge.data import load_splits
-    except ImportError as err:
-        raise FtedgeError(f"cannot load held-out data ({err})", hint="update ftedge") from None
+    from ftedge.data import load_splits
+
     val = list(load_splits(recipe).val)[: recipe.eval.max_examples]
     return [{"messages": [dict(m) for m in ex.messages], "target": str(ex.target)} for ex in val]
 
@@ -205,7 +179,7 @@ def load_data_file(path: Path) -> list[dict[str, Any]]:
 
 # -- running workers -------------------------------------------------------------
 def worker_command(job_path: Path, result_path: Path) -> list[str]:
-    return [sys.executable, "-m", "ftedge.bench_worker", str(job_path), str(result_path)]
+    return [sys.executable, "-m", "ftedge.bench.worker", str(job_path), str(result_path)]
 
 
 def _last_line(path: Path) -> str:
@@ -380,9 +354,9 @@ def _prompt_tokens(entries: list[dict[str, Any]]) -> int | None:
 
 
 # -- public API ------------------------------------------------------------------
-def bench_run(run: Any, target: Target, *, json_path: Path | None = None, speed: SpeedConfig | None = None, command: Callable[[Path, Path], list[str]] | None = None) -> dict[str, Any]:
+def bench_run(run: Run, target: Target, *, json_path: Path | None = None, speed: SpeedConfig | None = None, command: Callable[[Path, Path], list[str]] | None = None) -> dict[str, Any]:
     """Bench every artifact of a run; write bench/results.json, report.md, plot.png; print the table."""
-    from ftedge import report
+    from ftedge.bench import report
 
     speed = speed or SpeedConfig()
     specs = run_specs(run)
@@ -421,15 +395,15 @@ def bench_run(run: Any, target: Target, *, json_path: Path | None = None, speed:
 
 def bench_artifact(path: Path, target: Target, *, json_path: Path | None = None, data: Path | None = None, speed: SpeedConfig | None = None) -> dict[str, Any]:
     """Bench one standalone .gguf or ORT GenAI folder: speed, plus accuracy/perplexity with ``data``."""
-    from ftedge import report
+    from ftedge.bench import report
 
     speed = speed or SpeedConfig()
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "gguf":  # a missing or truncated file is one line here, not a crash in the worker
-        from ftedge.backends.llamacpp import inspect_gguf
+        from ftedge.formats.gguf import inspect_gguf
 
-        quant = _gguf_quant(inspect_gguf(path).metadata, path)
+        quant = inspect_gguf(path).quant
     elif fmt == "onnx":
         from ftedge.backends.ortgenai import read_genai_config
 
@@ -453,22 +427,9 @@ def bench_artifact(path: Path, target: Target, *, json_path: Path | None = None,
 
 
 # -- standalone artifact labels ---------------------------------------------------
-GGUF_FTYPES = {
-    0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k", 12: "q3_k_m",
-    14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m", 18: "q6_k", 32: "bf16",
-}  # fmt: skip  # llama_ftype values of general.file_type
-
-
-def _gguf_quant(metadata: dict[str, Any], path: Path) -> str | None:
-    ftype = metadata.get("general.file_type")
-    if isinstance(ftype, int):
-        return GGUF_FTYPES.get(ftype, f"ftype{ftype}")
-    stem = path.stem.lower()
-    return next((q for q in GGUF_FTYPES.values() if stem.endswith(q)), None)
-
-
 def _onnx_precision(path: Path) -> str | None:
-    for name in ("int4", "int8", "fp16", "fp32"):
-        if name in path.name.lower():
-            return name
-    return None
+    """The precision an ftedge ONNX folder is named after (``onnx/int4``), None for other names."""
+    from ftedge.formats.quants import ONNX_PRECISIONS
+
+    name = path.name.lower()
+    return next((p for p in sorted(ONNX_PRECISIONS, key=len, reverse=True) if p in name), None)

@@ -10,8 +10,8 @@ import pytest
 
 from ftedge import atomic
 from ftedge.errors import FtedgeError, StageMissingError
+from ftedge.manifest import Run
 from ftedge.recipe import load_recipe
-from ftedge.run import Run
 
 
 def test_create_freezes_recipe_and_manifest(tiny_recipe: Path, tmp_path: Path) -> None:
@@ -21,7 +21,7 @@ def test_create_freezes_recipe_and_manifest(tiny_recipe: Path, tmp_path: Path) -
     frozen = run.recipe()
     assert frozen.train.max_steps == 3 and frozen.data.train == recipe.data.train
     m = run.manifest()
-    assert m["schema"] == 1 and set(m["stages"]) == {"train", "merge", "export", "bench"}
+    assert m["schema"] == 1 and set(m["stages"]) == {"train", "merge", "export", "bench", "ship"}
     assert all(s["status"] == "pending" for s in m["stages"].values())
     second = Run.create(recipe, runs_root=tmp_path / "runs")
     assert second.path != run.path

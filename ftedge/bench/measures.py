@@ -1,16 +1,12 @@
-"""One artifact's bench, run in its own process: ``python -m ftedge.bench_worker JOB.json RESULT.json``.
+"""What bench measures on one opened artifact: quality against held-out answers and a reference, and speed.
 
-The parent (``ftedge.bench``) writes a job (artifact, how to load it, held-out examples, speed
-settings, the reference's parity file) and reads the result; a runtime that crashes the process
-loses only its own entry. The measurement functions are importable and take any ``Backend``.
+Every function takes any ``Backend``; ``ftedge.bench.worker`` runs them in the artifact's own process.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,50 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from ftedge import atomic, parity
+from ftedge import atomic
 from ftedge.backends.base import Backend
 from ftedge.errors import FtedgeError
-from ftedge.logs import quiet_third_party
-from ftedge.memory import peak_rss_mb
+from ftedge.logits import TOP_K, grouped_kl, log_softmax, scored_from, top_k
 
 log = logging.getLogger(__name__)
 
-TOP_K = 64  # reference tokens kept per position for top-1 agreement and KL
-EPS = 1e-12
 
 
 # -- math ------------------------------------------------------------------------
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float32 log-softmax (half the time of float64 on a 49k vocabulary; top-k and KL need no more)."""
-    return parity.log_softmax(logits, np.float32)
-
-
-def top_k(logp: np.ndarray, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
-    """Ids and log-probs of the k most likely tokens per row, most likely first."""
-    k = min(k, logp.shape[-1])
-    idx = np.argpartition(-logp, k - 1, axis=-1)[:, :k]
-    vals = np.take_along_axis(logp, idx, axis=-1)
-    order = np.argsort(-vals, axis=-1, kind="stable")
-    return np.take_along_axis(idx, order, axis=-1).astype(np.int32), np.take_along_axis(vals, order, axis=-1).astype(np.float32)
-
-
-def grouped_kl(ref_ids: np.ndarray, ref_logp: np.ndarray, logp: np.ndarray) -> np.ndarray:
-    """KL(reference || artifact) per position over the reference's top-k tokens plus one bucket for the rest.
-
-    Grouping the tail into one outcome gives a lower bound of the full KL that is tight when the
-    top-k tokens hold nearly all of the reference's mass (the usual case for k=64).
-    """
-    vocab = logp.shape[-1]
-    safe = np.minimum(ref_ids, vocab - 1)
-    q_logp = np.where(ref_ids < vocab, np.take_along_axis(logp, safe, axis=-1), np.log(EPS))
-    p = np.exp(ref_logp.astype(np.float64))
-    q = np.exp(q_logp.astype(np.float64))
-    head = (p * (ref_logp - q_logp)).sum(axis=-1)
-    p_rest = np.clip(1.0 - p.sum(axis=-1), EPS, 1.0)
-    q_rest = np.clip(1.0 - q.sum(axis=-1), EPS, 1.0)
-    return np.maximum(head + p_rest * (np.log(p_rest) - np.log(q_rest)), 0.0)
-
-
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
@@ -150,14 +112,14 @@ def measure_quality(
     convs = [conversation_ids(backend, ex["messages"], ex["target"]) for ex in examples]
     # Positions every conversation shares (system prompt, template header) would weigh as
     # much as N positions; top-1 / KL are scored from where the conversations first differ.
-    start = parity.scored_from([full for _, full in convs])
+    start = scored_from([full for _, full in convs])
     for i, (ex, (prompt, full)) in enumerate(zip(examples, convs, strict=True)):
         if len(full) + (max_new_tokens if task == "label_match" else 0) > n_ctx:
             skipped += 1
             offsets.append(offsets[-1])
             row_offsets.append(row_offsets[-1])
             continue
-        logp = log_softmax(backend.logits(full)[:-1])  # row j predicts full[j + 1]
+        logp = log_softmax(backend.logits(full)[:-1], np.float32)  # float32: half the time on a 49k vocabulary  # row j predicts full[j + 1]
         if task == "label_match":
             if reuse_teacher_forcing:
                 answer, n_new = greedy_answer(backend, prompt, full, logp, max_new_tokens)
@@ -253,69 +215,3 @@ def measure_speed(backend: Backend, messages: Sequence[dict[str, str]], *, decod
         "decode_tok_s_p95": 1.0 / percentile(gaps, 95) if gaps else None,
         "decode_steps": len(gaps),
     }
-
-
-# -- the worker ------------------------------------------------------------------
-def open_backend(job: dict[str, Any]) -> Backend:
-    load = dict(job.get("load") or {})
-    threads = job.get("threads")
-    if load.pop("kind", "auto") == "torch":
-        from ftedge.backends.torch import TorchBackend
-
-        return TorchBackend(job["path"], threads=threads, **load)
-    from ftedge.backends import load_backend
-
-    return load_backend(job["path"], threads=threads, n_ctx=int(job.get("n_ctx") or 2048), **load)
-
-
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Load the artifact, measure quality (if examples) and speed; return the metrics."""
-    started = time.perf_counter()
-    result: dict[str, Any] = {"status": "ok"}
-    backend = open_backend(job)
-    try:
-        result["load_seconds"] = round(time.perf_counter() - started, 3)
-        examples = job.get("examples") or []
-        if examples:
-            result.update(
-                measure_quality(
-                    backend,
-                    examples,
-                    task=job.get("task", "label_match"),
-                    max_new_tokens=int(job.get("max_new_tokens", 16)),
-                    n_ctx=int(job.get("n_ctx") or 2048),
-                    reference_in=Path(job["reference_in"]) if job.get("reference_in") else None,
-                    reference_out=Path(job["reference_out"]) if job.get("reference_out") else None,
-                )
-            )
-        speed = job["speed"]
-        result.update(measure_speed(backend, speed["messages"], decode_tokens=speed["decode_tokens"], repeats=speed["repeats"], warmup=speed["warmup"]))
-    finally:
-        backend.close()
-    result["seconds"] = round(time.perf_counter() - started, 3)
-    return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m ftedge.bench_worker JOB.json RESULT.json", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_third_party()
-    job = json.loads(Path(args[0]).read_text(encoding="utf-8"))
-    try:
-        result = run_job(job)
-        code = 0
-    except FtedgeError as err:
-        result, code = {"status": "failed", "error": err.one_line()}, 1
-    except Exception as err:  # any runtime error becomes this artifact's failed entry
-        log.exception("bench of %s failed", job.get("path"))
-        result, code = {"status": "failed", "error": f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"}, 1
-    result["peak_rss_mb"] = peak_rss_mb()
-    atomic.write_json(Path(args[1]), result)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,90 @@
+"""One artifact's bench, run in its own process: ``python -m ftedge.bench.worker JOB.json RESULT.json``.
+
+The parent (``ftedge.bench.stage``) writes a job (artifact, how to load it, held-out examples, speed
+settings, the reference's parity file) and reads the result; a runtime that crashes the process
+loses only its own entry, and the peak RSS it reports is the artifact's own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ftedge import atomic
+from ftedge.backends.base import Backend
+from ftedge.bench.measures import measure_quality, measure_speed
+from ftedge.errors import FtedgeError
+from ftedge.logs import quiet_third_party
+from ftedge.memory import peak_rss_mb
+
+log = logging.getLogger(__name__)
+
+
+# -- the worker ------------------------------------------------------------------
+def open_backend(job: dict[str, Any]) -> Backend:
+    load = dict(job.get("load") or {})
+    threads = job.get("threads")
+    if load.pop("kind", "auto") == "torch":
+        from ftedge.backends.torch import TorchBackend
+
+        return TorchBackend(job["path"], threads=threads, **load)
+    from ftedge.backends import load_backend
+
+    return load_backend(job["path"], threads=threads, n_ctx=int(job.get("n_ctx") or 2048), **load)
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Load the artifact, measure quality (if examples) and speed; return the metrics."""
+    started = time.perf_counter()
+    result: dict[str, Any] = {"status": "ok"}
+    backend = open_backend(job)
+    try:
+        result["load_seconds"] = round(time.perf_counter() - started, 3)
+        examples = job.get("examples") or []
+        if examples:
+            result.update(
+                measure_quality(
+                    backend,
+                    examples,
+                    task=job.get("task", "label_match"),
+                    max_new_tokens=int(job.get("max_new_tokens", 16)),
+                    n_ctx=int(job.get("n_ctx") or 2048),
+                    reference_in=Path(job["reference_in"]) if job.get("reference_in") else None,
+                    reference_out=Path(job["reference_out"]) if job.get("reference_out") else None,
+                )
+            )
+        speed = job["speed"]
+        result.update(measure_speed(backend, speed["messages"], decode_tokens=speed["decode_tokens"], repeats=speed["repeats"], warmup=speed["warmup"]))
+    finally:
+        backend.close()
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m ftedge.bench.worker JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party()
+    job = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    try:
+        result = run_job(job)
+        code = 0
+    except FtedgeError as err:
+        result, code = {"status": "failed", "error": err.one_line()}, 1
+    except Exception as err:  # any runtime error becomes this artifact's failed entry
+        log.exception("bench of %s failed", job.get("path"))
+        result, code = {"status": "failed", "error": f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"}, 1
+    result["peak_rss_mb"] = peak_rss_mb()
+    atomic.write_json(Path(args[1]), result)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

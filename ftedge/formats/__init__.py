@@ -1,0 +1,7 @@
+"""File formats and their vocabulary, independent of any runtime.
+
+- ``quants``: every GGUF type and ONNX precision ftedge builds, and their default gate thresholds;
+- ``gguf``: reading a GGUF's header, metadata and tensor table (gguf-py's reader);
+- ``chat_template``: rendering a Hugging Face chat template exactly as transformers does;
+- ``modelfile``: an Ollama Modelfile derived from a GGUF's own metadata.
+"""
