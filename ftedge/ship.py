@@ -1,8 +1,9 @@
 """The ship/ bundle: what a user copies to a laptop.
 
 ``ship/`` holds the chosen GGUF (a copy, not a link), an Ollama ``Modelfile`` and a README
-with the exact commands for ``ftedge chat``, llama.cpp and Ollama. Nothing in it refers to
-the run folder or the virtual environment.
+with the exact commands for ``ftedge chat``, llama.cpp and Ollama, and for serving it over an
+OpenAI-compatible API (``ftedge serve``, ``llama-server``, Ollama, LM Studio: ftedge.launch).
+Nothing in it refers to the run folder or the virtual environment.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from ftedge import atomic
 from ftedge.errors import FtedgeError
+from ftedge.launch import launch_section
 from ftedge.run import Run
 from ftedge.targets import Target
 
@@ -76,7 +78,8 @@ def ship_stage(run: Run, target: Target) -> Path:
         tmp.mkdir()
         shutil.copy2(src, tmp / model_file)
         stop = _write_modelfile(tmp / model_file, tmp / "Modelfile", recipe.data.system_prompt)
-        (tmp / "README.md").write_text(ship_readme(model_file, model_name, recipe.data.system_prompt, stop))
+        readme = ship_readme(model_file, model_name, recipe.data.system_prompt, stop) + launch_section(tmp / model_file, model_name, recipe.data.system_prompt)
+        (tmp / "README.md").write_text(readme)
     run.record_artifact("ship", out, stage="ship", format="bundle", source=key, model_file=model_file)
     log.info("shipped %s as %s", key, out / model_file)
     return out
