@@ -218,6 +218,7 @@ def serve(artifact: Path, host: str, port: int, threads: int | None, api_key: st
     Examples:
       ftedge serve runs/my-run/ship
       ftedge serve runs/my-run/onnx/int4 --threads 4 --port 8080
+
     Then open http://127.0.0.1:8000/ or point any OpenAI client at http://127.0.0.1:8000/v1.
     """
     from ftedge.serve import serve as run_server

@@ -265,7 +265,7 @@ class Engine:
         stops = self.stop_ids
         decoder = StreamDecoder(backend)
         matcher = StopMatcher(job.stops)
-        n_new, finish = 0, "length"
+        n_new, finish, cut = 0, "length", False
         t0 = time.perf_counter()
         t_first = t0
         with contextlib.closing(backend.generate(ids, max_new_tokens=budget, stop_ids=stops, sampling=job.sampling)) as tokens:
@@ -286,9 +286,9 @@ class Engine:
                 if text:
                     job.emit("text", text)
                 if hit:
-                    finish = "stop"
+                    finish, cut = "stop", True
                     break
-        if finish == "length":
+        if not cut:  # what the decoder and the stop matcher still hold back belongs to the reply
             full = decoder.text()
             rest = full[len(decoder.emitted) :] if full.startswith(decoder.emitted) else ""
             text, _ = matcher.push(rest)

@@ -178,6 +178,10 @@ def test_openai_client_chat_streaming_and_not(served: Served, reference) -> None
     assert out.choices[0].message.content == cut and out.choices[0].finish_reason == "stop"
     streamed = client.chat.completions.create(model=model.id, messages=messages, max_tokens=12, stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == cut
+    # a stop string that only starts like the reply's end: the held-back tail is still delivered
+    almost = expected[-2:] + "\u2603never"
+    streamed = client.chat.completions.create(model=model.id, messages=messages, max_tokens=12, stop=[almost], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
 
 
 def test_default_system_prompt_sampling_and_completions(served: Served, reference) -> None:
