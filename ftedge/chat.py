@@ -15,21 +15,12 @@ import click
 from ftedge.backends import load_backend
 from ftedge.backends.base import Backend
 from ftedge.errors import FtedgeError
-from ftedge.manifest import MANIFEST, Run
+from ftedge.launch import MAX_CTX
+from ftedge.manifest import Run, find_run
 
 log = logging.getLogger(__name__)
 
-N_CTX = 4096
 COMMANDS = "/reset clears the conversation, /exit (or Ctrl-D) quits"
-
-
-def _find_run(path: Path) -> Run | None:
-    """The run a path is or lives in (up to three folders up), else None."""
-    path = path.resolve()
-    for folder in [path, *list(path.parents)[:3]]:
-        if folder.is_dir() and (folder / MANIFEST).is_file():
-            return Run.open(folder)
-    return None
 
 
 def pick_run_artifact(run: Run) -> Path:
@@ -51,7 +42,7 @@ def resolve(artifact: Path) -> tuple[Path, str | None]:
     artifact = Path(artifact)
     if not artifact.exists():
         raise FtedgeError(f"{artifact} not found", hint="give a .gguf file, an ORT GenAI folder, an HF folder or a run folder")
-    run = _find_run(artifact)
+    run = find_run(artifact)
     system = None
     if run is not None:
         try:
@@ -144,8 +135,8 @@ def chat_session(artifact: Path, *, prompt: str | None, system: str | None, max_
         raise FtedgeError(f"--max-new-tokens must be positive (got {max_new_tokens})")
     path, run_system = resolve(Path(artifact))
     system = run_system if system is None else (system or None)
-    backend = load_backend(path, threads=threads, n_ctx=N_CTX)
-    n_ctx = min(N_CTX, backend.context_length)
+    backend = load_backend(path, threads=threads, n_ctx=MAX_CTX)
+    n_ctx = min(MAX_CTX, backend.context_length)
     with backend:
         if prompt is not None:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

@@ -221,5 +221,29 @@ def chat(artifact: Path, prompt: str | None, system: str | None, max_new_tokens:
     commands.chat(artifact, prompt=prompt, system=system, max_new_tokens=max_new_tokens, threads=threads)
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface, with a warning).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free port).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads.")
+@click.option("--api-key", default=None, envvar="FTEDGE_API_KEY", help="Require 'Authorization: Bearer KEY' on every API request (or set FTEDGE_API_KEY).")
+@click.option("--system", default=None, help="Default system prompt, used when a request has none (default: the run's recipe; \"\" for none).")
+@click.option("--ctx", "n_ctx", default=None, type=click.IntRange(min=16), help="Context size in tokens (default: the model's, at most 4096).")
+def serve(artifact: Path, host: str, port: int, threads: int | None, api_key: str | None, system: str | None, n_ctx: int | None) -> None:
+    """Serve a .gguf, an ONNX folder, a run or a ship/ folder: OpenAI-compatible API and a chat page.
+
+    \b
+    Examples:
+      ftedge serve runs/my-run/ship
+      ftedge serve runs/my-run/onnx/int4 --threads 4 --port 8080
+
+    Then open http://127.0.0.1:8000/ or point any OpenAI client at http://127.0.0.1:8000/v1.
+    """
+    from ftedge import commands
+
+    commands.serve(artifact, host=host, port=port, threads=threads, api_key=api_key or None, system=system, n_ctx=n_ctx,
+                   say=click.echo, warn=lambda msg: click.secho(msg, fg="yellow", err=True))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

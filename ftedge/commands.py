@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from ftedge.errors import FtedgeError, GateFailedError
 from ftedge.manifest import MANIFEST, Run
@@ -100,6 +101,13 @@ def chat(artifact: Path, *, prompt: str | None, system: str | None, max_new_toke
     from ftedge.chat import chat_session
 
     chat_session(artifact, prompt=prompt, system=system, max_new_tokens=max_new_tokens, threads=threads)
+
+
+def serve(artifact: Path, **options: Any) -> None:
+    """``ftedge serve``: an OpenAI-compatible server (and chat page) on one artifact, until Ctrl-C."""
+    from ftedge.serve import serve as run_server
+
+    run_server(artifact, **options)
 
 
 def run_all(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None) -> Run:

@@ -259,3 +259,12 @@ class Run:
             return path.relative_to(self.path).as_posix()
         except ValueError:
             return str(path)
+
+
+def find_run(path: Path) -> Run | None:
+    """The run a path is or lives in (up to three folders up: ship/, gguf/, onnx/<variant>/), else None."""
+    path = Path(path).resolve()
+    for folder in [path, *list(path.parents)[:3]]:
+        if folder.is_dir() and (folder / MANIFEST).is_file():
+            return Run.open(folder)
+    return None

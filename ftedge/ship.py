@@ -1,8 +1,10 @@
 """The ship stage (``ftedge ship``): the ship/ bundle a user copies to a laptop.
 
 ``ship/`` holds the chosen GGUF (a copy, not a link), an Ollama ``Modelfile`` and a README
-with the exact commands for ``ftedge chat``, llama.cpp and Ollama. Nothing in it refers to
-the run folder or the virtual environment. It is recorded as artifact ``ship`` once complete.
+with the exact commands for ``ftedge chat``, llama.cpp and Ollama, and for serving it over an
+OpenAI-compatible API (``ftedge serve``, ``llama-server``, Ollama, LM Studio: ftedge.launch).
+Nothing in it refers to the run folder or the virtual environment. It is recorded as artifact
+``ship`` once complete.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from ftedge import atomic
 from ftedge.errors import FtedgeError
 from ftedge.formats.modelfile import write_modelfile
+from ftedge.launch import launch_section
 from ftedge.manifest import Artifact, Run
 from ftedge.targets import Target
 
@@ -73,8 +76,10 @@ def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
         with atomic.atomic_path(out) as tmp:
             tmp.mkdir()
             shutil.copy2(chosen.path, tmp / model_file)
-            stop = write_modelfile(tmp / model_file, tmp / "Modelfile", system=recipe.data.system_prompt, model_ref=f"./{model_file}")
-            atomic.write_text(tmp / "README.md", ship_readme(model_file, model_name, recipe.data.system_prompt, stop))
+            system = recipe.data.system_prompt
+            stop = write_modelfile(tmp / model_file, tmp / "Modelfile", system=system, model_ref=f"./{model_file}")
+            readme = ship_readme(model_file, model_name, system, stop) + launch_section(tmp / model_file, model_name, system)
+            atomic.write_text(tmp / "README.md", readme)
         run.record_artifact("ship", out, stage="ship", format="bundle", source=chosen.key, model_file=model_file)
         metrics.update(source=chosen.key, model_file=model_file)
     log.info("shipped %s as %s", chosen.key, out / model_file)

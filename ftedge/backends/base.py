@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,59 @@ def detect_format(path: Path) -> str:
     raise FtedgeError(f"{path} is not a model folder (no genai_config.json or config.json)", hint="give an ORT GenAI folder, an HF folder or a .gguf file")
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each next token: greedy (temperature 0, the default) or temperature + nucleus (top_p) sampling.
+
+    ``seed`` makes a sampled generation reproducible; None draws fresh randomness.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise FtedgeError(f"temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise FtedgeError(f"top_p must be in (0, 1] (got {self.top_p})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng(None if self.seed is None else self.seed % 2**64)  # any integer seed, negative too
+
+
+def sample_next(logits: np.ndarray, sampling: Sampling | None, rng: np.random.Generator | None) -> int:
+    """The next token id from one row of logits: argmax when ``sampling`` is None or greedy, else a draw
+    from softmax(logits / temperature) restricted to the smallest set of tokens whose probability reaches top_p."""
+    if sampling is None or sampling.greedy:
+        return int(np.argmax(logits))
+    if rng is None:
+        raise ValueError("sampling needs a random generator (Sampling.rng())")
+    z = np.asarray(logits, dtype=np.float64).ravel() / sampling.temperature
+    z -= z.max()
+    probs = np.exp(z)
+    probs /= probs.sum()
+    if sampling.top_p >= 1.0:
+        order, ranked = None, probs
+    else:  # the nucleus: the most likely tokens until their mass reaches top_p (sorting the top 256 first, all if needed)
+        order = np.argpartition(-probs, 255)[:256] if probs.size > 256 else np.arange(probs.size)
+        order = order[np.argsort(-probs[order], kind="stable")]
+        mass = np.cumsum(probs[order])
+        if mass[-1] < sampling.top_p:
+            order = np.argsort(-probs, kind="stable")
+            mass = np.cumsum(probs[order])
+        keep = int(np.searchsorted(mass, sampling.top_p)) + 1  # the token that crosses top_p stays in
+        order = order[:keep]
+        ranked = probs[order]
+    cdf = np.cumsum(ranked)
+    i = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), cdf.size - 1)
+    return int(i if order is None else order[i])
+
+
 class Backend(abc.ABC):
     """Load, tokenize with the chat template, next-token logits, greedy streaming generation.
 
@@ -50,6 +104,11 @@ class Backend(abc.ABC):
     def context_length(self) -> int:
         """Tokens the loaded artifact holds at once (prompt + generated)."""
 
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids (rows of ``logits``)."""
+
     @abc.abstractmethod
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """Render chat messages with the artifact's own chat template."""
@@ -67,8 +126,10 @@ class Backend(abc.ABC):
         """float32 logits, shape [len(ids), vocab]: row i predicts token i+1."""
 
     @abc.abstractmethod
-    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None) -> Iterator[int]:
-        """Greedy decoding, yielding each new token id; stops after a stop id (which is yielded) or the budget."""
+    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None) -> Iterator[int]:
+        """Decoding, yielding each new token id; stops after a stop id (which is yielded) or the budget.
+
+        Greedy when ``sampling`` is None (or has temperature 0); else each token is drawn with ``sample_next``."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the runtime's resources."""

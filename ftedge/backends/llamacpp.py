@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ftedge.backends.base import Backend
+from ftedge.backends.base import Backend, Sampling, sample_next
 from ftedge.errors import FtedgeError
 from ftedge.formats.chat_template import render_chat_template
 from ftedge.formats.gguf import GgufInfo, inspect_gguf
@@ -162,6 +162,10 @@ class LlamaCppBackend(Backend):
         return self.n_ctx
 
     @property
+    def vocab_size(self) -> int:
+        return self.n_vocab
+
+    @property
     def metadata(self) -> dict[str, Any]:
         return dict(self.info.metadata)
 
@@ -249,16 +253,17 @@ class LlamaCppBackend(Backend):
         ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None) -> Iterator[int]:
+    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None) -> Iterator[int]:
         ids = list(ids)
         self._check_len(len(ids))
         stops = self.stop_ids if stop_ids is None else stop_ids
+        rng = sampling.rng() if sampling is not None and not sampling.greedy else None
         self._clear()
         for start in range(0, len(ids), self.n_batch):
             self._decode(ids[start : start + self.n_batch], start, all_logits=False)
         pos = len(ids)
         for _ in range(max_new_tokens):
-            tok = int(np.argmax(self._last_logits()))
+            tok = sample_next(self._last_logits(), sampling, rng)
             yield tok
             if tok in stops or pos >= self.n_ctx:
                 return

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ftedge.backends.base import Backend
+from ftedge.backends.base import Backend, Sampling, sample_next
 from ftedge.errors import FtedgeError
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,10 @@ class OrtGenAIBackend(Backend):
     @property
     def context_length(self) -> int:
         return self._context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._cfg["model"]["vocab_size"])
 
     # -- tokens -----------------------------------------------------------------
     @property
@@ -127,9 +131,12 @@ class OrtGenAIBackend(Backend):
             raise FtedgeError(f"{self.path}: the model returned logits for {out.shape[0]} of {len(ids)} positions", hint="re-export without prune_lm_head")
         return out.astype(np.float32, copy=True)
 
-    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None) -> Iterator[int]:
+    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None) -> Iterator[int]:
         stops = self.stop_ids if stop_ids is None else stop_ids
         if max_new_tokens <= 0:
+            return
+        if sampling is not None and not sampling.greedy:
+            yield from self._generate_sampled(ids, max_new_tokens, stops, sampling)
             return
         gen = self._generator(len(ids), max_new_tokens)
         try:
@@ -142,6 +149,22 @@ class OrtGenAIBackend(Backend):
                 yield tok
                 if tok in stops:
                     return
+        finally:
+            del gen
+
+    def _generate_sampled(self, ids: Sequence[int], max_new_tokens: int, stops: set[int], sampling: Sampling) -> Iterator[int]:
+        """Sampling with ftedge's own ``sample_next`` on the runtime's logits (one append per token)."""
+        rng = sampling.rng()
+        gen = self._generator(len(ids), max_new_tokens)
+        try:
+            gen.append_tokens(np.asarray([int(i) for i in ids], dtype=np.int32))
+            for i in range(max_new_tokens):
+                logits = np.asarray(gen.get_output("logits"))
+                tok = sample_next(logits.reshape(-1, logits.shape[-1])[-1], sampling, rng)
+                yield tok
+                if tok in stops or i == max_new_tokens - 1:
+                    return
+                gen.append_tokens(np.asarray([tok], dtype=np.int32))
         finally:
             del gen
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ftedge.backends.base import Backend
+from ftedge.backends.base import Backend, Sampling, sample_next
 
 
 class TorchBackend(Backend):
@@ -64,6 +64,10 @@ class TorchBackend(Backend):
     def context_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -80,15 +84,19 @@ class TorchBackend(Backend):
             out = self.model(input_ids=x).logits[0]
         return out.float().cpu().numpy()
 
-    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None) -> Iterator[int]:
+    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None) -> Iterator[int]:
         torch = self._torch
         stops = self.stop_ids if stop_ids is None else stop_ids
+        rng = sampling.rng() if sampling is not None and not sampling.greedy else None
         with torch.inference_mode():
             x = torch.tensor([list(ids)], device=self.device)
             out = self.model(input_ids=x, use_cache=True)
             past = out.past_key_values
             for _ in range(max_new_tokens):
-                tok = int(out.logits[0, -1].argmax())
+                if rng is None:
+                    tok = int(out.logits[0, -1].argmax())
+                else:
+                    tok = sample_next(out.logits[0, -1].float().cpu().numpy(), sampling, rng)
                 yield tok
                 if tok in stops:
                     return

@@ -43,15 +43,22 @@ class GgufInfo:
 
     @property
     def context_length(self) -> int | None:
+        """The context length the model was trained with (``<arch>.context_length``), None when absent."""
         arch = self.architecture
         value = self.metadata.get(f"{arch}.context_length") if arch else None
-        return int(value) if value is not None else None
+        return int(value) if isinstance(value, int) and value > 0 else None
 
     @property
     def quant(self) -> str | None:
         """The file's GGUF type name from ``general.file_type`` (``q4_k_m``), None when unknown."""
         ftype = self.metadata.get("general.file_type")
         return gguf_type_name(ftype) if isinstance(ftype, int) else None
+
+    @property
+    def stop_texts(self) -> list[str]:
+        """Texts of the end-of-turn and end-of-sequence tokens (what every runtime stops on), EOT first."""
+        texts = self.special_texts
+        return [t for t in dict.fromkeys([texts.get("eot"), texts.get("eos")]) if t]
 
     def token_id(self, key: str) -> int | None:
         value = self.metadata.get(f"tokenizer.ggml.{key}_token_id")

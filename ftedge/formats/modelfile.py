@@ -66,9 +66,8 @@ def go_template(chat_template: str, *, bos: str = "", eos: str = "") -> tuple[st
 
 def modelfile_text(info: GgufInfo, *, model_ref: str, system: str | None = None) -> tuple[str, list[str]]:
     """Text of the Modelfile and its stop strings."""
-    texts = info.special_texts
-    stops = [s for s in dict.fromkeys([texts.get("eot"), texts.get("eos")]) if s]
-    bos_text = texts.get("bos", "")
+    stops = info.stop_texts
+    bos_text = info.special_texts.get("bos", "")
     lines = [f"FROM {model_ref}"]
     template = info.chat_template
     if template:
