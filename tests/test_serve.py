@@ -37,14 +37,14 @@ N_CTX = 2048  # above the tiny model's trained 512, so a disconnected stream wou
 def tiny_hf(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A tiny random model with larger initial weights than conftest's: its greedy replies are varied text
     (conftest's model answers every prompt with newlines, which would hide mixed-up or truncated answers)."""
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("serve-hf"), tokenizer_dir, initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_hf: Path) -> Path:
-    from helpers import convert_to_gguf
+    from ftedge.export.gguf import convert_to_gguf
 
     return convert_to_gguf(tiny_hf, tmp_path_factory.mktemp("serve-gguf") / "tiny.f16.gguf", outtype="f16")
 
@@ -456,7 +456,7 @@ def test_ship_launch_lines_match_the_gguf_metadata(tiny_gguf: Path, tmp_path: Pa
 
 def test_ship_bundle_readme_and_serving_a_run_or_its_ship_folder(tmp_path: Path, tiny_recipe: Path, tiny_gguf: Path) -> None:
     """ftedge's ship stage writes the launch lines; ftedge serve RUN / RUN/ship picks the shipped GGUF and the recipe's prompt."""
-    from export_helpers import tiny_target
+    from helpers import tiny_target
 
     from ftedge.launch import model_id
     from ftedge.manifest import Run
