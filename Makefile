@@ -36,7 +36,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 lint: setup
-	$(BIN)/ruff check ftedge tests benchmarks
+	$(BIN)/ruff check ftedge tests benchmarks setup.py
+	$(BIN)/ruff format --check ftedge tests benchmarks setup.py
 
 clean:
 	rm -rf runs .pytest_cache

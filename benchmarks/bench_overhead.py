@@ -54,7 +54,21 @@ def build_default_artifacts() -> tuple[Path, Path]:
     onnx = out / "smollm2-135m-onnx-int4"
     if not (onnx / "genai_config.json").is_file():
         with atomic.atomic_path(onnx) as tmp:
-            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp), "-p", "int4", "-e", "cpu", "-c", str(out / "onnx-cache")]
+            cmd = [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(hf),
+                "-o",
+                str(tmp),
+                "-p",
+                "int4",
+                "-e",
+                "cpu",
+                "-c",
+                str(out / "onnx-cache"),
+            ]
             subprocess.run(cmd, check=True, capture_output=True)
     return q4, onnx
 
@@ -220,7 +234,13 @@ def main() -> int:
         "threads": args.threads,
         "tokens": args.tokens,
         "repeats": args.repeats,
-        "host": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
+        "host": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_avg_before": [round(x, 2) for x in load_before],
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "seconds": round(time.time() - started, 1),
         **runs,
     }

@@ -35,7 +35,21 @@ PROMPT = "Write a long, detailed story about a dragon who learns to bake bread i
 
 
 def start_server(artifact: Path, threads: int, n_ctx: int) -> tuple[subprocess.Popen, str, int]:
-    cmd = [sys.executable, "-m", "ftedge.cli", "serve", str(artifact), "--port", "0", "--threads", str(threads), "--ctx", str(n_ctx), "--system", ""]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ftedge.cli",
+        "serve",
+        str(artifact),
+        "--port",
+        "0",
+        "--threads",
+        str(threads),
+        "--ctx",
+        str(n_ctx),
+        "--system",
+        "",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
         found = re.search(r"on http://(127\.0\.0\.1):(\d+)", line)
@@ -91,8 +105,13 @@ def local_run(backend, messages: list[dict], tokens: int) -> tuple[float, list[f
 def summarize(runs: list[tuple[float, list[float], str, int]]) -> dict:
     ttft = [(s[0] - t0) * 1000 for t0, s, _, _ in runs if s]
     rates = [(n - 1) / (s[-1] - s[0]) for _, s, _, n in runs if n > 1 and len(s) > 1 and s[-1] > s[0]]
-    return {"ttft_ms_median": round(statistics.median(ttft), 2), "decode_tok_s_median": round(statistics.median(rates), 2) if rates else None,
-            "tokens": runs[0][3], "ttft_ms": [round(x, 2) for x in ttft], "decode_tok_s": [round(x, 2) for x in rates]}
+    return {
+        "ttft_ms_median": round(statistics.median(ttft), 2),
+        "decode_tok_s_median": round(statistics.median(rates), 2) if rates else None,
+        "tokens": runs[0][3],
+        "ttft_ms": [round(x, 2) for x in ttft],
+        "decode_tok_s": [round(x, 2) for x in rates],
+    }
 
 
 def main() -> int:
@@ -130,10 +149,19 @@ def main() -> int:
     a, b = summarize(local), summarize(remote)
     doc = {
         "what": "ftedge serve (HTTP/SSE) vs in-process backend: TTFT and decode tok/s, medians",
-        "artifact": str(args.artifact), "model_file": path.name, "threads": args.threads, "repeats": args.repeats, "ctx": args.ctx,
-        "prompt": args.prompt, "same_text": same, "in_process": a, "http": b,
+        "artifact": str(args.artifact),
+        "model_file": path.name,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "ctx": args.ctx,
+        "prompt": args.prompt,
+        "same_text": same,
+        "in_process": a,
+        "http": b,
         "ttft_overhead_ms": round(b["ttft_ms_median"] - a["ttft_ms_median"], 2),
-        "decode_ratio": round(b["decode_tok_s_median"] / a["decode_tok_s_median"], 4) if a["decode_tok_s_median"] and b["decode_tok_s_median"] else None,
+        "decode_ratio": round(b["decode_tok_s_median"] / a["decode_tok_s_median"], 4)
+        if a["decode_tok_s_median"] and b["decode_tok_s_median"]
+        else None,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()},
         "date": dt.datetime.now().isoformat(timespec="seconds"),
     }

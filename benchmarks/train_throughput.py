@@ -40,8 +40,10 @@ def _recipe(steps: int, batch: int):
     """The recipe frozen by the parent process (both sides read the same one)."""
     from ftedge.recipe import load_recipe
 
-    return load_recipe(os.environ.get("FTEDGE_BENCH_RECIPE", RECIPE), [f"train.max_steps={steps}", f"train.batch_size={batch}", f"train.eval_every={10**6}",
-                                                                     f"train.save_every={10**6}", *SAME_SCHEDULE])
+    return load_recipe(
+        os.environ.get("FTEDGE_BENCH_RECIPE", RECIPE),
+        [f"train.max_steps={steps}", f"train.batch_size={batch}", f"train.eval_every={10**6}", f"train.save_every={10**6}", *SAME_SCHEDULE],
+    )
 
 
 def _useful_tokens(recipe, rows) -> int:
@@ -59,8 +61,13 @@ def worker_ftedge(steps: int, batch: int, out: Path) -> dict:
     recipe = _recipe(steps, batch)
     run = Run.create(recipe, run_dir=out / "ftedge-run")
     m = train_stage(run)
-    return {"adapter": str(run.path / "adapter"), "train_seconds": m["seconds"], "tokens": m["tokens"], "examples": m["examples"],
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "adapter": str(run.path / "adapter"),
+        "train_seconds": m["seconds"],
+        "tokens": m["tokens"],
+        "examples": m["examples"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def worker_trl(steps: int, batch: int, out: Path) -> dict:
@@ -78,20 +85,48 @@ def worker_trl(steps: int, batch: int, out: Path) -> dict:
     rows = load_splits(recipe).train[: steps * batch]
     ds = Dataset.from_list([{"prompt": e.messages, "completion": [{"role": "assistant", "content": e.target}]} for e in rows])
     q = recipe.quant
-    model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=torch.bfloat16), device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base),
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=torch.bfloat16
+        ),
+        device_map="cpu",
+    )
     lora = recipe.lora
-    args = SFTConfig(output_dir=str(out / "trl"), use_cpu=True, per_device_train_batch_size=batch, max_steps=steps, learning_rate=recipe.train.lr,
-                     report_to=[], save_strategy="no", logging_steps=max(1, steps // 5), seed=recipe.train.seed, dataloader_num_workers=0)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(str(base)),
-                         peft_config=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    args = SFTConfig(
+        output_dir=str(out / "trl"),
+        use_cpu=True,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=recipe.train.lr,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=max(1, steps // 5),
+        seed=recipe.train.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=AutoTokenizer.from_pretrained(str(base)),
+        peft_config=LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+        ),
+    )
     t = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t
     rss = peak_rss_mb()
     trainer.model.save_pretrained(str(out / "trl-adapter"))
-    return {"adapter": str(out / "trl-adapter"), "train_seconds": seconds, "tokens": _useful_tokens(recipe, rows), "examples": len(rows),
-            "peak_rss_mb": rss, "trl_runtime": result.metrics.get("train_runtime")}
+    return {
+        "adapter": str(out / "trl-adapter"),
+        "train_seconds": seconds,
+        "tokens": _useful_tokens(recipe, rows),
+        "examples": len(rows),
+        "peak_rss_mb": rss,
+        "trl_runtime": result.metrics.get("train_runtime"),
+    }
 
 
 def eval_loss(adapter: str, steps: int, batch: int) -> float:
@@ -106,8 +141,13 @@ def eval_loss(adapter: str, steps: int, batch: int) -> float:
 
     recipe = _recipe(steps, batch)
     base = resolve_base_model(recipe.base_model)
-    model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16), device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base),
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        ),
+        device_map="cpu",
+    )
     model = PeftModel.from_pretrained(model, adapter).eval()
     enc = ChatEncoder(load_tokenizer(base), recipe.train.max_length)
     rows = [e for e in map(enc.encode, load_splits(recipe).val[:EVAL_ROWS]) if e is not None]
@@ -124,7 +164,13 @@ def eval_loss(adapter: str, steps: int, batch: int) -> float:
 
 
 def _spawn(kind: str, steps: int, batch: int, threads: int, out: Path) -> dict:
-    env = {**os.environ, "FTEDGE_BENCH_RECIPE": str(out / "recipe.yaml"), "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "FTEDGE_BENCH_RECIPE": str(out / "recipe.yaml"),
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
     res = out / f"{kind}.json"
     cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(steps), "--batch", str(batch), "--out", str(out)]
     subprocess.run(cmd, check=True, env=env)
@@ -161,21 +207,61 @@ def main() -> None:
         for kind in ("ftedge", "trl"):
             r = _spawn(kind, args.steps, args.batch, args.threads, out)
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "FTEDGE_BENCH_RECIPE": str(out / "recipe.yaml")}
-            subprocess.run([sys.executable, __file__, "--worker", "eval", "--adapter", r["adapter"], "--steps", str(args.steps),
-                            "--batch", str(args.batch), "--out", str(out)], check=True, env=env)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "eval",
+                    "--adapter",
+                    r["adapter"],
+                    "--steps",
+                    str(args.steps),
+                    "--batch",
+                    str(args.batch),
+                    "--out",
+                    str(out),
+                ],
+                check=True,
+                env=env,
+            )
             r["eval_loss"] = json.loads((out / f"eval-{Path(r['adapter']).name}.json").read_text())["eval_loss"]
             r["useful_tok_s"] = r["tokens"] / r["train_seconds"]
             r.pop("adapter")
             results[kind] = r
-            print(f"{kind:7s} {r['useful_tok_s']:7.1f} useful tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB  eval loss {r['eval_loss']:.4f}  "
-                  f"({r['examples']} examples, {r['train_seconds']:.0f} s)", flush=True)
+            print(
+                f"{kind:7s} {r['useful_tok_s']:7.1f} useful tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB  eval loss {r['eval_loss']:.4f}  "
+                f"({r['examples']} examples, {r['train_seconds']:.0f} s)",
+                flush=True,
+            )
     f, t = results["ftedge"], results["trl"]
-    ratio = {"throughput": f["useful_tok_s"] / t["useful_tok_s"], "peak_rss": f["peak_rss_mb"] / t["peak_rss_mb"], "eval_loss_delta": f["eval_loss"] - t["eval_loss"]}
-    print(f"ftedge / TRL: {ratio['throughput']:.2f}x throughput, {ratio['peak_rss']:.2f}x peak RSS, eval loss {ratio['eval_loss_delta']:+.4f}")
+    ratio = {
+        "throughput": f["useful_tok_s"] / t["useful_tok_s"],
+        "peak_rss": f["peak_rss_mb"] / t["peak_rss_mb"],
+        "eval_loss_delta": f["eval_loss"] - t["eval_loss"],
+    }
+    print(
+        f"ftedge / TRL: {ratio['throughput']:.2f}x throughput, {ratio['peak_rss']:.2f}x peak RSS, eval loss {ratio['eval_loss_delta']:+.4f}"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"steps": args.steps, "batch": args.batch, "threads": args.threads, "machine": platform.processor() or platform.machine(),
-                                     "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "results": results, "ratio": ratio,
-                                     "recipe": str(RECIPE.relative_to(ROOT)), "overrides": SAME_SCHEDULE}, indent=2) + "\n")
+    args.json.write_text(
+        json.dumps(
+            {
+                "steps": args.steps,
+                "batch": args.batch,
+                "threads": args.threads,
+                "machine": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "load_avg_at_end": os.getloadavg(),
+                "results": results,
+                "ratio": ratio,
+                "recipe": str(RECIPE.relative_to(ROOT)),
+                "overrides": SAME_SCHEDULE,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

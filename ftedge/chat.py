@@ -34,7 +34,10 @@ def pick_run_artifact(run: Run) -> Path:
     merged = run.artifact("merged")
     if merged is not None and merged.usable:
         return merged.path
-    raise FtedgeError(f"{run.path} has no shipped, passing GGUF or merged model to chat with", hint=f"run `ftedge merge {run.path}` and `ftedge export {run.path}` first")
+    raise FtedgeError(
+        f"{run.path} has no shipped, passing GGUF or merged model to chat with",
+        hint=f"run `ftedge merge {run.path}` and `ftedge export {run.path}` first",
+    )
 
 
 def resolve(artifact: Path) -> tuple[Path, str | None]:
@@ -68,7 +71,7 @@ class StreamDecoder:
         text = self.backend.detokenize(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        piece = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
         self.emitted = text
         return piece
 
@@ -92,16 +95,20 @@ def stream_reply(backend: Backend, messages: list[dict[str, str]], *, max_new_to
 def fit_history(backend: Backend, messages: list[dict[str, str]], *, budget: int) -> list[dict[str, str]]:
     """Drop the oldest user/assistant turns until the prompt fits ``budget`` tokens (the system turn stays)."""
     head = [m for m in messages[:1] if m["role"] == "system"]
-    turns = messages[len(head):]
+    turns = messages[len(head) :]
     while len(turns) > 1 and len(backend.chat_ids(head + turns)) > budget:
         turns = turns[2:] if len(turns) > 2 else turns[1:]
     if len(backend.chat_ids(head + turns)) > budget:
-        raise FtedgeError(f"the message is longer than the context ({budget} tokens left for the prompt)", hint="send a shorter message or lower --max-new-tokens")
+        raise FtedgeError(
+            f"the message is longer than the context ({budget} tokens left for the prompt)",
+            hint="send a shorter message or lower --max-new-tokens",
+        )
     return head + turns
 
 
 def interactive(backend: Backend, system: str | None, *, max_new_tokens: int, n_ctx: int, lines: Iterable[str] | None = None) -> None:
     """Read a message per line, stream the reply; keeps the conversation until /reset."""
+
     def base() -> list[dict[str, str]]:
         return [{"role": "system", "content": system}] if system else []
 
@@ -109,7 +116,11 @@ def interactive(backend: Backend, system: str | None, *, max_new_tokens: int, n_
     source = iter(lines) if lines is not None else None
     while True:
         try:
-            text = next(source) if source is not None else click.prompt(click.style("you", fg="cyan"), prompt_suffix="> ", default="", show_default=False)
+            text = (
+                next(source)
+                if source is not None
+                else click.prompt(click.style("you", fg="cyan"), prompt_suffix="> ", default="", show_default=False)
+            )
         except (EOFError, StopIteration, click.exceptions.Abort):
             click.echo()
             return

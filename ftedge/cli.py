@@ -55,7 +55,14 @@ def main(debug: bool) -> None:
     setup_logging(debug)
 
 
-overrides_option = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. -o train.max_steps=20 -o data.train=my.csv (repeatable).")
+overrides_option = click.option(
+    "-o",
+    "--override",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a recipe key, e.g. -o train.max_steps=20 -o data.train=my.csv (repeatable).",
+)
 
 
 @main.command(context_settings=CONTEXT)
@@ -115,7 +122,12 @@ def train(recipe: Path | None, overrides: tuple[str, ...], run_dir: Path | None,
 
 @main.command(context_settings=CONTEXT)
 @click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
-@click.option("--into", type=click.Choice(["dequantized", "float"]), default=None, help="Merge into the dequantized NF4 base (default) or the float base.")
+@click.option(
+    "--into",
+    type=click.Choice(["dequantized", "float"]),
+    default=None,
+    help="Merge into the dequantized NF4 base (default) or the float base.",
+)
 @click.option("--force", is_flag=True, help="Redo a finished merge.")
 def merge(run_dir: Path, into: str | None, force: bool) -> None:
     """Merge the run's adapter into its base model (safetensors, tokenizer, chat template).
@@ -150,7 +162,9 @@ def export(run_dir: Path, target: str | None, force: bool) -> None:
 @click.argument("subject", metavar="RUN|ARTIFACT", type=click.Path(path_type=Path))
 @click.option("--target", default=None, help="Target profile (threads, budgets); default: the run's, else laptop-cpu.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write results JSON here.")
-@click.option("--data", type=click.Path(path_type=Path), help="For a standalone artifact: a data file to score quality on (text,label CSV/JSONL).")
+@click.option(
+    "--data", type=click.Path(path_type=Path), help="For a standalone artifact: a data file to score quality on (text,label CSV/JSONL)."
+)
 def bench(subject: Path, target: str | None, json_path: Path | None, data: Path | None) -> None:
     """Benchmark accuracy and latency of every artifact of a run, or of one .gguf / ONNX folder.
 
@@ -226,9 +240,18 @@ def chat(artifact: Path, prompt: str | None, system: str | None, max_new_tokens:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface, with a warning).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free port).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads.")
-@click.option("--api-key", default=None, envvar="FTEDGE_API_KEY", help="Require 'Authorization: Bearer KEY' on every API request (or set FTEDGE_API_KEY).")
-@click.option("--system", default=None, help="Default system prompt, used when a request has none (default: the run's recipe; \"\" for none).")
-@click.option("--ctx", "n_ctx", default=None, type=click.IntRange(min=16), help="Context size in tokens (default: the model's, at most 4096).")
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="FTEDGE_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on every API request (or set FTEDGE_API_KEY).",
+)
+@click.option(
+    "--system", default=None, help='Default system prompt, used when a request has none (default: the run\'s recipe; "" for none).'
+)
+@click.option(
+    "--ctx", "n_ctx", default=None, type=click.IntRange(min=16), help="Context size in tokens (default: the model's, at most 4096)."
+)
 def serve(artifact: Path, host: str, port: int, threads: int | None, api_key: str | None, system: str | None, n_ctx: int | None) -> None:
     """Serve a .gguf, an ONNX folder, a run or a ship/ folder: OpenAI-compatible API and a chat page.
 
@@ -241,8 +264,17 @@ def serve(artifact: Path, host: str, port: int, threads: int | None, api_key: st
     """
     from ftedge import commands
 
-    commands.serve(artifact, host=host, port=port, threads=threads, api_key=api_key or None, system=system, n_ctx=n_ctx,
-                   say=click.echo, warn=lambda msg: click.secho(msg, fg="yellow", err=True))
+    commands.serve(
+        artifact,
+        host=host,
+        port=port,
+        threads=threads,
+        api_key=api_key or None,
+        system=system,
+        n_ctx=n_ctx,
+        say=click.echo,
+        warn=lambda msg: click.secho(msg, fg="yellow", err=True),
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

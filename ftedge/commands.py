@@ -57,7 +57,10 @@ def train(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | Non
     if world > 1 and resume is None:
         # Every process must train into the same folder; only rank 0 creates it.
         if run_dir is None:
-            raise FtedgeError(f"{world} training processes need one shared run folder", hint="pass --run-dir runs/NAME to `accelerate launch -m ftedge.cli train`")
+            raise FtedgeError(
+                f"{world} training processes need one shared run folder",
+                hint="pass --run-dir runs/NAME to `accelerate launch -m ftedge.cli train`",
+            )
         run = create_or_resume(recipe_path, overrides, run_dir, None) if rank == 0 else _wait_for_run(Path(run_dir))
     else:
         run = create_or_resume(recipe_path, overrides, run_dir, resume)

@@ -78,7 +78,9 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """Rows of a data file as ``(where, row)``; ``where`` is ``file:row`` for error messages."""
     path = Path(path)
     if not path.exists():
-        raise FtedgeError(f"data file {path} not found", hint="fix data.train / data.val in the recipe (relative paths start at the recipe's folder)")
+        raise FtedgeError(
+            f"data file {path} not found", hint="fix data.train / data.val in the recipe (relative paths start at the recipe's folder)"
+        )
     if path.is_dir() or path.suffix in HF_SUFFIXES:
         return _read_hf(path)
     suffix = path.suffix.lower()
@@ -86,7 +88,9 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
         return _read_csv(path)
     if suffix in (".jsonl", ".json"):
         return _read_json(path)
-    raise FtedgeError(f"data file {path}: unsupported file type {path.suffix!r}", hint="use .csv, .jsonl/.json, .parquet/.arrow, or a HF-datasets folder")
+    raise FtedgeError(
+        f"data file {path}: unsupported file type {path.suffix!r}", hint="use .csv, .jsonl/.json, .parquet/.arrow, or a HF-datasets folder"
+    )
 
 
 def _read_csv(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -119,7 +123,9 @@ def _read_json(path: Path) -> list[tuple[str, dict[str, Any]]]:
                 raise FtedgeError(f"{path}:line {lineno}: not valid JSON ({err.msg})", hint="write one JSON object per line") from None
     for where, row in rows:
         if not isinstance(row, dict):
-            raise FtedgeError(f"{where}: expected a JSON object, got {type(row).__name__}", hint="each row must be an object with the recipe's fields")
+            raise FtedgeError(
+                f"{where}: expected a JSON object, got {type(row).__name__}", hint="each row must be an object with the recipe's fields"
+            )
     return rows
 
 
@@ -127,13 +133,18 @@ def _read_hf(path: Path) -> list[tuple[str, dict[str, Any]]]:
     try:
         import datasets
     except ImportError:
-        raise FtedgeError(f"{path}: reading Hugging Face dataset files needs the `datasets` package", hint="pip install datasets, or export the data to .jsonl/.csv") from None
+        raise FtedgeError(
+            f"{path}: reading Hugging Face dataset files needs the `datasets` package",
+            hint="pip install datasets, or export the data to .jsonl/.csv",
+        ) from None
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if "train" not in ds:
-                    raise FtedgeError(f"{path}: dataset dict without a 'train' split (has {list(ds)})", hint="point data.train at one split's folder")
+                    raise FtedgeError(
+                        f"{path}: dataset dict without a 'train' split (has {list(ds)})", hint="point data.train at one split's folder"
+                    )
                 ds = ds["train"]
         else:
             kind = "parquet" if path.suffix == ".parquet" else "arrow"
@@ -141,7 +152,10 @@ def _read_hf(path: Path) -> list[tuple[str, dict[str, Any]]]:
     except FtedgeError:
         raise
     except Exception as err:
-        raise FtedgeError(f"{path}: cannot load as a Hugging Face dataset ({type(err).__name__}: {err})", hint="give a save_to_disk folder, a .parquet or an .arrow file") from None
+        raise FtedgeError(
+            f"{path}: cannot load as a Hugging Face dataset ({type(err).__name__}: {err})",
+            hint="give a save_to_disk folder, a .parquet or an .arrow file",
+        ) from None
     return [(f"{path}:row {i}", dict(row)) for i, row in enumerate(ds, start=1)]
 
 
@@ -152,12 +166,19 @@ def _field(row: dict[str, Any], name: str, where: str, fmt: str, *, required: bo
         if not required:
             return None
         have = ", ".join(sorted(map(str, row))) or "none"
-        raise FtedgeError(f"{where}: row has no {name!r} (format {fmt}; fields: {have})", hint=f"fill the field or set the recipe's data field mapping (e.g. data.{_mapping_key(fmt, name)})")
+        raise FtedgeError(
+            f"{where}: row has no {name!r} (format {fmt}; fields: {have})",
+            hint=f"fill the field or set the recipe's data field mapping (e.g. data.{_mapping_key(fmt, name)})",
+        )
     return value if isinstance(value, str) else str(value)
 
 
 def _mapping_key(fmt: str, name: str) -> str:
-    return {"text_label": "label_field / data.text_field", "completion": "prompt_field / data.completion_field", "messages": "messages_field"}.get(fmt, "format")
+    return {
+        "text_label": "label_field / data.text_field",
+        "completion": "prompt_field / data.completion_field",
+        "messages": "messages_field",
+    }.get(fmt, "format")
 
 
 def _with_system(system: str | None, turns: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -202,18 +223,28 @@ def _messages_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Examp
         try:
             turns = json.loads(turns)
         except json.JSONDecodeError:
-            raise FtedgeError(f"{where}: {cfg.messages_field!r} is not a JSON list of messages", hint='write [{"role": "user", "content": "..."}, ...]') from None
+            raise FtedgeError(
+                f"{where}: {cfg.messages_field!r} is not a JSON list of messages", hint='write [{"role": "user", "content": "..."}, ...]'
+            ) from None
     if turns is None:
         _field(row, cfg.messages_field, where, "messages")
     if not isinstance(turns, list) or not turns:
-        raise FtedgeError(f"{where}: {cfg.messages_field!r} must be a non-empty list of messages", hint='write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]')
+        raise FtedgeError(
+            f"{where}: {cfg.messages_field!r} must be a non-empty list of messages",
+            hint='write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]',
+        )
     clean: list[dict[str, str]] = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
-            raise FtedgeError(f"{where}: message {i} is not a {{role, content}} object with role in {list(ROLES)}", hint="fix the message list")
+            raise FtedgeError(
+                f"{where}: message {i} is not a {{role, content}} object with role in {list(ROLES)}", hint="fix the message list"
+            )
         clean.append({"role": turn["role"], "content": turn["content"]})
     if clean[-1]["role"] != "assistant":
-        raise FtedgeError(f"{where}: the last message must be the assistant's answer (got {clean[-1]['role']!r})", hint="end each conversation with an assistant turn")
+        raise FtedgeError(
+            f"{where}: the last message must be the assistant's answer (got {clean[-1]['role']!r})",
+            hint="end each conversation with an assistant turn",
+        )
     return Example(_with_system(cfg.system_prompt, clean[:-1]), clean[-1]["content"], where)
 
 
@@ -226,7 +257,9 @@ def _split(examples: list[Example], cfg: DataConfig, source: Path) -> tuple[list
     if cfg.val is not None:
         val = examples_from_file(cfg.val, cfg)
         if not val:
-            raise FtedgeError(f"validation file {cfg.val} has no rows", hint="add rows or drop data.val to hold out a fraction of data.train")
+            raise FtedgeError(
+                f"validation file {cfg.val} has no rows", hint="add rows or drop data.val to hold out a fraction of data.train"
+            )
         train = list(examples)
         random.Random(cfg.seed).shuffle(train)
         return train, val
@@ -236,7 +269,10 @@ def _split(examples: list[Example], cfg: DataConfig, source: Path) -> tuple[list
     if cfg.val_fraction > 0:
         n_val = max(1, n_val)
     if n_val >= len(examples):
-        raise FtedgeError(f"{source}: {len(examples)} rows are too few to hold out val_fraction={cfg.val_fraction}", hint="add rows, lower data.val_fraction, or give data.val")
+        raise FtedgeError(
+            f"{source}: {len(examples)} rows are too few to hold out val_fraction={cfg.val_fraction}",
+            hint="add rows, lower data.val_fraction, or give data.val",
+        )
     val = [examples[i] for i in order[:n_val]]
     train = [examples[i] for i in order[n_val:]]
     return train, val
@@ -255,7 +291,10 @@ def load_splits(recipe: Recipe) -> Splits:
     if cfg.format == "text_label":
         labels = sorted({e.target for e in examples} | {e.target for e in val})
         if len(labels) < 2:
-            raise FtedgeError(f"{cfg.train}: label field {cfg.label_field!r} has a single class ({labels[0]!r})", hint="a classifier needs at least two labels; check data.label_field")
+            raise FtedgeError(
+                f"{cfg.train}: label field {cfg.label_field!r} has a single class ({labels[0]!r})",
+                hint="a classifier needs at least two labels; check data.label_field",
+            )
     return Splits(train=train, val=val, labels=labels)
 
 
@@ -351,14 +390,18 @@ class ChatEncoder:
             before = self._render(conv[:i], generation=True)
             full = self._render(conv[: i + 1])
             if not before.startswith(done) or not full.startswith(before):
-                raise FtedgeError("the base model's chat template renders a conversation differently from its prefix, so assistant tokens cannot be located", hint="use a base model with a standard chat template (e.g. ChatML or Llama-3)")
-            answer = full[len(before):]
+                raise FtedgeError(
+                    "the base model's chat template renders a conversation differently from its prefix, so assistant "
+                    "tokens cannot be located",
+                    hint="use a base model with a standard chat template (e.g. ChatML or Llama-3)",
+                )
+            answer = full[len(before) :]
             cut = answer.find(self.eot, len(msg["content"].rstrip()) // 2) if self.eot else -1
             if cut >= 0:
                 trained, rest = answer[: cut + len(self.eot or "")], answer[cut + len(self.eot or "") :]
             else:
                 trained, rest = answer + (getattr(self.tok, "eos_token", None) or ""), ""
-            out += [(before[len(done):], False), (trained, True)]
+            out += [(before[len(done) :], False), (trained, True)]
             if i < len(conv) - 1:
                 out.append((rest, False))
             done = full
@@ -395,10 +438,19 @@ class ChatEncoder:
         out = [e for e in map(self.encode, examples) if e is not None]
         trunc, drop = self.truncated - before_t, self.dropped - before_d
         if trunc:
-            log.warning("%s: %d row%s longer than max_length=%d tokens were truncated%s", what, trunc, "s" if trunc > 1 else "",
-                        self.max_length, f" ({drop} dropped: no answer token left)" if drop else "")
+            log.warning(
+                "%s: %d row%s longer than max_length=%d tokens were truncated%s",
+                what,
+                trunc,
+                "s" if trunc > 1 else "",
+                self.max_length,
+                f" ({drop} dropped: no answer token left)" if drop else "",
+            )
         if not out and (trunc or drop):
-            raise FtedgeError(f"{what}: no row fits max_length={self.max_length} tokens with its answer", hint="raise train.max_length or shorten the system prompt")
+            raise FtedgeError(
+                f"{what}: no row fits max_length={self.max_length} tokens with its answer",
+                hint="raise train.max_length or shorten the system prompt",
+            )
         return out
 
 
@@ -409,7 +461,10 @@ def check_fits(encoder: ChatEncoder, examples: Sequence[Example]) -> None:
         return
     fixed = len(encoder.prompt_ids([*(m if m["role"] == "system" else {**m, "content": ""} for m in chat.messages)]))
     if fixed + 1 >= encoder.max_length:
-        raise FtedgeError(f"train.max_length={encoder.max_length} is smaller than the prompt ({fixed} tokens of system prompt and chat template)", hint="raise train.max_length or shorten data.system_prompt")
+        raise FtedgeError(
+            f"train.max_length={encoder.max_length} is smaller than the prompt ({fixed} tokens of system prompt and chat template)",
+            hint="raise train.max_length or shorten data.system_prompt",
+        )
 
 
 def tokenized_splits(recipe: Recipe, tokenizer: Any, splits: Splits | None = None) -> tuple[list[Encoded], list[Encoded]]:

@@ -44,7 +44,10 @@ def check_torch() -> str:
     import torch
 
     cuda = f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else "CPU only"
-    return f"torch {torch.__version__} ({cuda}); transformers {md.version('transformers')}, peft {md.version('peft')}, bitsandbytes {md.version('bitsandbytes')}"
+    return (
+        f"torch {torch.__version__} ({cuda}); transformers {md.version('transformers')}, peft {md.version('peft')}, "
+        f"bitsandbytes {md.version('bitsandbytes')}"
+    )
 
 
 CHECKS = (check_torch, check_converter, check_llama_cpp, check_ort_genai, check_embedded_model)

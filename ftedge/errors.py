@@ -46,7 +46,9 @@ def from_os_error(err: OSError, path: str | os.PathLike[str], *, action: str = "
     if err.errno in _NO_SPACE:
         return DiskFullError(f"no space left to {action} {path}", hint="free disk space or pick another run folder; nothing was recorded")
     if err.errno == errno.EROFS:
-        return FtedgeError(f"cannot {action} {path}: read-only file system", hint="pick a writable folder (e.g. --run-dir on a writable disk)")
+        return FtedgeError(
+            f"cannot {action} {path}: read-only file system", hint="pick a writable folder (e.g. --run-dir on a writable disk)"
+        )
     if err.errno in (errno.EACCES, errno.EPERM):
         return FtedgeError(f"cannot {action} {path}: permission denied", hint="fix the folder's permissions or pick another folder")
     if err.errno == errno.ENOENT:

@@ -73,7 +73,9 @@ def embedded_gguf(alias: str) -> Path:
         path = Path(loc) / spec.filename
         if path.is_file():
             return path
-    raise FtedgeError(f"embedded base model {alias!r} is not installed (package {spec.distribution})", hint=f"run `{spec.install}` or `make setup`")
+    raise FtedgeError(
+        f"embedded base model {alias!r} is not installed (package {spec.distribution})", hint=f"run `{spec.install}` or `make setup`"
+    )
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -93,12 +95,21 @@ def resolve_base_model(spec: str | Path, *, trust_remote_code: bool = False) -> 
     if path.exists():
         if is_hf_folder(path):
             if not any(path.glob("*.safetensors")):
-                raise FtedgeError(f"{path} has no .safetensors weights (ftedge loads weights only from safetensors)", hint="convert the checkpoint with `save_pretrained(..., safe_serialization=True)`")
+                raise FtedgeError(
+                    f"{path} has no .safetensors weights (ftedge loads weights only from safetensors)",
+                    hint="convert the checkpoint with `save_pretrained(..., safe_serialization=True)`",
+                )
             return path
-        raise FtedgeError(f"{path} is not a Hugging Face model folder (no config.json)", hint="give a folder with config.json + *.safetensors, a .gguf file, or an alias: " + ", ".join(EMBEDDED))
+        raise FtedgeError(
+            f"{path} is not a Hugging Face model folder (no config.json)",
+            hint="give a folder with config.json + *.safetensors, a .gguf file, or an alias: " + ", ".join(EMBEDDED),
+        )
     if HUB_ID.match(text):
         return download_from_hub(text)
-    raise FtedgeError(f"base model {text!r} is not an alias, a local path or a hub id", hint="use one of: " + ", ".join(EMBEDDED) + ", a folder, a .gguf, or org/name")
+    raise FtedgeError(
+        f"base model {text!r} is not an alias, a local path or a hub id",
+        hint="use one of: " + ", ".join(EMBEDDED) + ", a folder, a .gguf, or org/name",
+    )
 
 
 def download_from_hub(repo_id: str) -> Path:
@@ -155,7 +166,10 @@ def _dequantize_gguf(gguf_path: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as err:
-        raise FtedgeError(f"cannot read {gguf_path} as a GGUF model ({type(err).__name__}: {err})", hint="check that the file is a complete GGUF of a supported architecture") from None
+        raise FtedgeError(
+            f"cannot read {gguf_path} as a GGUF model ({type(err).__name__}: {err})",
+            hint="check that the file is a complete GGUF of a supported architecture",
+        ) from None
     config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"})
     config.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -243,7 +257,9 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else ""
-        raise FtedgeError(f"cannot load model {path} ({type(err).__name__}: {first[:300]})", hint="check the folder holds a complete model") from None
+        raise FtedgeError(
+            f"cannot load model {path} ({type(err).__name__}: {first[:300]})", hint="check the folder holds a complete model"
+        ) from None
     if four_bit is None and device.type != "cpu":
         model.to(device)
     return model
@@ -255,7 +271,10 @@ def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False, re
 
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     if require_chat_template and getattr(tok, "chat_template", None) is None:
-        raise FtedgeError(f"tokenizer of {model_dir} has no chat template", hint="use an instruct/chat base model, or the completion format with a text field")
+        raise FtedgeError(
+            f"tokenizer of {model_dir} has no chat template",
+            hint="use an instruct/chat base model, or the completion format with a text field",
+        )
     return tok
 
 

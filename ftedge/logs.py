@@ -24,7 +24,18 @@ def setup_logging(debug: bool = False) -> None:
 
 def quiet_third_party(debug: bool = False) -> None:
     """Third-party loggers at WARNING (DEBUG with --debug), and known-harmless warnings off."""
-    for noisy in ("transformers", "torch", "accelerate", "peft", "bitsandbytes", "httpx", "huggingface_hub", "urllib3", "matplotlib", "PIL"):
+    for noisy in (
+        "transformers",
+        "torch",
+        "accelerate",
+        "peft",
+        "bitsandbytes",
+        "httpx",
+        "huggingface_hub",
+        "urllib3",
+        "matplotlib",
+        "PIL",
+    ):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
     if not debug:
         # bitsandbytes warns on every import that its optional `kernels` CPU kernel (fetched from

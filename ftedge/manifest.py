@@ -215,7 +215,9 @@ class Run:
         self.update(_done)
 
     # -- artifacts ----------------------------------------------------------
-    def record_artifact(self, key: str, path: Path, *, stage: str, format: str | None = None, quant: str | None = None, **meta: Any) -> dict[str, Any]:
+    def record_artifact(
+        self, key: str, path: Path, *, stage: str, format: str | None = None, quant: str | None = None, **meta: Any
+    ) -> dict[str, Any]:
         """Record a complete artifact (file or folder) with its size and sha256."""
         path = Path(path).resolve()
         if not path.exists():

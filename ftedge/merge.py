@@ -154,7 +154,16 @@ def _tokenizer(base: Path, adapter: Path, trust_remote_code: bool) -> Any:
 
 
 def measure_drift(
-    base: Path, adapter: Path, modes: list[str], texts: list[str], *, quant: Any, four_bit: bool, tokenizer: Any, trust_remote_code: bool = False, keep: str | None = None
+    base: Path,
+    adapter: Path,
+    modes: list[str],
+    texts: list[str],
+    *,
+    quant: Any,
+    four_bit: bool,
+    tokenizer: Any,
+    trust_remote_code: bool = False,
+    keep: str | None = None,
 ) -> tuple[dict[str, dict[str, float]], Any]:
     """Top-1 agreement and KL of each merge mode against base+adapter on ``texts``; returns the ``keep`` model too."""
     from ftedge.logits import compare_logits, scored_from
@@ -213,9 +222,13 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
         prompts = gate_prompts(recipe, N_PROMPTS)
         texts = [p.text(tokenizer, eot=eot_text) for p in prompts]
         modes = ["dequantized", "float"] if four_bit else ["float"]
-        drift, model = measure_drift(base, adapter, modes, texts, quant=recipe.quant, four_bit=four_bit, tokenizer=tokenizer, trust_remote_code=trust, keep=mode)
+        drift, model = measure_drift(
+            base, adapter, modes, texts, quant=recipe.quant, four_bit=four_bit, tokenizer=tokenizer, trust_remote_code=trust, keep=mode
+        )
         best = min(drift, key=lambda m: (drift[m]["kl"], -drift[m]["top1"]))
-        metrics.update(mode=mode, reference="base(nf4)+adapter" if four_bit else "base+adapter", drift=drift, better=best, n_prompts=len(texts))
+        metrics.update(
+            mode=mode, reference="base(nf4)+adapter" if four_bit else "base+adapter", drift=drift, better=best, n_prompts=len(texts)
+        )
         if note:
             metrics["note"] = note
         if best != mode and drift[best]["kl"] < drift[mode]["kl"]:

@@ -23,17 +23,42 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    train: Path = Field(description="Training data file: .csv, .jsonl/.json, or a local HF-datasets folder/.parquet/.arrow file. Relative paths are resolved from the recipe's folder.")
-    val: Path | None = Field(None, description="Optional separate validation file (same format). If unset, `val_fraction` of `train` is held out with a fixed seed.")
-    format: DataFormat = Field("text_label", description="Row format: `messages` (role/content list), `alpaca` (instruction/input/output), `completion` (prompt/completion, or text), `text_label` (a text and a label; the label is the assistant's answer).")
-    text_field: str = Field("text", description="Column holding the user text (`text_label`) or the raw text (`completion` without prompt).")
+    train: Path = Field(
+        description=(
+            "Training data file: .csv, .jsonl/.json, or a local HF-datasets folder/.parquet/.arrow file. Relative "
+            "paths are resolved from the recipe's folder."
+        )
+    )
+    val: Path | None = Field(
+        None,
+        description="Optional separate validation file (same format). If unset, `val_fraction` of `train` is held out with a fixed seed.",
+    )
+    format: DataFormat = Field(
+        "text_label",
+        description=(
+            "Row format: `messages` (role/content list), `alpaca` (instruction/input/output), `completion` "
+            "(prompt/completion, or text), `text_label` (a text and a label; the label is the assistant's answer)."
+        ),
+    )
+    text_field: str = Field(
+        "text", description="Column holding the user text (`text_label`) or the raw text (`completion` without prompt)."
+    )
     label_field: str = Field("label", description="Column holding the label (`text_label`): the answer the model learns to give.")
     messages_field: str = Field("messages", description="Column holding the chat turns (`messages`).")
     prompt_field: str = Field("prompt", description="Column holding the prompt (`completion`).")
     completion_field: str = Field("completion", description="Column holding the completion (`completion`).")
-    system_prompt: str | None = Field(None, description="System prompt put in front of every example (and used at inference/bench). Keep it short: it costs tokens on every row.")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of `train` held out for validation when `val` is not set (fixed seed).")
-    max_examples: int | None = Field(None, gt=0, description="Use at most this many training rows (after the validation split); null = all.")
+    system_prompt: str | None = Field(
+        None,
+        description=(
+            "System prompt put in front of every example (and used at inference/bench). Keep it short: it costs tokens on every row."
+        ),
+    )
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Fraction of `train` held out for validation when `val` is not set (fixed seed)."
+    )
+    max_examples: int | None = Field(
+        None, gt=0, description="Use at most this many training rows (after the validation split); null = all."
+    )
     seed: int = Field(0, description="Seed of the train/validation split and shuffling.")
 
 
@@ -41,55 +66,94 @@ class LoraConfig(_Strict):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt: `all-linear` or a list of module names (e.g. [q_proj, v_proj]).")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt: `all-linear` or a list of module names (e.g. [q_proj, v_proj])."
+    )
 
 
 class QuantConfig(_Strict):
-    bits: Literal[4, 16, 32] = Field(4, description="Base weights while training: 4 = QLoRA (bitsandbytes), 16/32 = plain LoRA or full fine-tuning on a float base.")
+    bits: Literal[4, 16, 32] = Field(
+        4, description="Base weights while training: 4 = QLoRA (bitsandbytes), 16/32 = plain LoRA or full fine-tuning on a float base."
+    )
     type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bitsandbytes).")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Compute dtype; `auto` picks bf16 where the hardware supports it, else fp16 on CUDA, else fp32.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Compute dtype; `auto` picks bf16 where the hardware supports it, else fp16 on CUDA, else fp32."
+    )
 
 
 class TrainConfig(_Strict):
-    method: Literal["qlora", "lora", "full"] = Field("qlora", description="`qlora` (4-bit base + LoRA), `lora` (float base + LoRA), or `full` fine-tuning (tiny models only).")
+    method: Literal["qlora", "lora", "full"] = Field(
+        "qlora", description="`qlora` (4-bit base + LoRA), `lora` (float base + LoRA), or `full` fine-tuning (tiny models only)."
+    )
     max_steps: int | None = Field(300, gt=0, description="Optimizer steps to train; null = use `epochs`.")
     epochs: float = Field(1.0, gt=0, description="Epochs to train when `max_steps` is null.")
-    batch_size: int = Field(16, gt=0, description="Examples per micro-batch (per process); with packing they are laid end to end in rows of at most max_length tokens.")
+    batch_size: int = Field(
+        16,
+        gt=0,
+        description="Examples per micro-batch (per process); with packing they are laid end to end in rows of at most max_length tokens.",
+    )
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     lr: float = Field(5.0e-4, gt=0, description="Peak learning rate.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of steps spent warming up linearly.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this before each step (as transformers' Trainer does); null = no clipping.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this before each step (as transformers' Trainer does); null = no clipping."
+    )
     max_length: int = Field(256, gt=8, description="Maximum tokens per example; longer rows are truncated with a counted warning.")
     packing: bool = Field(True, description="Pack examples into rows without padding (padding-free; no attention across examples).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     eval_every: int = Field(50, gt=0, description="Evaluate validation loss every N steps.")
     save_every: int = Field(50, gt=0, description="Write a resumable checkpoint every N steps.")
-    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after this many evaluations without improvement; null = never stop early.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after this many evaluations without improvement; null = never stop early."
+    )
     seed: int = Field(0, description="Seed of initialization, dropout and data order.")
 
 
 class ExportConfig(_Strict):
-    target: str = Field("laptop-cpu", description="Target profile: a name in export/ (e.g. `laptop-cpu`, `raspberry-pi-5`) or a path to a YAML profile.")
-    merge_into: Literal["dequantized", "float"] = Field("dequantized", description="Merge the adapter into the dequantized NF4 base (what QLoRA trained against; default) or into the original float base.")
+    target: str = Field(
+        "laptop-cpu", description="Target profile: a name in export/ (e.g. `laptop-cpu`, `raspberry-pi-5`) or a path to a YAML profile."
+    )
+    merge_into: Literal["dequantized", "float"] = Field(
+        "dequantized",
+        description=(
+            "Merge the adapter into the dequantized NF4 base (what QLoRA trained against; default) or into the original float base."
+        ),
+    )
 
 
 class EvalConfig(_Strict):
-    task: Literal["label_match", "perplexity"] = Field("label_match", description="`label_match`: the generated answer must equal the label after trimming; `perplexity`: held-out perplexity only.")
+    task: Literal["label_match", "perplexity"] = Field(
+        "label_match",
+        description="`label_match`: the generated answer must equal the label after trimming; `perplexity`: held-out perplexity only.",
+    )
     max_examples: int = Field(500, gt=0, description="Held-out examples to score per artifact.")
     max_new_tokens: int = Field(16, gt=0, description="Generation budget per example for `label_match`.")
-    artifacts: list[str] | None = Field(None, description="Artifacts to bench besides the PyTorch reference, by manifest name or glob (`merged`, `gguf-q4_k_m`, `onnx-*`); null: all of them.")
+    artifacts: list[str] | None = Field(
+        None,
+        description=(
+            "Artifacts to bench besides the PyTorch reference, by manifest name or glob (`merged`, `gguf-q4_k_m`, "
+            "`onnx-*`); null: all of them."
+        ),
+    )
 
 
 class Recipe(_Strict):
     name: str = Field(description="Run name prefix: runs go to runs/<name>-<UTC timestamp>/.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    base_model: str = Field("smollm2-135m-instruct", description="Base model: an alias (`smollm2-135m-instruct`, embedded), a local HF folder, a .gguf file, or a hub id (needs network).")
+    base_model: str = Field(
+        "smollm2-135m-instruct",
+        description=(
+            "Base model: an alias (`smollm2-135m-instruct`, embedded), a local HF folder, a .gguf file, or a hub id (needs network)."
+        ),
+    )
     trust_remote_code: bool = Field(False, description="Allow the base model's own Python code to run. Off unless you trust it.")
     data: DataConfig = Field(description="Training data: file, format, field mapping, system prompt, validation split.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter shape.")
-    quant: QuantConfig = Field(default_factory=QuantConfig, description="How the base weights are held while training (QLoRA 4-bit or float).")
+    quant: QuantConfig = Field(
+        default_factory=QuantConfig, description="How the base weights are held while training (QLoRA 4-bit or float)."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization, schedule, batching, checkpoints, evaluation.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Where to ship: target profile and merge mode.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="How bench scores each artifact.")

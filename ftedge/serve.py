@@ -54,7 +54,9 @@ MAX_STOPS = 16
 class ApiError(Exception):
     """A request the server refuses: becomes ``{"error": {...}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, type: str = "invalid_request_error") -> None:
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None, type: str = "invalid_request_error"
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -257,9 +259,18 @@ class Engine:
             raise ApiError(400, "The prompt is empty.", param="prompt", code="invalid_value")
         room = self.n_ctx - n_prompt
         if room < 1 or (job.max_tokens is not None and job.max_tokens > room):
-            wanted = f" However, you requested {n_prompt + job.max_tokens} tokens ({n_prompt} in the prompt, {job.max_tokens} for the completion)." if job.max_tokens else f" However, the prompt has {n_prompt} tokens, leaving no room for a reply."
-            raise ApiError(400, f"This model's maximum context length is {self.n_ctx} tokens.{wanted} Shorten the messages or lower max_tokens.",
-                           param="messages", code="context_length_exceeded")
+            wanted = (
+                f" However, you requested {n_prompt + job.max_tokens} tokens ({n_prompt} in the prompt, {job.max_tokens} "
+                "for the completion)."
+                if job.max_tokens
+                else f" However, the prompt has {n_prompt} tokens, leaving no room for a reply."
+            )
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.n_ctx} tokens.{wanted} Shorten the messages or lower max_tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         budget = room if job.max_tokens is None else job.max_tokens
         job.emit("ready", n_prompt)
         stops = self.stop_ids
@@ -342,7 +353,12 @@ def _timings(n_new: int, times: tuple[float, float]) -> dict[str, float]:
     """Server-side timings (as llama-server reports them): time to the first token, then decode speed after it."""
     first, rest = times
     rate = (n_new - 1) / rest if n_new > 1 and rest > 0 else 0.0
-    return {"first_token_ms": round(first * 1000, 3), "predicted_n": n_new, "predicted_ms": round(rest * 1000, 3), "predicted_per_second": round(rate, 3)}
+    return {
+        "first_token_ms": round(first * 1000, 3),
+        "predicted_n": n_new,
+        "predicted_ms": round(rest * 1000, 3),
+        "predicted_per_second": round(rate, 3),
+    }
 
 
 def _sse(obj: Any) -> bytes:
@@ -375,7 +391,10 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     async def _validation(request: Request, err: RequestValidationError) -> JSONResponse:
         first = (err.errors() or [{}])[0]
         param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")) or None
-        return JSONResponse(ApiError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code="invalid_value").body(), status_code=400)
+        return JSONResponse(
+            ApiError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code="invalid_value").body(),
+            status_code=400,
+        )
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, err: Exception) -> JSONResponse:
@@ -398,12 +417,20 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             "object": "model",
             "created": engine.created,
             "owned_by": "ftedge",
-            "meta": {"format": engine.format, "backend": engine.backend.name, "file": engine.path.name, "n_ctx": engine.n_ctx, "system_prompt": engine.system_prompt},
+            "meta": {
+                "format": engine.format,
+                "backend": engine.backend.name,
+                "file": engine.path.name,
+                "n_ctx": engine.n_ctx,
+                "system_prompt": engine.system_prompt,
+            },
         }
 
     def check_model(name: str | None) -> None:
         if name is not None and name != engine.name:
-            raise ApiError(404, f"The model '{name}' does not exist: this server serves '{engine.name}'.", param="model", code="model_not_found")
+            raise ApiError(
+                404, f"The model '{name}' does not exist: this server serves '{engine.name}'.", param="model", code="model_not_found"
+            )
 
     async def next_event(job: Job, request: Request) -> tuple[Any, ...]:
         """The job's next event; the job is cancelled if the client leaves meanwhile (queued or generating)."""
@@ -446,7 +473,9 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             finally:
                 self.job.cancel.set()
 
-    async def stream_events(job: Job, chunk: Callable[..., dict[str, Any]], first: dict[str, Any] | None, usage: bool) -> AsyncIterator[bytes]:
+    async def stream_events(
+        job: Job, chunk: Callable[..., dict[str, Any]], first: dict[str, Any] | None, usage: bool
+    ) -> AsyncIterator[bytes]:
         if first is not None:
             yield _sse(first)
         while True:
@@ -497,16 +526,40 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             raise ApiError(400, "Only the 'text' response_format is supported.", param="response_format", code="unsupported_parameter")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         if messages[-1]["role"] == "assistant":
-            raise ApiError(400, "The last message must not be the assistant's (continuing a reply is not supported).", param="messages", code="invalid_value")
+            raise ApiError(
+                400,
+                "The last message must not be the assistant's (continuing a reply is not supported).",
+                param="messages",
+                code="invalid_value",
+            )
         if engine.system_prompt and all(m["role"] != "system" for m in messages):
             messages.insert(0, {"role": "system", "content": engine.system_prompt})
-        job = Job(asyncio.get_running_loop(), prompt=lambda b: b.chat_ids(messages), max_tokens=req.max_completion_tokens or req.max_tokens,
-                  sampling=req.sampling(), stops=req.stops())
+        job = Job(
+            asyncio.get_running_loop(),
+            prompt=lambda b: b.chat_ids(messages),
+            max_tokens=req.max_completion_tokens or req.max_tokens,
+            sampling=req.sampling(),
+            stops=req.stops(),
+        )
         _, n_prompt = await run(job, request)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            def chunk(*, text: str | None = None, finish: str | None = None, usage: dict | None = None, timings: dict | None = None, role: bool = False) -> dict[str, Any]:
-                body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name, "system_fingerprint": fingerprint}
+
+            def chunk(
+                *,
+                text: str | None = None,
+                finish: str | None = None,
+                usage: dict | None = None,
+                timings: dict | None = None,
+                role: bool = False,
+            ) -> dict[str, Any]:
+                body: dict[str, Any] = {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": engine.name,
+                    "system_fingerprint": fingerprint,
+                }
                 if usage is not None:
                     body.update(choices=[], usage=usage)
                     return body
@@ -522,18 +575,30 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             text, (_, finish, n_prompt, n_new, dt) = await collect(job, request)
         finally:
             job.cancel.set()
-        return JSONResponse({
-            "id": cid, "object": "chat.completion", "created": created, "model": engine.name, "system_fingerprint": fingerprint,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}],
-            "usage": _usage(n_prompt, n_new), "timings": _timings(n_new, dt),
-        })
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": engine.name,
+                "system_fingerprint": fingerprint,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}],
+                "usage": _usage(n_prompt, n_new),
+                "timings": _timings(n_new, dt),
+            }
+        )
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
         req: CompletionRequest = parse_body(await request.body(), CompletionRequest)
         check_model(req.model)
         if req.echo or req.logprobs is not None:
-            raise ApiError(400, "echo and logprobs are not supported by this server.", param="echo" if req.echo else "logprobs", code="unsupported_parameter")
+            raise ApiError(
+                400,
+                "echo and logprobs are not supported by this server.",
+                param="echo" if req.echo else "logprobs",
+                code="unsupported_parameter",
+            )
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -552,13 +617,27 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             def make_prompt(b: Backend) -> list[int]:
                 return b.tokenize(text)
 
-        job = Job(asyncio.get_running_loop(), prompt=make_prompt, max_tokens=16 if req.max_tokens is None else req.max_tokens,
-                  sampling=req.sampling(), stops=req.stops())
+        job = Job(
+            asyncio.get_running_loop(),
+            prompt=make_prompt,
+            max_tokens=16 if req.max_tokens is None else req.max_tokens,
+            sampling=req.sampling(),
+            stops=req.stops(),
+        )
         await run(job, request)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            def chunk(*, text: str | None = None, finish: str | None = None, usage: dict | None = None, timings: dict | None = None) -> dict[str, Any]:
-                body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": engine.name, "system_fingerprint": fingerprint}
+
+            def chunk(
+                *, text: str | None = None, finish: str | None = None, usage: dict | None = None, timings: dict | None = None
+            ) -> dict[str, Any]:
+                body: dict[str, Any] = {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": engine.name,
+                    "system_fingerprint": fingerprint,
+                }
                 if usage is not None:
                     body.update(choices=[], usage=usage)
                     return body
@@ -573,11 +652,18 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             text, (_, finish, n_prompt, n_new, dt) = await collect(job, request)
         finally:
             job.cancel.set()
-        return JSONResponse({
-            "id": cid, "object": "text_completion", "created": created, "model": engine.name, "system_fingerprint": fingerprint,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            "usage": _usage(n_prompt, n_new), "timings": _timings(n_new, dt),
-        })
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": engine.name,
+                "system_fingerprint": fingerprint,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "usage": _usage(n_prompt, n_new),
+                "timings": _timings(n_new, dt),
+            }
+        )
 
     return app
 
@@ -592,20 +678,34 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise FtedgeError(f"cannot listen on {host}:{port} ({err.strerror or err})", hint="pick another --port, or stop what uses it") from None
+        raise FtedgeError(
+            f"cannot listen on {host}:{port} ({err.strerror or err})", hint="pick another --port, or stop what uses it"
+        ) from None
     sock.listen(2048)  # connections wait in the backlog until uvicorn takes the socket over
     sock.set_inheritable(True)
     return sock
 
 
-def serve(artifact: Path, *, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None, api_key: str | None = None,
-          system: str | None = None, n_ctx: int | None = None, say: Callable[[str], None] = log.info, warn: Callable[[str], None] = log.warning) -> None:
+def serve(
+    artifact: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    threads: int | None = None,
+    api_key: str | None = None,
+    system: str | None = None,
+    n_ctx: int | None = None,
+    say: Callable[[str], None] = log.info,
+    warn: Callable[[str], None] = log.warning,
+) -> None:
     """Load the artifact, listen, and serve until Ctrl-C (then stop cleanly)."""
     import uvicorn
 
     if host not in LOOPBACK:
-        warn(f"warning: listening on {host}: anyone who can reach this machine can use the model"
-             + ("" if api_key else " (add --api-key to require a key)"))
+        warn(
+            f"warning: listening on {host}: anyone who can reach this machine can use the model"
+            + ("" if api_key else " (add --api-key to require a key)")
+        )
     sock = bind(host, port)
     try:
         engine = load_engine(artifact, threads=threads, n_ctx=n_ctx, system=system)
@@ -615,6 +715,7 @@ def serve(artifact: Path, *, host: str = "127.0.0.1", port: int = 8000, threads:
     app = create_app(engine, api_key=api_key)
     real_port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             engine.stopping.set()  # streams end now (503 to the queue) instead of at the graceful-shutdown timeout

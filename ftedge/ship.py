@@ -27,7 +27,10 @@ def choose_gguf(run: Run, target: Target) -> Artifact:
     """The target's `ship` quant if it passed its gate, else the first passing quantized GGUF of the target, else any passing GGUF."""
     passing = {a.quant: a for a in run.usable_models("gguf")}
     if not passing:
-        raise FtedgeError(f"no GGUF artifact in {run.path} passed its parity gate", hint=f"see `ftedge export {run.path}` output; loosen the target's gates only if the figures are acceptable")
+        raise FtedgeError(
+            f"no GGUF artifact in {run.path} passed its parity gate",
+            hint=f"see `ftedge export {run.path}` output; loosen the target's gates only if the figures are acceptable",
+        )
     order = ([target.ship] if target.ship else []) + list(target.gguf.quants if target.gguf else []) + sorted(q for q in passing if q)
     return next(passing[q] for q in order if q in passing)
 

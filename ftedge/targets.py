@@ -32,13 +32,18 @@ class GateThresholds(_Strict):
 
 
 class GgufSpec(_Strict):
-    quants: list[GgufType] = Field(default_factory=lambda: ["q4_k_m"], description=f"GGUF types to produce; any of {', '.join(GGUF_TYPES)}.")
+    quants: list[GgufType] = Field(
+        default_factory=lambda: ["q4_k_m"], description=f"GGUF types to produce; any of {', '.join(GGUF_TYPES)}."
+    )
 
 
 class OnnxSpec(_Strict):
     precisions: list[OnnxPrecision] = Field(
         default_factory=lambda: ["int4"],
-        description=f"ONNX (onnxruntime-genai, CPU) precisions to produce; any of {', '.join(ONNX_PRECISIONS)} (int4 = GPTQ, int4-rtn = the builder's round-to-nearest).",
+        description=(
+            f"ONNX (onnxruntime-genai, CPU) precisions to produce; any of {', '.join(ONNX_PRECISIONS)} (int4 = "
+            "GPTQ, int4-rtn = the builder's round-to-nearest)."
+        ),
     )
 
 
@@ -52,7 +57,10 @@ class Target(_Strict):
     max_size_mb: float | None = Field(None, gt=0, description="Largest artifact file size that fits the device (MB); null = no limit.")
     max_ram_mb: float | None = Field(None, gt=0, description="Largest peak resident memory that fits the device (MB); null = no limit.")
     ship: GgufType | None = Field(None, description="GGUF type to put in ship/ (default: the first GGUF quant that passes its gate).")
-    gates: dict[ArtifactType, GateThresholds] = Field(default_factory=dict, description="Parity thresholds per quant type (e.g. q4_k_m, int4, fp32); unset types use the built-in defaults.")
+    gates: dict[ArtifactType, GateThresholds] = Field(
+        default_factory=dict,
+        description="Parity thresholds per quant type (e.g. q4_k_m, int4, fp32); unset types use the built-in defaults.",
+    )
 
     @field_validator("gates", mode="before")
     @classmethod
@@ -84,7 +92,9 @@ def find_target(name_or_path: str | Path) -> Path:
         p = d / f"{name_or_path}.yaml"
         if p.is_file():
             return p
-    raise FtedgeError(f"unknown target {str(name_or_path)!r}", hint="use one of: " + ", ".join(available_targets()) + " (or a path to a YAML profile)")
+    raise FtedgeError(
+        f"unknown target {str(name_or_path)!r}", hint="use one of: " + ", ".join(available_targets()) + " (or a path to a YAML profile)"
+    )
 
 
 def load_target(name_or_path: str | Path) -> Target:
@@ -98,7 +108,15 @@ def load_target(name_or_path: str | Path) -> Target:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         if first["type"] == "literal_error" and first["loc"][0] in ("gguf", "onnx", "ship", "gates"):
-            kinds = ONNX_PRECISIONS if first["loc"][0] == "onnx" else GGUF_TYPES if first["loc"][0] in ("gguf", "ship") else GGUF_TYPES + ONNX_PRECISIONS
-            raise FtedgeError(f"{path}: {loc}: unknown quant type {first.get('input')!r}", hint=f"ftedge builds {', '.join(kinds)}") from None
+            kinds = (
+                ONNX_PRECISIONS
+                if first["loc"][0] == "onnx"
+                else GGUF_TYPES
+                if first["loc"][0] in ("gguf", "ship")
+                else GGUF_TYPES + ONNX_PRECISIONS
+            )
+            raise FtedgeError(
+                f"{path}: {loc}: unknown quant type {first.get('input')!r}", hint=f"ftedge builds {', '.join(kinds)}"
+            ) from None
         raise FtedgeError(f"{path}: {loc}: {first['msg']}", hint="see export/laptop-cpu.yaml for a valid profile") from None
     return target

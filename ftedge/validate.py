@@ -57,10 +57,19 @@ def check_export_support(arch: str | None, target: Target, source: str) -> list[
     if arch is None:
         return ["architecture: checked once the model is downloaded"]
     if target.gguf and target.gguf.quants and arch not in gguf_converter_architectures():
-        raise FtedgeError(f"{source}: base model architecture {arch} is not supported by the GGUF converter", hint=f"pick a supported base model or a target without GGUF (target {target.name})")
+        raise FtedgeError(
+            f"{source}: base model architecture {arch} is not supported by the GGUF converter",
+            hint=f"pick a supported base model or a target without GGUF (target {target.name})",
+        )
     if target.onnx and target.onnx.precisions and arch not in onnx_builder_architectures():
-        raise FtedgeError(f"{source}: base model architecture {arch} is not supported by onnxruntime-genai's builder", hint=f"pick a supported base model or a target without ONNX (target {target.name})")
-    notes.append(f"architecture {arch}: exportable to " + " and ".join(x for x, on in (("GGUF", bool(target.gguf)), ("ONNX", bool(target.onnx))) if on))
+        raise FtedgeError(
+            f"{source}: base model architecture {arch} is not supported by onnxruntime-genai's builder",
+            hint=f"pick a supported base model or a target without ONNX (target {target.name})",
+        )
+    notes.append(
+        f"architecture {arch}: exportable to "
+        + " and ".join(x for x, on in (("GGUF", bool(target.gguf)), ("ONNX", bool(target.onnx))) if on)
+    )
     return notes
 
 
@@ -69,7 +78,9 @@ def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> li
     recipe = load_recipe(recipe_path, overrides)
     lines = [f"recipe {recipe.name}: schema", f"data: {recipe.data.train}"]
     target = load_target(recipe.export.target)
-    lines.append(f"target {target.name}: gguf={target.gguf.quants if target.gguf else []} onnx={target.onnx.precisions if target.onnx else []}")
+    lines.append(
+        f"target {target.name}: gguf={target.gguf.quants if target.gguf else []} onnx={target.onnx.precisions if target.onnx else []}"
+    )
     lines.extend(check_export_support(base_architecture(recipe), target, str(recipe_path)))
     lines.append(check_dataset(recipe))
     return lines

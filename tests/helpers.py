@@ -153,7 +153,14 @@ def make_run(tmp: Path, base: Path, adapter: Path, *, qlora: bool = False, name:
     recipe = {
         "name": name,
         "base_model": str(base),
-        "data": {"train": str(data), "format": "text_label", "text_field": "text", "label_field": "category", "system_prompt": SYSTEM, "val_fraction": 0.25},
+        "data": {
+            "train": str(data),
+            "format": "text_label",
+            "text_field": "text",
+            "label_field": "category",
+            "system_prompt": SYSTEM,
+            "val_fraction": 0.25,
+        },
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "quant": {"bits": 4, "compute_dtype": "float32"} if qlora else {"bits": 32, "compute_dtype": "float32"},
         "train": {"method": "qlora" if qlora else "lora", "max_steps": 4, "batch_size": 4, "max_length": 64},
@@ -171,7 +178,14 @@ def make_run(tmp: Path, base: Path, adapter: Path, *, qlora: bool = False, name:
 def tiny_target(tmp: Path, quants: list[str], gates: dict | None = None, onnx: list[str] | None = None):
     from ftedge.targets import load_target
 
-    raw = {"name": "tiny-target", "gguf": {"quants": quants}, "onnx": {"precisions": onnx} if onnx else None, "n_ctx": 512, "threads": 2, "ship": quants[0] if quants else None}
+    raw = {
+        "name": "tiny-target",
+        "gguf": {"quants": quants},
+        "onnx": {"precisions": onnx} if onnx else None,
+        "n_ctx": 512,
+        "threads": 2,
+        "ship": quants[0] if quants else None,
+    }
     if gates:
         raw["gates"] = gates
     path = tmp / "tiny-target.yaml"

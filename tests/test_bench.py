@@ -34,14 +34,37 @@ MESSAGES = [{"role": "system", "content": "Reply with the intent label."}, {"rol
 
 
 def _tiny_target(folder: Path, **extra) -> Path:
-    raw = {"name": "tiny-cpu", "gguf": {"quants": ["f16"]}, "onnx": {"precisions": ["fp32"]}, "n_ctx": 512, "threads": 1, "max_size_mb": 64, "max_ram_mb": 8192, **extra}
+    raw = {
+        "name": "tiny-cpu",
+        "gguf": {"quants": ["f16"]},
+        "onnx": {"precisions": ["fp32"]},
+        "n_ctx": 512,
+        "threads": 1,
+        "max_size_mb": 64,
+        "max_ram_mb": 8192,
+        **extra,
+    }
     path = folder / "tiny-cpu.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
 def _build_onnx(hf_dir: Path, out: Path, cache: Path) -> Path:
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf_dir),
+        "-o",
+        str(out),
+        "-p",
+        "fp32",
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     return out
 
@@ -57,7 +80,9 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     root = tmp_path_factory.mktemp("bench-artifacts")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    )
     peft_model.save_pretrained(root / "adapter")
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(root / "merged", safe_serialization=True)
@@ -71,12 +96,25 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     }
 
 
-def _make_run(folder: Path, arts: dict[str, Path], *, include: tuple[str, ...] = ("adapter", "merged", "gguf", "onnx"), bench_only: list[str] | None = None) -> Run:
+def _make_run(
+    folder: Path,
+    arts: dict[str, Path],
+    *,
+    include: tuple[str, ...] = ("adapter", "merged", "gguf", "onnx"),
+    bench_only: list[str] | None = None,
+) -> Run:
     data = write_text_label_csv(folder / "train.csv", n=40)
     recipe = {
         "name": "tiny",
         "base_model": str(arts["base"]),
-        "data": {"train": data.name, "format": "text_label", "text_field": "text", "label_field": "category", "system_prompt": "Reply with the intent label.", "val_fraction": 0.25},
+        "data": {
+            "train": data.name,
+            "format": "text_label",
+            "text_field": "text",
+            "label_field": "category",
+            "system_prompt": "Reply with the intent label.",
+            "val_fraction": 0.25,
+        },
         "quant": {"bits": 32, "compute_dtype": "float32"},
         "train": {"method": "lora", "max_steps": 4},
         "eval": {"task": "label_match", "max_examples": 6, "max_new_tokens": 6, "artifacts": bench_only},
@@ -185,7 +223,10 @@ def test_reusing_teacher_forcing_gives_the_decoded_answers(kind: str, artifacts:
         monkeypatch.setattr(type(backend), "stop_ids", property(lambda self: base_stops | {extra}))
 
     try:
-        prompts = [[{"role": "user", "content": t}] for t in ("where is my card", "rate for pounds", "i lost my card", "top up failed", "refund please")]
+        prompts = [
+            [{"role": "user", "content": t}]
+            for t in ("where is my card", "rate for pounds", "i lost my card", "top up failed", "refund please")
+        ]
         chains = [list(backend.generate(backend.chat_ids(p), max_new_tokens=12, stop_ids=set())) for p in prompts]
         # A random model never ends its turn: make one token it generates end the turn, chosen so a
         # gold answer ending on it tokenizes to exactly the model's own tokens (every argmax matches).
@@ -405,7 +446,10 @@ def test_data_file_formats(tmp_path: Path) -> None:
     jl = tmp_path / "d.jsonl"
     jl.write_text(json.dumps({"text": "hi", "label": "greet"}) + "\n\n" + json.dumps({"text": "bye", "label": "leave"}) + "\n")
     ex = bench.load_data_file(jl)
-    assert ex == [{"messages": [{"role": "user", "content": "hi"}], "target": "greet"}, {"messages": [{"role": "user", "content": "bye"}], "target": "leave"}]
+    assert ex == [
+        {"messages": [{"role": "user", "content": "hi"}], "target": "greet"},
+        {"messages": [{"role": "user", "content": "bye"}], "target": "leave"},
+    ]
     broken = tmp_path / "e.jsonl"
     broken.write_text('{"text": "hi", "label": "x"}\nnot json\n')
     with pytest.raises(FtedgeError, match=r"e.jsonl:2"):

@@ -26,12 +26,16 @@ def test_chat_prompt_one_shot_prints_the_greedy_reply(tiny_gguf: Path) -> None:
     with load_backend(tiny_gguf, threads=1) as backend:
         expected = backend.reply([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}], max_new_tokens=12)
     assert expected  # a random model still says something within 12 tokens
-    result = CliRunner().invoke(main, ["chat", str(tiny_gguf), "--prompt", "hello", "--system", "Be brief.", "--max-new-tokens", "12", "--threads", "1"])
+    result = CliRunner().invoke(
+        main, ["chat", str(tiny_gguf), "--prompt", "hello", "--system", "Be brief.", "--max-new-tokens", "12", "--threads", "1"]
+    )
     assert result.exit_code == 0, result.output
     assert result.output == expected + "\n"
 
 
-def test_chat_on_a_run_uses_its_system_prompt_and_best_artifact(tmp_path: Path, tiny_recipe: Path, tiny_gguf: Path, tiny_model_dir: Path) -> None:
+def test_chat_on_a_run_uses_its_system_prompt_and_best_artifact(
+    tmp_path: Path, tiny_recipe: Path, tiny_gguf: Path, tiny_model_dir: Path
+) -> None:
     import shutil
 
     run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "run")
@@ -67,7 +71,9 @@ def test_interactive_session_streams_keeps_history_and_resets(tiny_model_dir: Pa
 
     backend = TorchBackend(tiny_model_dir, threads=1)
     first = backend.reply([{"role": "user", "content": "hi"}], max_new_tokens=5)
-    second = backend.reply([{"role": "user", "content": "hi"}, {"role": "assistant", "content": first}, {"role": "user", "content": "more"}], max_new_tokens=5)
+    second = backend.reply(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first}, {"role": "user", "content": "more"}], max_new_tokens=5
+    )
     seen: list[list[str]] = []
     original = backend.chat_ids
 

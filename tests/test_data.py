@@ -18,8 +18,13 @@ from ftedge.recipe import load_recipe
 
 
 def _recipe(tmp_path: Path, model_dir: Path, data: dict, **train) -> Path:
-    raw = {"name": "t", "base_model": str(model_dir), "data": data, "quant": {"bits": 32, "compute_dtype": "float32"},
-           "train": {"method": "lora", "max_steps": 2, "batch_size": 2, "max_length": 64, **train}}
+    raw = {
+        "name": "t",
+        "base_model": str(model_dir),
+        "data": data,
+        "quant": {"bits": 32, "compute_dtype": "float32"},
+        "train": {"method": "lora", "max_steps": 2, "batch_size": 2, "max_length": 64, **train},
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -41,8 +46,13 @@ def _trained_text(tok, enc: Encoded) -> str:
 
 def test_text_label_csv_masks_all_but_answer_and_end_of_turn(tmp_path, tiny_model_dir, tok):
     write_text_label_csv(tmp_path / "d.csv", 20)
-    recipe = load_recipe(_recipe(tmp_path, tiny_model_dir, {"train": "d.csv", "text_field": "text", "label_field": "category",
-                                                            "system_prompt": "Label it.", "val_fraction": 0.2}))
+    recipe = load_recipe(
+        _recipe(
+            tmp_path,
+            tiny_model_dir,
+            {"train": "d.csv", "text_field": "text", "label_field": "category", "system_prompt": "Label it.", "val_fraction": 0.2},
+        )
+    )
     splits = load_splits(recipe)
     assert (len(splits.train), len(splits.val)) == (16, 4)
     ex = splits.train[0]
@@ -85,15 +95,21 @@ def test_completion_prompt_and_raw_text(tmp_path, tiny_model_dir, tok):
 
 
 def test_messages_multi_turn_trains_every_assistant_turn(tmp_path, tiny_model_dir, tok):
-    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "bye"}, {"role": "assistant", "content": "goodbye"}]
+    conv = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "goodbye"},
+    ]
     _jsonl(tmp_path / "m.jsonl", [{"messages": conv}] * 3)
     with open(tmp_path / "m.csv", "w", newline="") as fh:  # a CSV holds the list as a JSON string
         w = csv.writer(fh)
         w.writerow(["messages"])
         w.writerows([[json.dumps(conv)]] * 3)
     for name in ("m.jsonl", "m.csv"):
-        recipe = load_recipe(_recipe(tmp_path, tiny_model_dir, {"train": name, "format": "messages", "system_prompt": "Be brief.", "val_fraction": 0.0}))
+        recipe = load_recipe(
+            _recipe(tmp_path, tiny_model_dir, {"train": name, "format": "messages", "system_prompt": "Be brief.", "val_fraction": 0.0})
+        )
         splits = load_splits(recipe)
         ex = splits.train[0]
         assert ex.target == "goodbye" and ex.messages[0] == {"role": "system", "content": "Be brief."} and len(ex.messages) == 4
@@ -112,7 +128,9 @@ def test_hf_dataset_folder(tmp_path, tiny_model_dir):
 def test_separate_val_file_and_max_examples(tmp_path, tiny_model_dir):
     write_text_label_csv(tmp_path / "tr.csv", 20)
     write_text_label_csv(tmp_path / "va.csv", 6, seed=1)
-    recipe = load_recipe(_recipe(tmp_path, tiny_model_dir, {"train": "tr.csv", "val": "va.csv", "label_field": "category", "max_examples": 7}))
+    recipe = load_recipe(
+        _recipe(tmp_path, tiny_model_dir, {"train": "tr.csv", "val": "va.csv", "label_field": "category", "max_examples": 7})
+    )
     splits = load_splits(recipe)
     assert (len(splits.train), len(splits.val)) == (7, 6)
     assert "7 train rows" in check_dataset(recipe)
@@ -133,7 +151,9 @@ def test_truncation_is_counted_and_keeps_answer(tmp_path, tiny_model_dir, tok, c
 
 def test_max_length_below_prompt_is_an_error(tmp_path, tiny_model_dir, tok):
     write_text_label_csv(tmp_path / "d.csv", 8)
-    recipe = load_recipe(_recipe(tmp_path, tiny_model_dir, {"train": "d.csv", "label_field": "category", "system_prompt": "word " * 30}, max_length=20))
+    recipe = load_recipe(
+        _recipe(tmp_path, tiny_model_dir, {"train": "d.csv", "label_field": "category", "system_prompt": "word " * 30}, max_length=20)
+    )
     with pytest.raises(FtedgeError, match="max_length=20 is smaller than the prompt"):
         tokenized_splits(recipe, tok)
 
@@ -173,7 +193,10 @@ def test_packing_has_no_cross_example_attention(tiny_model_dir, tok):
 
     enc = ChatEncoder(tok, 64)
     sys_msg = {"role": "system", "content": "S."}
-    rows = [enc.encode(Example([sys_msg, {"role": "user", "content": u}], a)) for u, a in (("where is my card", "card_arrival"), ("rate?", "exchange_rate"), ("lost it", "lost"))]
+    rows = [
+        enc.encode(Example([sys_msg, {"role": "user", "content": u}], a))
+        for u, a in (("where is my card", "card_arrival"), ("rate?", "exchange_rate"), ("lost it", "lost"))
+    ]
     budget = len(rows[0].input_ids) + len(rows[1].input_ids)
     batch = make_batch(rows, max_length=budget, packing=True)
     assert batch["input_ids"].shape == (2, budget)  # 3 examples packed into 2 rows, padding only at the end of the second

@@ -67,6 +67,7 @@ def test_failing_gate_is_recorded_and_named(tmp_path: Path, base_and_adapter, mo
     from ftedge.export import export_stage
 
     run = _merged_run(tmp_path, base_and_adapter)
+
     # an impossible gate for q4_0 (no 4-bit model has zero KL); and an ONNX build that fails
     def broken_builder(*args, **kwargs):
         raise FtedgeError("ONNX builder failed on merged (int4): unsupported op")
@@ -130,7 +131,11 @@ def test_os_errors_become_one_line_errors_naming_the_path(tmp_path: Path, monkey
 
     monkeypatch.setattr(os, "replace", replace)
     out = tmp_path / "tiny.gguf"
-    for code, kind, words in ((errno.ENOSPC, DiskFullError, "no space left"), (errno.EROFS, FtedgeError, "read-only"), (errno.EACCES, FtedgeError, "permission denied")):
+    for code, kind, words in (
+        (errno.ENOSPC, DiskFullError, "no space left"),
+        (errno.EROFS, FtedgeError, "read-only"),
+        (errno.EACCES, FtedgeError, "permission denied"),
+    ):
         with pytest.raises(kind, match=words) as info:
             convert_to_gguf(tiny_model_dir, out, outtype="f16")
         assert str(out) in str(info.value) and "\n" not in str(info.value)

@@ -34,7 +34,11 @@ def test_thresholds_from_target_then_defaults(tmp_path: Path) -> None:
 
 PROMPTS = [
     Prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}], label)
-    for text, label in [("i lost my card", "lost_or_stolen_card"), ("rate for pounds", "exchange_rate"), ("my top up failed", "top_up_failed")]
+    for text, label in [
+        ("i lost my card", "lost_or_stolen_card"),
+        ("rate for pounds", "exchange_rate"),
+        ("my top up failed", "top_up_failed"),
+    ]
 ]
 
 

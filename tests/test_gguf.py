@@ -153,7 +153,7 @@ def test_modelfile_from_gguf_metadata(q4_0: Path, tmp_path: Path) -> None:
     assert 'PARAMETER stop "<|im_end|>"' in text
     assert 'SYSTEM """Reply with the intent label."""' in text
     assert '{{ if eq .Role "user" }}' not in text or "<|im_start|>user\n{{ .Content }}<|im_end|>\n" in text
-    assert text.count('TEMPLATE """') == 1 and "<|im_start|>assistant\n\"\"\"" in text
+    assert text.count('TEMPLATE """') == 1 and '<|im_start|>assistant\n"""' in text
     # without a system prompt, the template's own default system prompt is kept
     write_modelfile(q4_0, out)
     assert "You are a helpful AI assistant named SmolLM" in out.read_text()

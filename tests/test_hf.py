@@ -100,7 +100,9 @@ def test_truncated_gguf_is_one_line_error(tiny_gguf: Path, tmp_path: Path) -> No
     bad.write_bytes(tiny_gguf.read_bytes()[:5000])
     with pytest.raises(FtedgeError, match="cannot read .*trunc.gguf"):
         resolve_base_model(bad)
-    assert not any(p.name.startswith("trunc") and not p.name.startswith(".") for p in (Path(os.environ["FTEDGE_CACHE"]) / "models").iterdir())
+    assert not any(
+        p.name.startswith("trunc") and not p.name.startswith(".") for p in (Path(os.environ["FTEDGE_CACHE"]) / "models").iterdir()
+    )
 
 
 def test_hub_id_without_network_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

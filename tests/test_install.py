@@ -39,8 +39,12 @@ def test_wheel_carries_the_target_profiles(tmp_path: Path) -> None:
         shutil.copytree(root / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "_data"))
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(root / name, src / name)
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("ftedge-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

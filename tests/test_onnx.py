@@ -17,7 +17,13 @@ MESSAGES = [
     [{"role": "user", "content": "what is the exchange rate for pounds?"}],
 ]
 LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed"]
-TEXTS = ["i lost my card", "Why was my top-up declined?! 42 €", "  spaces and\nnewlines\t", "<|im_start|>user\nhi<|im_end|>\n", "naïve café 東京"]
+TEXTS = [
+    "i lost my card",
+    "Why was my top-up declined?! 42 €",
+    "  spaces and\nnewlines\t",
+    "<|im_start|>user\nhi<|im_end|>\n",
+    "naïve café 東京",
+]
 
 
 def _calibration(tokenizer_dir: Path, n: int = 16) -> list[str]:
@@ -28,7 +34,11 @@ def _calibration(tokenizer_dir: Path, n: int = 16) -> list[str]:
     out = []
     for i in range(n):
         text = " ".join(words[(i * 3 + j) % len(words)] for j in range(6 + i % 5))
-        out.append(tok.apply_chat_template([{"role": "user", "content": text}, {"role": "assistant", "content": LABELS[i % len(LABELS)]}], tokenize=False))
+        out.append(
+            tok.apply_chat_template(
+                [{"role": "user", "content": text}, {"role": "assistant", "content": LABELS[i % len(LABELS)]}], tokenize=False
+            )
+        )
     return out
 
 
@@ -92,7 +102,9 @@ def test_tokenizer_and_chat_template_match_hf(fp32_dir: Path, torch_ref) -> None
             assert be.tokenize(text) == torch_ref.tokenize(text), text
         for msgs in MESSAGES:
             assert be.apply_chat_template(msgs) == torch_ref.apply_chat_template(msgs)
-            assert be.apply_chat_template(msgs, add_generation_prompt=False) == torch_ref.apply_chat_template(msgs, add_generation_prompt=False)
+            assert be.apply_chat_template(msgs, add_generation_prompt=False) == torch_ref.apply_chat_template(
+                msgs, add_generation_prompt=False
+            )
         ids = torch_ref.tokenize("where is my new card")
         assert be.detokenize(ids) == torch_ref.detokenize(ids)
 

@@ -32,7 +32,9 @@ def test_run_end_to_end_then_resume(tiny_recipe: Path, tmp_path: Path) -> None:
     target = _gguf_only_target(tmp_path)
     run_dir = tmp_path / "runs" / "e2e"
     cli = CliRunner()
-    res = cli.invoke(main, ["run", str(tiny_recipe), "-o", f"export.target={target}", "-o", "eval.max_examples=4", "--run-dir", str(run_dir)])
+    res = cli.invoke(
+        main, ["run", str(tiny_recipe), "-o", f"export.target={target}", "-o", "eval.max_examples=4", "--run-dir", str(run_dir)]
+    )
     assert res.exit_code == 0, res.output
     run = Run.open(run_dir)
     manifest = run.manifest()

@@ -46,7 +46,9 @@ def test_relative_data_path_resolves_against_recipe_folder(tmp_path: Path) -> No
 
 
 def test_overrides_dotted_and_typed(tmp_path: Path) -> None:
-    r = load_recipe(_write(tmp_path, _raw()), ["train.max_steps=20", "train.lr=1e-4", "train.packing=false", "lora.target_modules=[q_proj, v_proj]"])
+    r = load_recipe(
+        _write(tmp_path, _raw()), ["train.max_steps=20", "train.lr=1e-4", "train.packing=false", "lora.target_modules=[q_proj, v_proj]"]
+    )
     assert r.train.max_steps == 20 and r.train.lr == pytest.approx(1e-4) and r.train.packing is False
     assert r.lora.target_modules == ["q_proj", "v_proj"]
 

@@ -77,7 +77,9 @@ def serve_in_thread(gguf: Path, **kwargs) -> Iterator[Served]:
     api_key = kwargs.pop("api_key", None)
     engine = load_engine(gguf, threads=1, n_ctx=N_CTX, system=SYSTEM, **kwargs)
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=api_key), log_level="warning", access_log=False, timeout_graceful_shutdown=2))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, api_key=api_key), log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -127,7 +129,11 @@ def test_greedy_generation_is_unchanged_by_the_sampling_argument(reference, tiny
 
     ids = reference.chat_ids([{"role": "user", "content": "hello"}])
     plain = list(reference.generate(ids, max_new_tokens=16))
-    assert list(reference.generate(ids, max_new_tokens=16, sampling=None)) == plain == list(reference.generate(ids, max_new_tokens=16, sampling=Sampling()))
+    assert (
+        list(reference.generate(ids, max_new_tokens=16, sampling=None))
+        == plain
+        == list(reference.generate(ids, max_new_tokens=16, sampling=Sampling()))
+    )
     a = list(reference.generate(ids, max_new_tokens=16, sampling=Sampling(temperature=1.0, seed=3)))
     b = list(reference.generate(ids, max_new_tokens=16, sampling=Sampling(temperature=1.0, seed=3)))
     c = list(reference.generate(ids, max_new_tokens=16, sampling=Sampling(temperature=1.0, seed=4)))
@@ -164,7 +170,11 @@ def test_openai_client_chat_streaming_and_not(served: Served, reference) -> None
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 12
     assert out.usage.prompt_tokens == len(reference.chat_ids(messages))
 
-    chunks = list(client.chat.completions.create(model=model.id, messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=model.id, messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        )
+    )
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert "".join(pieces) == expected and len(pieces) > 3  # streamed piece by piece
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -193,8 +203,12 @@ def test_default_system_prompt_sampling_and_completions(served: Served, referenc
     assert greedy(reference, user, 10) != expected
     assert out.usage.prompt_tokens == len(reference.chat_ids([{"role": "system", "content": SYSTEM}, *user]))
 
-    sampled = [client.chat.completions.create(model="tiny.f16", messages=user, max_tokens=10, temperature=1.0, top_p=0.95, seed=s).choices[0].message.content
-               for s in (1, 1, 2)]
+    sampled = [
+        client.chat.completions.create(model="tiny.f16", messages=user, max_tokens=10, temperature=1.0, top_p=0.95, seed=s)
+        .choices[0]
+        .message.content
+        for s in (1, 1, 2)
+    ]
     assert sampled[0] == sampled[1] != sampled[2] and sampled[0] != expected
     negative_seed = client.chat.completions.create(model="tiny.f16", messages=user, max_tokens=4, temperature=1.0, seed=-5)
     assert negative_seed.usage.completion_tokens == 4
@@ -240,30 +254,128 @@ BAD_REQUESTS = [
     ("malformed JSON", "POST", "/v1/chat/completions", '{"model": "tiny.f16", "messages": [', 400, "invalid_json"),
     ("empty body", "POST", "/v1/chat/completions", "", 400, "invalid_json"),
     ("body is a list", "POST", "/v1/chat/completions", "[1, 2]", 400, "invalid_type"),
-    ("unknown model", "POST", "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+    (
+        "unknown model",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]},
+        404,
+        "model_not_found",
+    ),
     ("empty messages", "POST", "/v1/chat/completions", {"model": "tiny.f16", "messages": []}, 400, "invalid_value"),
     ("missing messages", "POST", "/v1/chat/completions", {"model": "tiny.f16"}, 400, "missing_required_parameter"),
     ("messages not a list", "POST", "/v1/chat/completions", {"messages": "hi"}, 400, "invalid_value"),
     ("unknown role", "POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value"),
     ("content is a number", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": 42}]}, 400, "invalid_value"),
-    ("image content part", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "invalid_value"),
+    (
+        "image content part",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "invalid_value",
+    ),
     ("message not an object", "POST", "/v1/chat/completions", {"messages": ["hi"]}, 400, "invalid_value"),
-    ("negative max_tokens", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "invalid_value"),
-    ("zero max_tokens", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "invalid_value"),
-    ("max_tokens as text", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}, 400, "invalid_value"),
-    ("fractional max_tokens", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5}, 400, "invalid_value"),
-    ("negative temperature", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "invalid_value"),
-    ("temperature as text", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "invalid_value"),
+    (
+        "negative max_tokens",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5},
+        400,
+        "invalid_value",
+    ),
+    (
+        "zero max_tokens",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+        400,
+        "invalid_value",
+    ),
+    (
+        "max_tokens as text",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"},
+        400,
+        "invalid_value",
+    ),
+    (
+        "fractional max_tokens",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5},
+        400,
+        "invalid_value",
+    ),
+    (
+        "negative temperature",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+        400,
+        "invalid_value",
+    ),
+    (
+        "temperature as text",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+        400,
+        "invalid_value",
+    ),
     ("top_p zero", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "invalid_value"),
-    ("stream as text", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "invalid_value"),
-    ("stop is a number", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": 7}, 400, "invalid_value"),
-    ("too many stops", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": [str(i) for i in range(20)]}, 400, "invalid_value"),
+    (
+        "stream as text",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+        400,
+        "invalid_value",
+    ),
+    (
+        "stop is a number",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "stop": 7},
+        400,
+        "invalid_value",
+    ),
+    (
+        "too many stops",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "stop": [str(i) for i in range(20)]},
+        400,
+        "invalid_value",
+    ),
     ("n = 2", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "invalid_value"),
     ("seed as text", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": "x"}, 400, "invalid_value"),
-    ("tools", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "unsupported_parameter"),
+    (
+        "tools",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+        400,
+        "unsupported_parameter",
+    ),
     ("ends with assistant", "POST", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "invalid_value"),
-    ("prompt longer than the context", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": _too_long()}]}, 400, "context_length_exceeded"),
-    ("prompt + max_tokens over the context", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": N_CTX}, 400, "context_length_exceeded"),
+    (
+        "prompt longer than the context",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": _too_long()}]},
+        400,
+        "context_length_exceeded",
+    ),
+    (
+        "prompt + max_tokens over the context",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": N_CTX},
+        400,
+        "context_length_exceeded",
+    ),
     ("completion without prompt", "POST", "/v1/completions", {"model": "tiny.f16"}, 400, "missing_required_parameter"),
     ("completion with empty prompt", "POST", "/v1/completions", {"prompt": ""}, 400, "invalid_value"),
     ("completion token ids out of range", "POST", "/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "invalid_value"),
@@ -284,7 +396,12 @@ def test_bad_requests_get_openai_style_4xx_json_and_the_server_lives(served: Ser
             resp = http.request(method, path, content=content, headers={"Content-Type": "application/json"} if body is not None else {})
             try:
                 error = resp.json()["error"]
-                ok = resp.status_code == status and set(error) == {"message", "type", "param", "code"} and error["code"] == code and error["message"]
+                ok = (
+                    resp.status_code == status
+                    and set(error) == {"message", "type", "param", "code"}
+                    and error["code"] == code
+                    and error["message"]
+                )
             except (ValueError, KeyError, TypeError):
                 ok = False
             if not ok:
@@ -304,7 +421,9 @@ def test_bad_requests_get_openai_style_4xx_json_and_the_server_lives(served: Ser
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.chat.completions.create(model="tiny.f16", messages=[{"role": "user", "content": _too_long()}], stream=True)
     out = client.chat.completions.create(model="tiny.f16", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
-    assert out.choices[0].message.content == greedy(reference, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}], 5)
+    assert out.choices[0].message.content == greedy(
+        reference, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}], 5
+    )
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_model(served: Served, reference, caplog: pytest.LogCaptureFixture) -> None:
@@ -325,7 +444,9 @@ def test_a_client_that_leaves_mid_stream_frees_the_model(served: Served, referen
     assert int(re.search(r"after (\d+) tokens", stopped.getMessage()).group(1)) < budget // 2
     client = served.client()
     out = client.chat.completions.create(model="tiny.f16", messages=[{"role": "user", "content": "hi"}], max_tokens=6, timeout=10)
-    assert out.choices[0].message.content == greedy(reference, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}], 6)
+    assert out.choices[0].message.content == greedy(
+        reference, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}], 6
+    )
 
 
 def test_api_key_is_checked_on_every_api_request(tiny_gguf: Path) -> None:
@@ -335,13 +456,21 @@ def test_api_key_is_checked_on_every_api_request(tiny_gguf: Path) -> None:
         for path in ("/v1/models", "/v1/models/tiny.f16"):
             resp = httpx.get(s.url + path)
             assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
-        resp = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers={"Authorization": "Bearer wrong"})
+        resp = httpx.post(
+            s.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": "Bearer wrong"},
+        )
         assert resp.status_code == 401
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").chat.completions.create(model="tiny.f16", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        out = s.client(api_key="sekret").chat.completions.create(model="tiny.f16", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        out = s.client(api_key="sekret").chat.completions.create(
+            model="tiny.f16", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
         assert out.usage.completion_tokens == 2
-        assert httpx.get(s.url + "/").status_code == 200 and httpx.get(s.url + "/health").status_code == 200  # the page asks for the key itself
+        assert (
+            httpx.get(s.url + "/").status_code == 200 and httpx.get(s.url + "/health").status_code == 200
+        )  # the page asks for the key itself
 
 
 def test_serves_an_ort_genai_folder(tiny_hf: Path, tmp_path: Path) -> None:
@@ -372,8 +501,13 @@ def test_serves_an_ort_genai_folder(tiny_hf: Path, tmp_path: Path) -> None:
 
 # -- the command --------------------------------------------------------------------------------
 def _start_cli(args: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "ftedge.cli", "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ftedge.cli", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.time() + 60
     for line in proc.stdout:
         found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
@@ -397,7 +531,9 @@ def test_cli_serves_a_ship_folder_and_stops_cleanly_on_ctrl_c(tmp_path: Path, ti
 
         client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
         out = client.chat.completions.create(model="tiny.q8_0", messages=[{"role": "user", "content": "hi"}], max_tokens=6)
-        assert out.choices[0].message.content == greedy(reference, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}], 6)
+        assert out.choices[0].message.content == greedy(
+            reference, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}], 6
+        )
         # Ctrl-C in the middle of a long stream: the stream ends, the process exits 0 without a traceback
         body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": N_CTX - 64, "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as resp:
@@ -407,7 +543,7 @@ def test_cli_serves_a_ship_folder_and_stops_cleanly_on_ctrl_c(tmp_path: Path, ti
             proc.send_signal(signal.SIGINT)
             rest = [line for line in lines if line]
         assert time.time() - t0 < 10
-        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][len("data: "):])["error"]["code"] == "shutting_down"
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][len("data: ") :])["error"]["code"] == "shutting_down"
         rc = proc.wait(timeout=20)
         out_text, err_text = proc.stdout.read(), proc.stderr.read()
         assert rc == 0, err_text
@@ -467,7 +603,9 @@ def test_ship_bundle_readme_and_serving_a_run_or_its_ship_folder(tmp_path: Path,
     run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "run")
     (run.path / "gguf").mkdir()
     shutil.copy(tiny_gguf, run.path / "gguf" / "tiny.q8_0.gguf")
-    run.record_artifact("gguf-q8_0", run.path / "gguf" / "tiny.q8_0.gguf", stage="export", format="gguf", quant="q8_0", gate={"passed": True})
+    run.record_artifact(
+        "gguf-q8_0", run.path / "gguf" / "tiny.q8_0.gguf", stage="export", format="gguf", quant="q8_0", gate={"passed": True}
+    )
     ship = ship_stage(run, tiny_target(tmp_path, ["q8_0"]))
     readme = (ship / "README.md").read_text()
     assert "ftedge serve tiny.q8_0.gguf --port 8000" in readme and "llama-server -m tiny.q8_0.gguf --jinja -c 512" in readme
@@ -500,7 +638,10 @@ def test_chat_page_is_self_contained() -> None:
     assert "<script src" not in html and "<link" not in html
 
 
-@pytest.mark.skipif(_browser() is None, reason="no headless browser: install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(
+    _browser() is None,
+    reason="no headless browser: install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+)
 def test_chat_page_streams_a_reply_in_headless_chromium(served: Served, reference) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -556,8 +697,12 @@ def test_wheel_carries_the_chat_page(tmp_path: Path) -> None:
         shutil.copytree(root / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "_data"))
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(root / name, src / name)
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("ftedge-*.whl")
     with zipfile.ZipFile(wheel) as zf:

@@ -46,7 +46,9 @@ def test_schema_accepts_exactly_what_the_exporters_build(tmp_path: Path) -> None
     p.write_text("name: t\nonnx: {precisions: [int4, fp16]}\n")
     with pytest.raises(FtedgeError, match="onnx.precisions.1: unknown quant type 'fp16'"):
         load_target(p)
-    p.write_text(f"name: t\ngguf: {{quants: [{', '.join(GGUF_TYPES)}]}}\nonnx: {{precisions: [{', '.join(ONNX_PRECISIONS)}]}}\nship: Q4_K_M\n")
+    p.write_text(
+        f"name: t\ngguf: {{quants: [{', '.join(GGUF_TYPES)}]}}\nonnx: {{precisions: [{', '.join(ONNX_PRECISIONS)}]}}\nship: Q4_K_M\n"
+    )
     target = load_target(p)
     assert target.gguf.quants == list(GGUF_TYPES) and target.onnx.precisions == list(ONNX_PRECISIONS) and target.ship == "q4_k_m"
     p.write_text("name: t\ngates: {q4_k_m: {min_top1: 0.8, max_kl: 0.3}, q5_x: {min_top1: 0.8, max_kl: 0.3}}\n")

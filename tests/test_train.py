@@ -128,7 +128,9 @@ def test_early_stopping(tiny_recipe, tmp_path):
     from ftedge.train import train_stage
 
     # a vanishing lr: the eval loss stops improving, so patience 2 stops two evaluations after the best
-    run = _run(tiny_recipe, tmp_path, max_steps=20, eval_every=1, early_stopping_patience=2, lr=1e-12, warmup_ratio=0.0, scheduler="constant")
+    run = _run(
+        tiny_recipe, tmp_path, max_steps=20, eval_every=1, early_stopping_patience=2, lr=1e-12, warmup_ratio=0.0, scheduler="constant"
+    )
     metrics = train_stage(run)
     evals = [r["eval_loss"] for r in _losses(run)]
     best = min(range(len(evals)), key=evals.__getitem__)
@@ -178,11 +180,30 @@ def test_two_process_ddp_matches_one_process(tiny_recipe, tmp_path):
     one = _run(tiny_recipe, tmp_path, "one", max_steps=4, batch_size=4, eval_every=2)
     train_stage(one)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "ftedge.cli", "train", str(tiny_recipe),
-              "-o", "train.max_steps=4", "-o", "train.batch_size=2", "-o", "train.eval_every=2"]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "ftedge.cli",
+        "train",
+        str(tiny_recipe),
+        "-o",
+        "train.max_steps=4",
+        "-o",
+        "train.batch_size=2",
+        "-o",
+        "train.eval_every=2",
+    ]
     # without one shared --run-dir each rank would make its own folder: refused in one line
     proc = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert proc.returncode != 0 and "need one shared run folder" in proc.stderr and "FtedgeError" not in proc.stderr  # torchrun adds its own traceback
+    assert (
+        proc.returncode != 0 and "need one shared run folder" in proc.stderr and "FtedgeError" not in proc.stderr
+    )  # torchrun adds its own traceback
     proc = subprocess.run([*launch, "--run-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = Run.open(tmp_path / "two")

@@ -13,7 +13,9 @@ from ftedge.errors import FtedgeError
 __all__ = ["Backend", "detect_format", "load_backend"]
 
 
-def load_backend(path: str | Path, *, threads: int | None = None, n_ctx: int = 2048, adapter: str | Path | None = None, **kwargs) -> Backend:
+def load_backend(
+    path: str | Path, *, threads: int | None = None, n_ctx: int = 2048, adapter: str | Path | None = None, **kwargs
+) -> Backend:
     """Open any artifact: a .gguf file, an ONNX (ORT GenAI) folder, or an HF folder (+ optional adapter)."""
     path = Path(path)
     fmt = detect_format(path)

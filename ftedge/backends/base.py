@@ -28,7 +28,9 @@ def detect_format(path: Path) -> str:
         return "onnx"
     if (path / "config.json").is_file():
         return "hf"
-    raise FtedgeError(f"{path} is not a model folder (no genai_config.json or config.json)", hint="give an ORT GenAI folder, an HF folder or a .gguf file")
+    raise FtedgeError(
+        f"{path} is not a model folder (no genai_config.json or config.json)", hint="give an ORT GenAI folder, an HF folder or a .gguf file"
+    )
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,9 @@ class Backend(abc.ABC):
         """float32 logits, shape [len(ids), vocab]: row i predicts token i+1."""
 
     @abc.abstractmethod
-    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None) -> Iterator[int]:
+    def generate(
+        self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None
+    ) -> Iterator[int]:
         """Decoding, yielding each new token id; stops after a stop id (which is yielded) or the budget.
 
         Greedy when ``sampling`` is None (or has temperature 0); else each token is drawn with ``sample_next``."""

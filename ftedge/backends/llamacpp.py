@@ -125,7 +125,9 @@ class LlamaCppBackend(Backend):
         mparams.use_extra_bufts = self.extra_bufts
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
         if not self._model:
-            raise FtedgeError(f"llama.cpp cannot load {self.path}", hint="check the file is a complete GGUF of an architecture llama.cpp supports")
+            raise FtedgeError(
+                f"llama.cpp cannot load {self.path}", hint="check the file is a complete GGUF of an architecture llama.cpp supports"
+            )
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         threads = threads or min(4, os.cpu_count() or 1)
@@ -175,7 +177,9 @@ class LlamaCppBackend(Backend):
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         template = self.info.chat_template
         if not template:
-            raise FtedgeError(f"{self.path} has no chat template in its metadata (tokenizer.chat_template)", hint="re-export it with ftedge export")
+            raise FtedgeError(
+                f"{self.path} has no chat template in its metadata (tokenizer.chat_template)", hint="re-export it with ftedge export"
+            )
         specials = {f"{kind}_token": text for kind in ("bos", "eos", "pad") if (text := self._special_text(kind))}
         return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, special_tokens=specials)
 
@@ -253,7 +257,9 @@ class LlamaCppBackend(Backend):
         ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None) -> Iterator[int]:
+    def generate(
+        self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None
+    ) -> Iterator[int]:
         ids = list(ids)
         self._check_len(len(ids))
         stops = self.stop_ids if stop_ids is None else stop_ids

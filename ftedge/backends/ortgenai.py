@@ -98,7 +98,10 @@ class OrtGenAIBackend(Backend):
         try:
             return self.tokenizer.apply_chat_template(json.dumps(list(messages)), **kwargs)
         except Exception as err:
-            raise FtedgeError(f"{self.path}: cannot apply the chat template ({_first_line(err)})", hint="export a model whose tokenizer has a chat template") from None
+            raise FtedgeError(
+                f"{self.path}: cannot apply the chat template ({_first_line(err)})",
+                hint="export a model whose tokenizer has a chat template",
+            ) from None
 
     def tokenize(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
@@ -128,10 +131,14 @@ class OrtGenAIBackend(Backend):
             del gen
         out = out.reshape(-1, out.shape[-1])
         if out.shape[0] != len(ids):
-            raise FtedgeError(f"{self.path}: the model returned logits for {out.shape[0]} of {len(ids)} positions", hint="re-export without prune_lm_head")
+            raise FtedgeError(
+                f"{self.path}: the model returned logits for {out.shape[0]} of {len(ids)} positions", hint="re-export without prune_lm_head"
+            )
         return out.astype(np.float32, copy=True)
 
-    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None) -> Iterator[int]:
+    def generate(
+        self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None
+    ) -> Iterator[int]:
         stops = self.stop_ids if stop_ids is None else stop_ids
         if max_new_tokens <= 0:
             return

@@ -84,7 +84,9 @@ class TorchBackend(Backend):
             out = self.model(input_ids=x).logits[0]
         return out.float().cpu().numpy()
 
-    def generate(self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None) -> Iterator[int]:
+    def generate(
+        self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None
+    ) -> Iterator[int]:
         torch = self._torch
         stops = self.stop_ids if stop_ids is None else stop_ids
         rng = sampling.rng() if sampling is not None and not sampling.greedy else None

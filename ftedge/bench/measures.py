@@ -22,7 +22,6 @@ from ftedge.logits import TOP_K, grouped_kl, log_softmax, scored_from, top_k
 log = logging.getLogger(__name__)
 
 
-
 # -- math ------------------------------------------------------------------------
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
@@ -119,7 +118,9 @@ def measure_quality(
             offsets.append(offsets[-1])
             row_offsets.append(row_offsets[-1])
             continue
-        logp = log_softmax(backend.logits(full)[:-1], np.float32)  # float32: half the time on a 49k vocabulary  # row j predicts full[j + 1]
+        logp = log_softmax(
+            backend.logits(full)[:-1], np.float32
+        )  # float32: half the time on a 49k vocabulary  # row j predicts full[j + 1]
         if task == "label_match":
             if reuse_teacher_forcing:
                 answer, n_new = greedy_answer(backend, prompt, full, logp, max_new_tokens)
@@ -133,7 +134,7 @@ def measure_quality(
             if len(predictions) < 50:
                 predictions.append({"target": str(ex["target"]), "answer": answer, "correct": ok})
         answer_rows = np.arange(len(prompt) - 1, len(full) - 1)
-        nll_sum += float(-logp[answer_rows, np.asarray(full[len(prompt):])].sum())
+        nll_sum += float(-logp[answer_rows, np.asarray(full[len(prompt) :])].sum())
         nll_count += len(answer_rows)
         if reference_out is not None:
             ids_k, logp_k = top_k(logp)
@@ -184,7 +185,9 @@ def measure_quality(
 
 
 # -- speed -----------------------------------------------------------------------
-def measure_speed(backend: Backend, messages: Sequence[dict[str, str]], *, decode_tokens: int = 64, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+def measure_speed(
+    backend: Backend, messages: Sequence[dict[str, str]], *, decode_tokens: int = 64, repeats: int = 5, warmup: int = 1
+) -> dict[str, Any]:
     """TTFT, prefill and decode speed of greedy generation (stop tokens ignored), after warm-up.
 
     decode_tok_s is the median over repeats; decode_tok_s_p95 is the speed at the 95th-percentile

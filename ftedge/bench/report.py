@@ -131,7 +131,10 @@ def markdown(doc: dict[str, Any]) -> str:
     mismatched = [e for e in doc["artifacts"] if e.get("tokenization_mismatches")]
     if mismatched:
         lines += ["", "## Tokenization differences", ""]
-        lines += [f"- {e['name']}: {e['tokenization_mismatches']} examples tokenized differently from the reference (left out of top-1/KL)" for e in mismatched]
+        lines += [
+            f"- {e['name']}: {e['tokenization_mismatches']} examples tokenized differently from the reference (left out of top-1/KL)"
+            for e in mismatched
+        ]
     lines += ["", "## How to read it", ""] + [f"- {n}" for n in NOTES] + ["", "![accuracy vs decode speed](plot.png)", ""]
     return "\n".join(lines)
 

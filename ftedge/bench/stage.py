@@ -93,7 +93,10 @@ def select_artifacts(models: list[ArtifactSpec], patterns: list[str] | None, whe
     names = [m.name for m in models]
     for pat in patterns:
         if not fnmatch.filter(names, pat):
-            raise FtedgeError(f"eval.artifacts: {pat!r} matches no artifact of {where} ({', '.join(names)})", hint="fix the name or glob in the recipe's eval.artifacts")
+            raise FtedgeError(
+                f"eval.artifacts: {pat!r} matches no artifact of {where} ({', '.join(names)})",
+                hint="fix the name or glob in the recipe's eval.artifacts",
+            )
     return [m for m in models if any(fnmatch.fnmatchcase(m.name, pat) for pat in patterns)]
 
 
@@ -104,7 +107,9 @@ def run_specs(run: Run) -> list[ArtifactSpec]:
     for art in run.models():
         quant = art.quant or (_hf_dtype(art.path) if art.format == "hf" and art.path.is_dir() else None)
         load = {"trust_remote_code": recipe.trust_remote_code} if art.format == "hf" else {}
-        models.append(ArtifactSpec(art.key, art.format or "", quant, art.path, art.entry.get("size_bytes"), load, gate_passed=art.gate_passed))
+        models.append(
+            ArtifactSpec(art.key, art.format or "", quant, art.path, art.entry.get("size_bytes"), load, gate_passed=art.gate_passed)
+        )
     if not models:
         raise FtedgeError(f"no artifacts in {run.path}", hint=f"run `ftedge export {run.path}` first")
     order = {"hf": 0, "gguf": 1, "onnx": 2}
@@ -120,7 +125,9 @@ def run_specs(run: Run) -> list[ArtifactSpec]:
         if four_bit:
             load["four_bit"] = recipe.quant.model_dump()
         quant = recipe.quant.type if four_bit else _hf_dtype(base)
-        specs.append(ArtifactSpec("pytorch", "torch", f"{quant}+lora", base, _model_size(base) + _model_size(adapter.path), load, reference=True))
+        specs.append(
+            ArtifactSpec("pytorch", "torch", f"{quant}+lora", base, _model_size(base) + _model_size(adapter.path), load, reference=True)
+        )
     elif models[0].format == "hf":
         models[0].reference = True
     chosen = {m.name for m in select_artifacts(models, recipe.eval.artifacts, run.path)}
@@ -153,9 +160,14 @@ def load_data_file(path: Path) -> list[dict[str, Any]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise FtedgeError(f"{path}:{n}: not a JSON object per line ({err.msg})", hint="write one {\"text\": ..., \"label\": ...} object per line") from None
+                    raise FtedgeError(
+                        f"{path}:{n}: not a JSON object per line ({err.msg})", hint='write one {"text": ..., "label": ...} object per line'
+                    ) from None
                 if not isinstance(row, dict):
-                    raise FtedgeError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}", hint="write one {\"text\": ..., \"label\": ...} object per line")
+                    raise FtedgeError(
+                        f"{path}:{n}: expected a JSON object, got {type(row).__name__}",
+                        hint='write one {"text": ..., "label": ...} object per line',
+                    )
                 rows.append(row)
         else:
             raise FtedgeError(f"{path}: unsupported data file type {suffix or '(none)'}", hint="give a text,label .csv or .jsonl file")
@@ -166,7 +178,10 @@ def load_data_file(path: Path) -> list[dict[str, Any]]:
     columns = set(rows[0])
     label = next((c for c in LABEL_COLUMNS if c in columns), None)
     if "text" not in columns or label is None:
-        raise FtedgeError(f"{path}: needs a 'text' column and a label column ({'/'.join(LABEL_COLUMNS)}); found {sorted(columns)}", hint="rename the columns")
+        raise FtedgeError(
+            f"{path}: needs a 'text' column and a label column ({'/'.join(LABEL_COLUMNS)}); found {sorted(columns)}",
+            hint="rename the columns",
+        )
     examples = []
     for n, row in enumerate(rows, 2 if suffix == ".csv" else 1):
         text, target = row.get("text"), row.get(label)
@@ -190,7 +205,9 @@ def _last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def run_worker(job: dict[str, Any], work_dir: Path, name: str, *, command: Callable[[Path, Path], list[str]] | None = None) -> dict[str, Any]:
+def run_worker(
+    job: dict[str, Any], work_dir: Path, name: str, *, command: Callable[[Path, Path], list[str]] | None = None
+) -> dict[str, Any]:
     """Run one job in a child process; a crash or error yields a failed result, never an exception."""
     work_dir.mkdir(parents=True, exist_ok=True)
     job_path, result_path, log_path = work_dir / f"{name}.job.json", work_dir / f"{name}.result.json", work_dir / f"{name}.log"
@@ -261,7 +278,16 @@ def make_entry(spec: ArtifactSpec, result: dict[str, Any], target: Target, *, ba
     if ok and spec.reference and result.get("n_examples"):
         entry["top1_agreement"], entry["kl"] = 1.0, 0.0  # the reference against itself
     entry["fits"] = fits(size, entry["peak_rss_mb"], target) if ok else None
-    for extra in ("n_examples", "skipped_examples", "parity_positions", "tokenization_mismatches", "prompt_tokens", "decode_steps", "load_seconds", "wall_seconds"):
+    for extra in (
+        "n_examples",
+        "skipped_examples",
+        "parity_positions",
+        "tokenization_mismatches",
+        "prompt_tokens",
+        "decode_steps",
+        "load_seconds",
+        "wall_seconds",
+    ):
         if extra in result:
             entry[extra] = result[extra]
     if not ok:
@@ -302,7 +328,12 @@ def bench_specs(
                 "examples": list(examples),
                 "task": task,
                 "max_new_tokens": max_new_tokens,
-                "speed": {"messages": list(speed_messages), "decode_tokens": speed.decode_tokens, "repeats": speed.repeats, "warmup": speed.warmup},
+                "speed": {
+                    "messages": list(speed_messages),
+                    "decode_tokens": speed.decode_tokens,
+                    "repeats": speed.repeats,
+                    "warmup": speed.warmup,
+                },
                 "reference_out": str(ref_file) if spec.reference and examples else None,
                 "reference_in": str(ref_file) if not spec.reference and ref_file.is_file() else None,
             }
@@ -311,7 +342,13 @@ def bench_specs(
             entries.append(entry)
             predictions[spec.name] = result.get("predictions") or []
             if entry["status"] == "ok":
-                log.info("%s: accuracy %s, decode %.1f tok/s (%.0f s)", spec.name, _fmt(entry["accuracy"]), entry["decode_tok_s"] or 0.0, result.get("wall_seconds", 0))
+                log.info(
+                    "%s: accuracy %s, decode %.1f tok/s (%.0f s)",
+                    spec.name,
+                    _fmt(entry["accuracy"]),
+                    entry["decode_tok_s"] or 0.0,
+                    result.get("wall_seconds", 0),
+                )
             else:
                 log.warning("%s: failed: %s", spec.name, entry["error"])
             progress.advance(bar)
@@ -334,15 +371,37 @@ def _host() -> dict[str, Any]:
     return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
-def results_doc(subject: Path, target: Target, entries: list[dict[str, Any]], *, task: str | None, n_examples: int, max_new_tokens: int, speed: SpeedConfig, prompt_tokens: int | None) -> dict[str, Any]:
+def results_doc(
+    subject: Path,
+    target: Target,
+    entries: list[dict[str, Any]],
+    *,
+    task: str | None,
+    n_examples: int,
+    max_new_tokens: int,
+    speed: SpeedConfig,
+    prompt_tokens: int | None,
+) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "ftedge_version": __version__,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "subject": str(subject),
-        "target": {"name": target.name, "threads": target.threads, "n_ctx": target.n_ctx, "max_size_mb": target.max_size_mb, "max_ram_mb": target.max_ram_mb},
+        "target": {
+            "name": target.name,
+            "threads": target.threads,
+            "n_ctx": target.n_ctx,
+            "max_size_mb": target.max_size_mb,
+            "max_ram_mb": target.max_ram_mb,
+        },
         "eval": {"task": task, "n_examples": n_examples, "max_new_tokens": max_new_tokens},
-        "speed": {"prompt_tokens": prompt_tokens, "decode_tokens": speed.decode_tokens, "repeats": speed.repeats, "warmup": speed.warmup, "greedy": True},
+        "speed": {
+            "prompt_tokens": prompt_tokens,
+            "decode_tokens": speed.decode_tokens,
+            "repeats": speed.repeats,
+            "warmup": speed.warmup,
+            "greedy": True,
+        },
         "reference": next((e["name"] for e in entries if e.get("reference")), None),
         "host": _host(),
         "artifacts": entries,
@@ -354,7 +413,14 @@ def _prompt_tokens(entries: list[dict[str, Any]]) -> int | None:
 
 
 # -- public API ------------------------------------------------------------------
-def bench_run(run: Run, target: Target, *, json_path: Path | None = None, speed: SpeedConfig | None = None, command: Callable[[Path, Path], list[str]] | None = None) -> dict[str, Any]:
+def bench_run(
+    run: Run,
+    target: Target,
+    *,
+    json_path: Path | None = None,
+    speed: SpeedConfig | None = None,
+    command: Callable[[Path, Path], list[str]] | None = None,
+) -> dict[str, Any]:
     """Bench every artifact of a run; write bench/results.json, report.md, plot.png; print the table."""
     from ftedge.bench import report
 
@@ -379,7 +445,16 @@ def bench_run(run: Run, target: Target, *, json_path: Path | None = None, speed:
             base=run.path,
             command=command,
         )
-        doc = results_doc(run.path, target, entries, task=task, n_examples=len(examples), max_new_tokens=recipe.eval.max_new_tokens, speed=speed, prompt_tokens=_prompt_tokens(entries))
+        doc = results_doc(
+            run.path,
+            target,
+            entries,
+            task=task,
+            n_examples=len(examples),
+            max_new_tokens=recipe.eval.max_new_tokens,
+            speed=speed,
+            prompt_tokens=_prompt_tokens(entries),
+        )
         paths = report.write_reports(doc, out_dir, predictions=predictions)
         if json_path is not None:
             atomic.write_json(Path(json_path), doc)
@@ -393,7 +468,9 @@ def bench_run(run: Run, target: Target, *, json_path: Path | None = None, speed:
     return doc
 
 
-def bench_artifact(path: Path, target: Target, *, json_path: Path | None = None, data: Path | None = None, speed: SpeedConfig | None = None) -> dict[str, Any]:
+def bench_artifact(
+    path: Path, target: Target, *, json_path: Path | None = None, data: Path | None = None, speed: SpeedConfig | None = None
+) -> dict[str, Any]:
     """Bench one standalone .gguf or ORT GenAI folder: speed, plus accuracy/perplexity with ``data``."""
     from ftedge.bench import report
 
@@ -416,10 +493,28 @@ def bench_artifact(path: Path, target: Target, *, json_path: Path | None = None,
     task = "label_match" if examples else None
     messages = examples[0]["messages"] if examples else [{"role": "user", "content": DEFAULT_SPEED_PROMPT}]
     with tempfile.TemporaryDirectory(prefix="ftedge-bench-") as tmp:
-        entries, _ = bench_specs([spec], target, work_dir=Path(tmp), examples=examples, task=task or "label_match", max_new_tokens=16, speed_messages=messages, speed=speed)
+        entries, _ = bench_specs(
+            [spec],
+            target,
+            work_dir=Path(tmp),
+            examples=examples,
+            task=task or "label_match",
+            max_new_tokens=16,
+            speed_messages=messages,
+            speed=speed,
+        )
         if entries[0]["status"] != "ok":
             raise FtedgeError(f"bench of {path} failed: {entries[0]['error']}")
-    doc = results_doc(path.resolve(), target, entries, task=task, n_examples=len(examples), max_new_tokens=16, speed=speed, prompt_tokens=_prompt_tokens(entries))
+    doc = results_doc(
+        path.resolve(),
+        target,
+        entries,
+        task=task,
+        n_examples=len(examples),
+        max_new_tokens=16,
+        speed=speed,
+        prompt_tokens=_prompt_tokens(entries),
+    )
     if json_path is not None:
         atomic.write_json(Path(json_path), doc)
     report.print_table(doc)

@@ -58,7 +58,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 )
             )
         speed = job["speed"]
-        result.update(measure_speed(backend, speed["messages"], decode_tokens=speed["decode_tokens"], repeats=speed["repeats"], warmup=speed["warmup"]))
+        result.update(
+            measure_speed(
+                backend, speed["messages"], decode_tokens=speed["decode_tokens"], repeats=speed["repeats"], warmup=speed["warmup"]
+            )
+        )
     finally:
         backend.close()
     result["seconds"] = round(time.perf_counter() - started, 3)

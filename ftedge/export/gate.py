@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STOP_BOUND = 64
 
+
 def thresholds_for(quant: str, target: Any | None = None) -> dict[str, float]:
     """Gate thresholds for a quant type: the target profile's, else the built-in default."""
     gates = getattr(target, "gates", None) or {}
@@ -69,7 +70,9 @@ class Reference:
         return list(self.texts)
 
 
-def build_reference(merged_dir: Path, prompts: Sequence[Prompt], *, threads: int | None = None, stop_bound: int = DEFAULT_STOP_BOUND) -> Reference:
+def build_reference(
+    merged_dir: Path, prompts: Sequence[Prompt], *, threads: int | None = None, stop_bound: int = DEFAULT_STOP_BOUND
+) -> Reference:
     """Run the merged model once over the gate prompts (reused for every artifact)."""
     from ftedge.backends.torch import TorchBackend
 
@@ -139,7 +142,9 @@ def stop_check(backend: Any, reference: Reference) -> dict[str, Any]:
     }
 
 
-def run_gate(backend: Any, reference: Reference, quant: str, *, target: Any | None = None, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+def run_gate(
+    backend: Any, reference: Reference, quant: str, *, target: Any | None = None, thresholds: dict[str, float] | None = None
+) -> dict[str, Any]:
     """All gate checks of one opened artifact; ``passed`` is the verdict."""
     th = thresholds or thresholds_for(quant, target)
     logits = [backend.logits(s)[reference.start :] for s in reference.ids]
@@ -169,7 +174,9 @@ def run_gate(backend: Any, reference: Reference, quant: str, *, target: Any | No
     }
 
 
-def gate_artifact(path: Path, reference: Reference, quant: str, *, target: Any | None = None, threads: int | None = None, n_ctx: int = 2048) -> dict[str, Any]:
+def gate_artifact(
+    path: Path, reference: Reference, quant: str, *, target: Any | None = None, threads: int | None = None, n_ctx: int = 2048
+) -> dict[str, Any]:
     """Open an artifact (.gguf or ORT GenAI folder) through its backend and gate it."""
     from ftedge.backends import load_backend
 

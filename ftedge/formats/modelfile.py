@@ -34,7 +34,12 @@ def go_template(chat_template: str, *, bos: str = "", eos: str = "") -> tuple[st
         specials = {k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v}
         return render_chat_template(chat_template, msgs, add_generation_prompt=gen, special_tokens=specials)
 
-    sys_m, usr, ast, usr2 = ({"role": "system", "content": _S}, {"role": "user", "content": _U}, {"role": "assistant", "content": _A}, {"role": "user", "content": _U2})
+    sys_m, usr, ast, usr2 = (
+        {"role": "system", "content": _S},
+        {"role": "user", "content": _U},
+        {"role": "assistant", "content": _A},
+        {"role": "user", "content": _U2},
+    )
     t_su = render([sys_m, usr], False)
     t_sug = render([sys_m, usr], True)
     t_sua = render([sys_m, usr, ast], False)
@@ -56,10 +61,20 @@ def go_template(chat_template: str, *, bos: str = "", eos: str = "") -> tuple[st
         if head.startswith(sp) and head.endswith(ss + up):
             default_system = head[len(sp) : len(head) - len(ss + up)] or None
     tmpl = (
-        '{{- range .Messages }}{{ if eq .Role "system" }}' + sp + "{{ .Content }}" + ss
-        + '{{ else if eq .Role "user" }}' + up + "{{ .Content }}" + us
-        + '{{ else if eq .Role "assistant" }}' + ap + "{{ .Content }}" + as_
-        + "{{ end }}{{ end }}" + gen
+        '{{- range .Messages }}{{ if eq .Role "system" }}'
+        + sp
+        + "{{ .Content }}"
+        + ss
+        + '{{ else if eq .Role "user" }}'
+        + up
+        + "{{ .Content }}"
+        + us
+        + '{{ else if eq .Role "assistant" }}'
+        + ap
+        + "{{ .Content }}"
+        + as_
+        + "{{ end }}{{ end }}"
+        + gen
     )
     return tmpl, default_system
 

@@ -111,8 +111,18 @@ class Interrupt:
 class Trainer:
     """Runs the steps of one training stage; see the module docstring."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, train_rows: list[Encoded], val_rows: list[Encoded], out_dir: Path,
-                 *, dtype: torch.dtype, pad_id: int, accelerator: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        train_rows: list[Encoded],
+        val_rows: list[Encoded],
+        out_dir: Path,
+        *,
+        dtype: torch.dtype,
+        pad_id: int,
+        accelerator: Any,
+    ) -> None:
         self.cfg = cfg
         self.model = model
         self.train_rows = train_rows
@@ -231,7 +241,10 @@ class Trainer:
             tmp.mkdir(parents=True)
             save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": self._unwrapped_opt().state_dict(), "scheduler": self.sched.state_dict()}, tmp / "optim.pt")
-            torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+            torch.save(
+                {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                tmp / "rng.pt",
+            )
             atomic.write_json(tmp / "state.json", {**self.state.__dict__, "steps": self.steps})
         for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
@@ -311,8 +324,15 @@ def _progress(enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled, transient=False,
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
     )
 
 
@@ -336,8 +356,14 @@ def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
                 st.seconds += dt
                 st.step += 1
                 st.last_loss = loss
-                record: dict[str, Any] = {"step": st.step, "loss": round(loss, 6), "lr": trainer.sched.get_last_lr()[0],
-                                          "tokens": st.tokens, "tok_s": round((st.tokens - tokens_before) / dt, 1), "step_s": round(dt, 3)}
+                record: dict[str, Any] = {
+                    "step": st.step,
+                    "loss": round(loss, 6),
+                    "lr": trainer.sched.get_last_lr()[0],
+                    "tokens": st.tokens,
+                    "tok_s": round((st.tokens - tokens_before) / dt, 1),
+                    "step_s": round(dt, 3),
+                }
                 if trainer.last_grad_norm is not None:
                     record["grad_norm"] = round(trainer.last_grad_norm, 4)
                 if st.step % cfg.eval_every == 0 or st.step == trainer.steps:
@@ -353,11 +379,20 @@ def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
                             patience = cfg.early_stopping_patience
                             if patience is not None and st.bad_evals >= patience:
                                 st.stopped_early = True
-                                log.info("early stop at step %d: eval loss has not improved for %d evaluations (best %.4f at step %d)",
-                                         st.step, st.bad_evals, st.best_eval, st.best_step)
+                                log.info(
+                                    "early stop at step %d: eval loss has not improved for %d evaluations (best %.4f at step %d)",
+                                    st.step,
+                                    st.bad_evals,
+                                    st.best_eval,
+                                    st.best_step,
+                                )
                 st.history.append({k: record[k] for k in ("step", "loss", "eval_loss") if k in record})
                 rec.write(record)
-                info = f"loss {loss:.4f}" + (f" eval {st.last_eval:.4f}" if st.last_eval is not None else "") + f" {st.tokens / max(st.seconds, 1e-9):.0f} tok/s"
+                info = (
+                    f"loss {loss:.4f}"
+                    + (f" eval {st.last_eval:.4f}" if st.last_eval is not None else "")
+                    + f" {st.tokens / max(st.seconds, 1e-9):.0f} tok/s"
+                )
                 bar.update(task, completed=st.step, info=info)
                 if st.step % cfg.save_every == 0 or st.step == trainer.steps or st.stopped_early or interrupt.requested:
                     trainer.save_checkpoint()

@@ -47,7 +47,9 @@ def load_model(recipe: Recipe, base: Path, device: torch.device, dtype: torch.dt
     elif method == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     elif gc:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -57,7 +59,9 @@ def load_model(recipe: Recipe, base: Path, device: torch.device, dtype: torch.dt
     from peft import LoraConfig, get_peft_model
 
     lora = recipe.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+    )
     model = get_peft_model(model, config)
     model.train()
     return model
@@ -100,8 +104,13 @@ class LabelOnlyLoss(nn.Module):
         if self.decoder is None or self.head is None:
             raise FtedgeError(f"model type {lm.config.model_type} has no separate decoder and LM head", hint="use a standard causal LM")
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state[:, :-1]
         target = labels[:, 1:]
@@ -124,7 +133,9 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     params = dict(model.named_parameters())
     missing = [k for k in state if k not in params]
     if missing:
-        raise FtedgeError(f"checkpoint does not match the model (unknown weights {missing[:2]})", hint="resume with the same recipe, or start a new run")
+        raise FtedgeError(
+            f"checkpoint does not match the model (unknown weights {missing[:2]})", hint="resume with the same recipe, or start a new run"
+        )
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v.to(params[k].device, params[k].dtype))

@@ -89,9 +89,17 @@ def train_stage(run: Run, *, resume: bool = False) -> dict[str, Any]:
             checkpoint = found[-1] if found else None
             if checkpoint is None:
                 log.info("train: no checkpoint in %s: starting from step 0", out)
-        log.info("train: %s on %s (%s), %d steps x %d examples, %d train / %d val rows, max_length %d",
-                 cfg.method, device, str(dtype).removeprefix("torch."), trainer.steps, cfg.batch_size * cfg.grad_accum * trainer.world,
-                 len(train_rows), len(val_rows), cfg.max_length)
+        log.info(
+            "train: %s on %s (%s), %d steps x %d examples, %d train / %d val rows, max_length %d",
+            cfg.method,
+            device,
+            str(dtype).removeprefix("torch."),
+            trainer.steps,
+            cfg.batch_size * cfg.grad_accum * trainer.world,
+            len(train_rows),
+            len(val_rows),
+            cfg.max_length,
+        )
         try:
             st = fit(trainer, resume_from=checkpoint)
         finally:
@@ -106,8 +114,16 @@ def train_stage(run: Run, *, resume: bool = False) -> dict[str, Any]:
 
                     save_weights(model, tmp)
             fmt = "hf" if cfg.method == "full" else "peft"
-            run.record_artifact("adapter", adapter, stage="train", format=fmt, base_model=str(base), method=cfg.method,
-                                best_step=st.best_step, eval_loss=st.best_eval)
+            run.record_artifact(
+                "adapter",
+                adapter,
+                stage="train",
+                format=fmt,
+                base_model=str(base),
+                method=cfg.method,
+                best_step=st.best_step,
+                eval_loss=st.best_eval,
+            )
             log.info(summary_line(metrics))
     accelerator.wait_for_everyone()
     return metrics
@@ -137,6 +153,8 @@ def _metrics(st: Any, rss: float) -> dict[str, Any]:
 
 def summary_line(m: dict[str, Any]) -> str:
     best = f"{m['best_eval_loss']:.4f} (step {m['best_step']})" if m.get("best_eval_loss") is not None else "n/a"
-    return (f"train: {m['steps']} steps, {m['examples']} examples, {m['tokens']} tokens in {m['seconds']:.0f} s "
-            f"({m['tokens_per_s'] or 0:.0f} tok/s), peak RSS {m['peak_rss_mb']:.0f} MB, best eval loss {best}"
-            + (", stopped early" if m.get("stopped_early") else ""))
+    return (
+        f"train: {m['steps']} steps, {m['examples']} examples, {m['tokens']} tokens in {m['seconds']:.0f} s "
+        f"({m['tokens_per_s'] or 0:.0f} tok/s), peak RSS {m['peak_rss_mb']:.0f} MB, best eval loss {best}"
+        + (", stopped early" if m.get("stopped_early") else "")
+    )
