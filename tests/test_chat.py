@@ -110,12 +110,16 @@ def test_history_is_trimmed_to_the_context(tiny_model_dir: Path) -> None:
         msgs += [{"role": "user", "content": f"question number {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
     msgs.append({"role": "user", "content": "last"})
     budget = 120
-    kept = chat.fit_history(backend, msgs, budget=budget)
+    kept = chat.fit_history(backend, msgs, n_ctx=budget + 8, max_new_tokens=8)
     assert kept[0]["role"] == "system" and kept[-1]["content"] == "last"
     assert len(backend.chat_ids(kept)) <= budget < len(backend.chat_ids(msgs))
     assert kept[1]["role"] == "user"  # whole turns dropped, oldest first
-    with pytest.raises(FtedgeError, match="longer than the context"):
-        chat.fit_history(backend, [{"role": "user", "content": "word " * 200}], budget=50)
+    with pytest.raises(FtedgeError, match="longer than the context") as info:
+        chat.fit_history(backend, [{"role": "user", "content": "word " * 200}], n_ctx=60, max_new_tokens=10)
+    assert "context of 60 tokens" in str(info.value) and "shorter message" in str(info.value)  # names the real context and fix
+    assert "--max-new-tokens" not in info.value.hint  # the prompt alone is over the context: lowering the reply cannot help
+    with pytest.raises(FtedgeError, match="or lower --max-new-tokens"):  # here it can
+        chat.fit_history(backend, [{"role": "user", "content": "word " * 20}], n_ctx=60, max_new_tokens=30)
 
 
 def test_chat_errors_are_one_line(tmp_path: Path) -> None:
