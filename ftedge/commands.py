@@ -41,6 +41,8 @@ def create_or_resume(
         raise FtedgeError("give a RECIPE, or --resume RUN")
     if force and run_dir is None:
         raise FtedgeError("--force replaces the run in --run-dir", hint="give the --run-dir to replace, or drop --force")
+    if run_dir is not None:
+        Run.check_new_folder(run_dir, force=force)  # before the slower checks; Run.create checks again under the lock
     preflight(recipe_path, overrides)
     return Run.create(load_recipe(recipe_path, overrides), run_dir=run_dir, force=force)
 

@@ -343,6 +343,7 @@ def load_causal_lm(
     A 4-bit model keeps its other weights (embeddings, norms) in ``dtype`` too, exactly as
     training loaded it; it is placed on ``device`` by bitsandbytes. A float model is moved there.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
@@ -352,7 +353,7 @@ def load_causal_lm(
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # missing/damaged files, shapes that do not fit the config
         first = str(err).splitlines()[0] if str(err) else ""
         raise FtedgeError(
             f"cannot load model {path} ({type(err).__name__}: {first[:300]})", hint="check the folder holds a complete model"
@@ -366,7 +367,14 @@ def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False, re
     """The model folder's tokenizer; refuses one without a chat template unless told otherwise."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # no or damaged tokenizer files
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise FtedgeError(
+            f"cannot load the tokenizer of {model_dir} ({type(err).__name__}: {first[:300]})",
+            hint="the model folder needs its tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)",
+        ) from None
     if require_chat_template and getattr(tok, "chat_template", None) is None:
         raise FtedgeError(
             f"tokenizer of {model_dir} has no chat template",

@@ -121,19 +121,14 @@ class Run:
                 run_dir = _new_folder(Path(runs_root), recipe.name)
             else:
                 run_dir = Path(run_dir)
-                if run_dir.exists() and not run_dir.is_dir():
-                    raise FtedgeError(f"--run-dir {run_dir} is a file, not a folder", hint="pick another --run-dir")
+                cls.check_new_folder(run_dir, force=force)
                 run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise from_os_error(err, run_dir or runs_root) from None
         run = cls(run_dir)
         with run.lock("create"):
+            cls.check_new_folder(run.path, force=force)  # again, under the lock: another process may have been first
             if run.manifest_path.exists():
-                if not force:
-                    raise FtedgeError(
-                        f"{run_dir} already holds a run{run._state_note()}",
-                        hint=f"continue it with `--resume {run_dir}`, replace it with `--force`, or pick another --run-dir",
-                    )
                 log.warning("--force: replacing the run in %s", run.path)
                 run._clear()
             atomic.write_text(run.path / RECIPE, dump_recipe(recipe))
@@ -151,6 +146,18 @@ class Run:
             )
         log.info("created run %s", run.path)
         return run
+
+    @classmethod
+    def check_new_folder(cls, run_dir: Path, *, force: bool = False) -> None:
+        """Refuse a --run-dir that is a file, or that holds a run already (unless ``force`` replaces it)."""
+        run_dir = Path(run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise FtedgeError(f"--run-dir {run_dir} is a file, not a folder", hint="pick another --run-dir")
+        if (run_dir / MANIFEST).exists() and not force:
+            raise FtedgeError(
+                f"{run_dir} already holds a run{cls(run_dir)._state_note()}",
+                hint=f"continue it with `--resume {run_dir}`, replace it with `--force`, or pick another --run-dir",
+            )
 
     def _state_note(self) -> str:
         """`` (train failed: ...)``: what the existing run's first unfinished stage says, for messages."""
