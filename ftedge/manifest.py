@@ -247,7 +247,9 @@ class Run:
         try:
             fh = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 -- held until the with-block ends
         except OSError as err:
-            raise from_os_error(err, lock_path, hint=f"ftedge writes into the run folder {self.path}; make it writable") from None
+            raise from_os_error(
+                err, lock_path, hint=f"ftedge writes into the run folder {self.path}: make it writable, or copy the run to a writable disk"
+            ) from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

@@ -422,3 +422,43 @@ def test_the_converter_running_out_of_space_says_so(tmp_path: Path, tiny_model_d
         with pytest.raises(DiskFullError, match=f"no space left to write {out}"):
             g.convert_to_gguf(tiny_model_dir, out, outtype="f16")
         assert list((tmp_path / "disk").iterdir()) == []
+
+
+@pytest.mark.parametrize("what", ["f16 GGUF", "ONNX int4"])
+def test_exports_check_the_free_space_first(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+    """Before the converter or the builder starts: the expected size (weights x bytes per weight) against what is free."""
+    import ftedge.errors
+    from ftedge.hf import parameter_count
+
+    monkeypatch.setattr(ftedge.errors, "free_bytes", lambda folder: 1_000_000)
+    params = parameter_count(tiny_model_dir)
+    if what == "f16 GGUF":
+        from ftedge.export.gguf import convert_to_gguf
+
+        with pytest.raises(
+            DiskFullError, match=rf"the f16 GGUF model-f16.gguf in .*: it needs about {params * 2 / 1e6:.1f} MB, 1.0 MB free"
+        ):
+            convert_to_gguf(tiny_model_dir, tmp_path / "model-f16.gguf", outtype="f16")
+    else:
+        pytest.importorskip("onnxruntime_genai")
+        from ftedge.export.onnx import export_onnx
+
+        with pytest.raises(DiskFullError, match=rf"the ONNX int4 export in .*: it needs about {params * 0.5 / 1e6:.1f} MB, 1.0 MB free"):
+            export_onnx(tiny_model_dir, tmp_path / "onnx" / "int4", "int4")
+    assert [p.name for p in tmp_path.rglob("*")] in ([], ["onnx"])
+
+
+@pytest.mark.slow
+def test_the_onnx_builder_running_out_of_space_says_so(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real disk full inside onnxruntime-genai's builder subprocess: its output is read for the cause (real tmpfs)."""
+    pytest.importorskip("onnxruntime_genai")
+    import ftedge.export.onnx as onnx_export
+
+    with small_disk(tmp_path / "disk", "4m") as mounted:
+        if not mounted:
+            pytest.skip("mounting a tmpfs is not permitted here")
+        monkeypatch.setattr(onnx_export, "check_free_space", lambda *a, **k: None)
+        out = tmp_path / "disk" / "fp32"
+        with pytest.raises(DiskFullError, match=f"no space left to write {out}"):
+            onnx_export.export_onnx(tiny_model_dir, out, "fp32")
+        assert list((tmp_path / "disk").iterdir()) == []

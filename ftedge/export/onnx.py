@@ -76,7 +76,10 @@ def _check_source(merged_dir: Path) -> None:
 
 
 def run_builder(merged_dir: Path, out: Path, precision: str, cache: Path, *, timeout: float = BUILDER_TIMEOUT_S) -> None:
-    """Run onnxruntime-genai's model builder (CPU) into ``out``; one-line error with its last error line."""
+    """Run onnxruntime-genai's model builder (CPU) into ``out``; one-line error with its last error line.
+
+    A cause the user can fix (no space, read-only, no permission) found in its output is raised as that OSError.
+    """
     base = "int4" if precision.startswith("int4") else precision
     cmd = [
         sys.executable,
@@ -111,7 +114,7 @@ def run_builder(merged_dir: Path, out: Path, precision: str, cache: Path, *, tim
         msg = _last_error_line(proc.stderr + "\n" + proc.stdout)
         cause = os_error_in(proc.stderr + "\n" + proc.stdout, out.parent)  # the builder's own words, else a full disk
         if cause is not None:
-            raise from_os_error(cause, out)
+            raise cause  # the caller's atomic write names the artifact (``out`` is its temp folder)
         raise FtedgeError(
             f"ONNX builder failed on {merged_dir} ({precision}): {msg}",
             hint="check that the model architecture is supported by onnxruntime-genai",
