@@ -78,7 +78,12 @@ def from_os_error(
     if err.errno in (errno.EACCES, errno.EPERM):
         return DiskError(
             f"cannot {action} {where}: permission denied",
-            hint=hint or "give your user access to it (chmod/chown) or use a folder you can write to",
+            hint=hint
+            or (
+                "give your user access to it (chmod/chown) or use a folder you can write to"
+                if action == "write"
+                else "give your user access to it (chmod/chown)"
+            ),
         )
     if err.errno == errno.ENOENT:
         return FtedgeError(f"cannot {action} {where}: it or a folder on the way does not exist", hint=hint or "create it or fix the path")

@@ -245,7 +245,8 @@ NOBODY = 65534
 # Imports everything an early refusal needs, then gives up root for `nobody` (the interpreter itself may live
 # where `nobody` cannot read, e.g. under /root) and runs the CLI with the given arguments.
 _AS_NOBODY = (
-    "import os, sys; import ftedge.cli, ftedge.commands, ftedge.logs, ftedge.manifest, rich.logging; "
+    "import os, sys, difflib; import ftedge.cli, ftedge.commands, ftedge.logs, ftedge.manifest, ftedge.validate, ftedge.formats.gguf; "
+    "import rich.logging; "
     "os.setgroups([]); os.setgid({uid}); os.setuid({uid}); sys.argv = ['ftedge', *sys.argv[1:]]; ftedge.cli.main()"
 )
 

@@ -93,6 +93,8 @@ def corpus(tiny_model_dir: Path) -> Iterator[Corpus]:
 def _make_corpus(root: Path, tiny_model_dir: Path) -> Corpus:
     model = root / "model"
     shutil.copytree(tiny_model_dir, model)
+    for path in (model, *model.iterdir()):  # readable by `nobody` too (the fixture's folder is private)
+        path.chmod(0o755 if path.is_dir() else 0o644)
     data = write_text_label_csv(root / "train.csv")
     raw = {
         "name": "corpus",
@@ -286,9 +288,17 @@ def test_disks_and_permissions_are_one_line_and_record_nothing(
         else:
             unavailable.append("tmpfs")
         if nobody_runs_ftedge(corpus.env, root):
-            cases.append(
-                Case("permission denied: export", ["export", str(run)], ("cannot write", "permission denied"), run=run, as_nobody=True)
-            )
+            other = Run.create(load_recipe(corpus.recipe), run_dir=root / "root-only-run").path
+            secret = root / "secret.csv"
+            shutil.copy(root / "train.csv", secret)
+            secret.chmod(0o600)
+            denied = ("cannot write", "permission denied")
+            cases += [
+                Case("permission denied: export", ["export", str(other)], denied, run=other, as_nobody=True),
+                Case(
+                    "permission denied: data", ["validate", str(corpus.recipe), "-o", f"data.train={secret}"], "cannot read", as_nobody=True
+                ),
+            ]
         else:
             unavailable.append("running as nobody")
         problems = _run_cases(corpus, cases)

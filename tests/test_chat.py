@@ -125,3 +125,12 @@ def test_history_is_trimmed_to_the_context(tiny_model_dir: Path) -> None:
 def test_chat_errors_are_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["chat", str(tmp_path / "nope.gguf"), "-p", "hi"])
     assert result.exit_code == 2 and "not found" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_an_over_long_prompt_names_the_real_context_and_option(tiny_gguf: Path) -> None:
+    """The tiny model was trained with a 512-token context: chat opens that (not 4096) and says so, naming its own option."""
+    result = CliRunner().invoke(main, ["chat", str(tiny_gguf), "-p", "word " * 490, "--max-new-tokens", "64", "--threads", "1"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert len(line.splitlines()) == 1 and "context of 512 tokens" in line and "keeps 64 for the reply" in line
+    assert "or lower --max-new-tokens" in line  # the prompt alone fits 512: a shorter reply would make room
