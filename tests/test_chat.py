@@ -129,7 +129,7 @@ def test_chat_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_an_over_long_prompt_names_the_real_context_and_option(tiny_gguf: Path) -> None:
     """The tiny model was trained with a 512-token context: chat opens that (not 4096) and says so, naming its own option."""
-    result = CliRunner().invoke(main, ["chat", str(tiny_gguf), "-p", "word " * 490, "--max-new-tokens", "64", "--threads", "1"])
+    result = CliRunner().invoke(main, ["chat", str(tiny_gguf), "-p", "word " * 440, "--max-new-tokens", "64", "--threads", "1"])
     assert result.exit_code == 2, result.output
     line = result.output.strip()
     assert len(line.splitlines()) == 1 and "context of 512 tokens" in line and "keeps 64 for the reply" in line

@@ -462,3 +462,27 @@ def test_the_onnx_builder_running_out_of_space_says_so(tmp_path: Path, tiny_mode
         with pytest.raises(DiskFullError, match=f"no space left to write {out}"):
             onnx_export.export_onnx(tiny_model_dir, out, "fp32")
         assert list((tmp_path / "disk").iterdir()) == []
+
+
+def test_a_read_only_model_cache_says_which_setting_to_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .gguf base model is dequantized once into $FTEDGE_CACHE: a cache that cannot be written is named, with the setting."""
+    from helpers import read_only
+
+    from ftedge.hf import gguf_to_hf
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("FTEDGE_CACHE", str(cache))
+    gguf = write_gguf_header_only(tmp_path / "m.gguf", "llama")
+    with read_only(cache) as mounted:
+        if not mounted:  # the same errno where the cache folder is made
+            real_mkdir = Path.mkdir
+
+            def mkdir(self, *args, **kwargs):
+                if str(self).startswith(str(cache)):
+                    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+                return real_mkdir(self, *args, **kwargs)
+
+            monkeypatch.setattr(Path, "mkdir", mkdir)
+        with pytest.raises(DiskError, match=rf"cannot write {cache / 'models'}: read-only file system \(fix: set FTEDGE_CACHE"):
+            gguf_to_hf(gguf)
