@@ -115,9 +115,13 @@ def _cell(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def _ci(entry: dict[str, Any], key: str, scale: float = 1.0, digits: int = 1) -> str:
+def _ci(entry: dict[str, Any], key: str, scale: float = 1.0, digits: int = 1, *, label: str | None = None) -> str:
+    """`` [low, high]`` of an entry's 95% interval; with ``label``, `` (95% CI low-high{label})``."""
     ci = entry.get(f"{key}_ci")
-    return f" [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]" if ci else ""
+    if not ci:
+        return ""
+    low, high = f"{scale * ci[0]:.{digits}f}", f"{scale * ci[1]:.{digits}f}"
+    return f" [{low}, {high}]" if label is None else f" (95% CI {low}-{high}{label})"
 
 
 def front_matter(recipe: Any, chosen: Artifact, doc: dict[str, Any] | None) -> str:
@@ -139,15 +143,21 @@ def front_matter(recipe: Any, chosen: Artifact, doc: dict[str, Any] | None) -> s
     if entry is not None:
         figures = []
         if entry.get("accuracy") is not None:
-            figures.append({"type": "accuracy", "value": round(entry["accuracy"], 4), "name": "Accuracy" + _ci(entry, "accuracy", 100)})
+            figures.append(
+                {"type": "accuracy", "value": round(entry["accuracy"], 4), "name": "Accuracy" + _ci(entry, "accuracy", 100, label="%")}
+            )
         if entry.get("macro_f1") is not None:
             figures.append({"type": "f1", "value": entry["macro_f1"], "name": "Macro-F1"})
         if entry.get("perplexity") is not None:
             figures.append(
-                {"type": "perplexity", "value": round(entry["perplexity"], 4), "name": "Answer perplexity" + _ci(entry, "perplexity", 1, 3)}
+                {
+                    "type": "perplexity",
+                    "value": round(entry["perplexity"], 4),
+                    "name": "Answer perplexity" + _ci(entry, "perplexity", 1, 3, label=""),
+                }
             )
         if entry.get("chrf") is not None:
-            figures.append({"type": "chrf", "value": entry["chrf"], "name": "chrF" + _ci(entry, "chrf")})
+            figures.append({"type": "chrf", "value": entry["chrf"], "name": "chrF" + _ci(entry, "chrf", label="")})
         if figures:
             split = (doc or {}).get("eval", {}).get("split") or "held-out"
             meta["model-index"] = [

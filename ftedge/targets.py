@@ -218,6 +218,12 @@ def _gap(metric: str, value: float, ref_value: float) -> float:
     return 100 * (value / ref_value - 1)
 
 
+def _amount(x: float, unit: str) -> str:
+    if unit == "%":
+        return f"{x:.2f}%"
+    return f"{x:.2f} point" + ("" if round(x, 2) == 1 else "s")
+
+
 def _misfit(entry: dict[str, Any], target: Target) -> str | None:
     size, rss = entry.get("size_bytes"), entry.get("peak_rss_mb")
     if target.max_size_mb is not None and size is not None and size / MB > target.max_size_mb:
@@ -277,18 +283,20 @@ def ship_decision(doc: dict[str, Any], target: Target, *, available: Collection[
         eligible.append((cand, gap))
         if value is None:
             cand.reason = f"no {metric} measured"
-        elif gap is not None and gap > tol:
-            cand.reason = f"{metric} {show_metric(metric, value)}: {gap:.2f} {unit} worse than the reference (tolerance {tol:g})"
+        elif gap is not None and gap > tol + 1e-9:  # 0.80 - 0.79 is 1.0000000000000009 points
+            cand.reason = (
+                f"{metric} {show_metric(metric, value)}: {_amount(gap, unit)} worse than the reference (tolerance {_amount(tol, unit)})"
+            )
         else:
             cand.verdict = "qualifies"
-            cand.reason = f"{metric} {show_metric(metric, value)} within {tol:g} {unit} of the reference, fits, passed its gate"
+            cand.reason = f"{metric} {show_metric(metric, value)} within {_amount(tol, unit)} of the reference, fits, passed its gate"
     qualifying = [c for c, _ in eligible if c.verdict == "qualifies"]
     ref_text = f"{ref['name']} ({show_metric(metric, ref_value)})" if ref else "none"
     within = bool(qualifying)
     if qualifying:
         chosen = min(qualifying, key=lambda c: (c.size_bytes if c.size_bytes is not None else float("inf"), c.name))
         summary = (
-            f"ship: auto chose {chosen.name}: the smallest GGUF whose {metric} is within {tol:g} {unit} of the reference "
+            f"ship: auto chose {chosen.name}: the smallest GGUF whose {metric} is within {_amount(tol, unit)} of the reference "
             f"{ref_text}{stand_in}, that fits {target.name} and passed its gate"
         )
         for c in qualifying:
@@ -297,7 +305,7 @@ def ship_decision(doc: dict[str, Any], target: Target, *, available: Collection[
     elif any(g is not None for _, g in eligible):
         chosen = min((c for c, g in eligible if g is not None), key=lambda c: (_gap(metric, c.value, ref_value), c.size_bytes or 0))
         summary = (
-            f"ship: auto found no GGUF within {tol:g} {unit} of the reference {ref_text}{stand_in}; shipping the closest that "
+            f"ship: auto found no GGUF within {_amount(tol, unit)} of the reference {ref_text}{stand_in}; shipping the closest that "
             f"fits {target.name} and passed its gate, {chosen.name}: check its figures, or widen ship_tolerance"
         )
     elif eligible:

@@ -50,3 +50,4 @@ def test_wheel_carries_the_target_profiles(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     profiles = {p.name for p in (root / "export").glob("*.yaml")}
     assert profiles and {f"ftedge/_data/export/{n}" for n in profiles} <= names
+    assert "ftedge/bench/general.jsonl" in names  # the drift check's general prompts
