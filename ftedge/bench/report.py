@@ -342,9 +342,9 @@ def plot_png(doc: dict[str, Any]) -> bytes:
             ax.scatter(x, y, s=p["area"] * (1.6 if p["marker"] == "*" else 1.0), marker=p["marker"], alpha=0.75, zorder=3)
             flip = (not flip) if last_x is not None and x - last_x < 0.12 * span else False  # neighbours: labels above / below
             last_x = x
-            ax.annotate(
-                f"{p['name']} ({p['size_mb']:,.0f} MB)", (x, y), textcoords="offset points", xytext=(8, -13 if flip else 6), fontsize=8
-            )
+            gap = (p["area"] / 3.14159) ** 0.5 + 3  # points: each label starts beside its marker, whatever the marker's size
+            text = f"{p['name']} ({p['size_mb']:,.0f} MB)"
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(gap, -13 if flip else 5), fontsize=8)
         failed = [e["name"] for e in doc["artifacts"] if e.get("status") != "ok"]
         if failed:
             ax.text(0.01, 0.01, "failed: " + ", ".join(failed), transform=ax.transAxes, fontsize=7, color="red", va="bottom")
