@@ -40,9 +40,10 @@ NOTE = (
     "(the base's own greedy replies, teacher-forced): KL(base || artifact) in nats and top-1 agreement per reply "
     "token, and the perplexity of general text (`gen. ppl`; the base's is given above the table). Tuning always "
     "moves a model; the reference's drift is what tuning cost, an artifact's drift beyond the reference's is what "
-    "export and quantization added. General-text perplexity well above the base's, or top-1 agreement far below "
-    "the reference's, means the model lost general ability (catastrophic forgetting): check that it still does "
-    "what you need besides your task."
+    "export and quantization added (a QLoRA reference runs on the 4-bit base, so its own drift includes that "
+    "rounding). General-text perplexity well above the base's, or top-1 agreement far below the reference's, "
+    "means the model lost general ability (catastrophic forgetting): check that it still does what you need "
+    "besides your task."
 )
 
 

@@ -38,8 +38,7 @@ SCHEMA = 1
 ENTRY_KEYS = (
     "name", "format", "quant", "path", "size_bytes", "accuracy", "perplexity", "top1_agreement", "kl",
     "ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_p95", "peak_rss_mb", "fits",
-    # added in ftedge 0.x without a schema change (None where not measured): ftedge.bench.metrics,
-    # .generative and .forgetting
+    # added without a schema change (None where not measured): bench.metrics, .generative, .forgetting
     "accuracy_ci", "macro_f1", "perplexity_ci", "chrf", "chrf_ci", "drift_kl", "drift_top1", "general_ppl",
 )  # fmt: skip
 MB = 1024 * 1024
