@@ -337,7 +337,7 @@ def drift_card_section(doc: dict[str, Any] | None) -> list[str]:
         "## Drift from base (forgetting)",
         "",
         f"Each artifact against the untuned base model on {base.get('general_prompts')} general prompts that are not the "
-        f"task (KL and top-1 agreement over the base's own replies) and {base.get('general_texts')} paragraphs of general text "
+        f"task (KL and top-1 agreement over their short written answers) and {base.get('general_texts')} paragraphs of general text "
         f"(perplexity; the base's: {show_metric('perplexity', base_ppl)}). The reference's drift is what tuning cost; more "
         "than the reference's is what quantization added.",
         "",

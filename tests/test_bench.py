@@ -352,10 +352,15 @@ def test_table_lists_every_artifact(benched) -> None:
         assert name in text
 
 
+def _scored_examples(run: Run) -> list[dict]:
+    """The rows bench scored for a run, in order."""
+    return bench.run_examples(run.recipe())
+
+
 def test_classification_figures_come_from_every_answer(benched) -> None:
     run, doc, _ = benched
     predictions = json.loads((run.path / "bench" / "predictions.json").read_text())
-    held_out = bench.run_examples(run.recipe())
+    held_out = _scored_examples(run)
     gold = sorted({ex["target"] for ex in held_out})
     for e in doc["artifacts"]:
         pairs = predictions[e["name"]]
@@ -389,7 +394,7 @@ def test_drift_from_base_in_the_run(benched) -> None:
     by = {e["name"]: e for e in doc["artifacts"]}
     ref = by["pytorch"]
     assert ref["drift_kl"] > 1e-5  # the random non-zero LoRA moved the model away from its base
-    assert 0.0 <= ref["drift_top1"] <= 1.0 and ref["drift_positions"] == base["reply_tokens"] > 40
+    assert 0.0 <= ref["drift_top1"] <= 1.0 and ref["drift_positions"] == base["answer_tokens"] > 40 and base["written_answers"] == 40
     assert ref["general_ppl"] != pytest.approx(base["general_ppl"], rel=1e-6)
     for name in ("merged", "gguf-f16", "onnx-fp32"):  # faithful exports of the tuned model drift as much as it does
         assert by[name]["drift_kl"] == pytest.approx(ref["drift_kl"], rel=0.2, abs=2e-4), name
@@ -403,14 +408,16 @@ def test_drift_is_zero_against_the_base_itself(artifacts: dict[str, Path], tmp_p
     from ftedge.bench import forgetting
 
     general = forgetting.load_general()
-    subset = {"prompts": general.prompts[:4], "texts": general.texts[:2]}
+    mine = {"messages": [{"role": "user", "content": "Say something."}], "answer": None}  # the base answers it itself
+    subset = {"prompts": [*general.prompts[:3], mine], "texts": general.texts[:2]}
     base = TorchBackend(artifacts["base"], threads=1)
     info = forgetting.base_reference(base, subset, tmp_path / "base.npz", n_ctx=512)
+    assert info["general_prompts"] == 4 and info["written_answers"] == 3 and info["general_texts"] == 2
     same = forgetting.drift(base, tmp_path / "base.npz")
     assert same["drift_kl"] == pytest.approx(0.0, abs=1e-6) and same["drift_top1"] == 1.0
     assert same["general_ppl"] == pytest.approx(info["general_ppl"], rel=1e-5)
     tuned = forgetting.drift(TorchBackend(artifacts["merged"], threads=1), tmp_path / "base.npz")
-    assert tuned["drift_kl"] > 1e-5 and tuned["drift_positions"] == same["drift_positions"] == info["reply_tokens"]
+    assert tuned["drift_kl"] > 1e-5 and tuned["drift_positions"] == same["drift_positions"] == info["answer_tokens"]
 
 
 def test_plot_shows_intervals_and_sizes(benched) -> None:
@@ -436,7 +443,7 @@ def test_chat_run_shows_answers_side_by_side_with_chrf(tmp_path: Path, artifacts
 
     run = _make_run(tmp_path, artifacts, include=("adapter", "gguf"), chat=True)
     doc = bench.bench_run(run, load_target(_tiny_target(tmp_path, onnx=None)), speed=FAST)
-    held_out = bench.run_examples(run.recipe())
+    held_out = _scored_examples(run)
     assert len(held_out) == 2
     by = {e["name"]: e for e in doc["artifacts"]}
     assert set(by) == {"pytorch", "gguf-f16"}

@@ -87,8 +87,9 @@ def test_chrf_scores_answers_against_references() -> None:
 def test_the_shipped_general_set_and_its_licence() -> None:
     general = forgetting.load_general()
     assert len(general.prompts) == 40 and len(general.texts) == 6
-    assert len({p[0]["content"] for p in general.prompts}) == 40
-    assert all(p == [{"role": "user", "content": p[0]["content"]}] for p in general.prompts)
+    assert len({p["messages"][0]["content"] for p in general.prompts}) == 40
+    assert all(p["messages"] == [{"role": "user", "content": p["messages"][0]["content"]}] for p in general.prompts)
+    assert all(p["answer"] and len(p["answer"]) > 5 for p in general.prompts)
     assert all(len(t.split()) > 50 for t in general.texts)
     about = json.loads(forgetting.GENERAL_FILE.read_text().splitlines()[0])["about"]
     assert "Written for ftedge" in about and "Apache-2.0" in about
@@ -99,12 +100,15 @@ def test_user_general_prompts_are_added(tmp_path: Path) -> None:
     rows = [
         {"prompt": "Wie spät ist es?"},
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]},
+        {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]},
         {"text": "A paragraph of my own domain's text."},
     ]
     mine.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     general = forgetting.load_general(mine)
-    assert len(general.prompts) == 42 and len(general.texts) == 7
-    assert general.prompts[-1][0] == {"role": "system", "content": "Be brief."}
+    assert len(general.prompts) == 43 and len(general.texts) == 7
+    assert general.prompts[-3] == {"messages": [{"role": "user", "content": "Wie spät ist es?"}], "answer": None}
+    assert general.prompts[-2]["messages"][0] == {"role": "system", "content": "Be brief."} and general.prompts[-2]["answer"] is None
+    assert general.prompts[-1] == {"messages": [{"role": "user", "content": "Capital of Peru?"}], "answer": "Lima."}
     assert general.sources == ["ftedge general set", str(mine)]
 
 
@@ -114,7 +118,7 @@ def test_user_general_prompts_are_added(tmp_path: Path) -> None:
         ("not json\n", "mine.jsonl:1: not a JSON object"),
         ('[1, 2]\n{"prompt": "ok"}\n', "mine.jsonl:1: expected a JSON object"),
         ('{"prompt": "ok"}\n{"question": "?"}\n', "mine.jsonl:2: no 'prompt', 'messages' or 'text'"),
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n', "ending with a user turn"),
+        ('{"messages": [{"role": "assistant", "content": "yo"}]}\n', "ending with a user turn"),
         ("\n\n", "no prompts or texts"),
     ],
 )

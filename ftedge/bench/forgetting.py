@@ -1,17 +1,20 @@
 """Drift from base: what tuning cost the model away from the user's task (a forgetting check).
 
 Each artifact is compared with the *untuned* base model on general prompts and text that are
-not the user's task: ``general.jsonl`` beside this module (40 everyday prompts and six
-paragraphs, written for ftedge, Apache-2.0 like the code) plus, optionally, the user's own file
-(recipe key ``eval.general_prompts``, same JSON-lines shape: ``{"prompt": ...}``,
-``{"messages": [...]}`` or ``{"text": ...}``).
+not the user's task: ``general.jsonl`` beside this module (40 everyday prompts, each with a
+short written answer, and six paragraphs; written for ftedge, Apache-2.0 like the code) plus,
+optionally, the user's own file (recipe key ``eval.general_prompts``, same JSON-lines shape:
+``{"prompt": ..., "answer": ...}``, ``{"messages": [...]}`` or ``{"text": ...}``; the answer, or
+a final assistant turn, is optional).
 
-- The base model runs once, in its own bench worker (``base_reference``): its greedy reply to
-  each general prompt (chat template, no system prompt) and its top-k next-token log-probs over
-  that reply are saved, with the token ids of everything, so every artifact is scored on exactly
-  the same tokens (ftedge's artifacts of one model share its vocabulary).
+- The base model runs once, in its own bench worker (``base_reference``): each general prompt
+  (chat template, no system prompt) followed by its answer (the written one, else the base's own
+  greedy reply), and the base's top-k next-token log-probs over that answer, are saved with the
+  token ids of everything, so every artifact is scored on exactly the same tokens (ftedge's
+  artifacts of one model share its vocabulary). Written answers keep this to one forward pass
+  per prompt.
 - Each artifact's worker (``drift``) scores the same token sequences: mean KL(base || artifact)
-  and top-1 agreement with the base over the reply positions, and the perplexity of the general
+  and top-1 agreement with the base over the answer positions, and the perplexity of the general
   text, set against the base's.
 """
 
@@ -37,7 +40,7 @@ GENERAL_FILE = Path(__file__).resolve().parent / "general.jsonl"
 REPLY_TOKENS = 32
 NOTE = (
     "drift from base: each artifact against the untuned base model on general prompts that are not your task "
-    "(the base's own greedy replies, teacher-forced): KL(base || artifact) in nats and top-1 agreement per reply "
+    "(with short written answers, teacher-forced): KL(base || artifact) in nats and top-1 agreement per answer "
     "token, and the perplexity of general text (`gen. ppl`; the base's is given above the table). Tuning always "
     "moves a model; the reference's drift is what tuning cost, an artifact's drift beyond the reference's is what "
     "export and quantization added (a QLoRA reference runs on the 4-bit base, so its own drift includes that "
@@ -49,9 +52,9 @@ NOTE = (
 
 @dataclass
 class GeneralSet:
-    """Chat prompts (message lists, no answer) and plain paragraphs."""
+    """Chat prompts (``{"messages": [...], "answer": str | None}``) and plain paragraphs."""
 
-    prompts: list[list[dict[str, str]]] = field(default_factory=list)
+    prompts: list[dict[str, Any]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
@@ -63,7 +66,7 @@ def read_general(path: Path, into: GeneralSet | None = None) -> GeneralSet:
     """Prompts and texts of a general-set JSON-lines file; a bad row is a one-line error naming it."""
     out = into if into is not None else GeneralSet()
     path = Path(path)
-    hint = 'write one {"prompt": ...}, {"messages": [...]} or {"text": ...} object per line'
+    hint = 'write one {"prompt": ..., "answer": ...}, {"messages": [...]} or {"text": ...} object per line'
     if not path.is_file():
         raise FtedgeError(f"general prompts file {path} not found", hint="fix eval.general_prompts in the recipe")
     try:
@@ -80,17 +83,22 @@ def read_general(path: Path, into: GeneralSet | None = None) -> GeneralSet:
             raise FtedgeError(f"{path}:{n}: not a JSON object per line ({err.msg})", hint=hint) from None
         if not isinstance(row, dict):
             raise FtedgeError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}", hint=hint)
+        answer = row["answer"] if isinstance(row.get("answer"), str) and row["answer"].strip() else None
         if isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            out.prompts.append([{"role": "user", "content": row["prompt"]}])
+            out.prompts.append({"messages": [{"role": "user", "content": row["prompt"]}], "answer": answer})
         elif isinstance(row.get("messages"), list) and row["messages"]:
-            turns = row["messages"]
+            turns = list(row["messages"])
             ok = all(
                 isinstance(t, dict) and t.get("role") in ("system", "user", "assistant") and isinstance(t.get("content"), str)
                 for t in turns
             )
+            if ok and len(turns) > 1 and turns[-1]["role"] == "assistant" and answer is None:
+                answer = turns.pop()["content"]  # a conversation with its answer
             if not ok or turns[-1]["role"] != "user":
-                raise FtedgeError(f"{path}:{n}: messages must be {{role, content}} turns ending with a user turn", hint=hint)
-            out.prompts.append([{"role": t["role"], "content": t["content"]} for t in turns])
+                raise FtedgeError(
+                    f"{path}:{n}: messages must be {{role, content}} turns ending with a user turn (or its answer)", hint=hint
+                )
+            out.prompts.append({"messages": [{"role": t["role"], "content": t["content"]} for t in turns], "answer": answer})
         elif isinstance(row.get("text"), str) and row["text"].strip():
             out.texts.append(row["text"])
         elif "about" not in row:
@@ -112,21 +120,26 @@ def load_general(extra: Path | None = None) -> GeneralSet:
 
 # -- in the worker: the base ----------------------------------------------------------------
 def base_reference(backend: Backend, general: dict[str, Any], out: Path, *, n_ctx: int, reply_tokens: int = REPLY_TOKENS) -> dict[str, Any]:
-    """The base's greedy replies to the general prompts and its top-k log-probs over them, saved to ``out``; its general-text perplexity."""
+    """Each general prompt with its answer (written, else the base's greedy reply) and the base's top-k log-probs over
+    that answer, saved to ``out``; the base's general-text perplexity."""
+    from ftedge.bench.measures import conversation_ids
+
     seqs: list[np.ndarray] = []
     starts: list[int] = []
     top_ids: list[np.ndarray] = []
     top_logp: list[np.ndarray] = []
     stops = backend.stop_ids
-    for messages in general.get("prompts") or []:
-        prompt = backend.chat_ids(messages)
-        if len(prompt) + reply_tokens > n_ctx:
+    written = 0
+    for item in general.get("prompts") or []:
+        if item.get("answer"):
+            prompt, full = conversation_ids(backend, item["messages"], item["answer"])
+        else:
+            prompt = backend.chat_ids(item["messages"])
+            full = prompt + list(backend.generate(prompt, max_new_tokens=reply_tokens, stop_ids=stops))
+        if len(full) > n_ctx or len(full) <= len(prompt):
             continue
-        reply = list(backend.generate(prompt, max_new_tokens=reply_tokens, stop_ids=stops))
-        if not reply:
-            continue
-        full = prompt + reply
-        logp = log_softmax(backend.logits(full)[len(prompt) - 1 : len(full) - 1], np.float32)  # row j predicts reply[j]
+        written += bool(item.get("answer"))
+        logp = log_softmax(backend.logits(full)[len(prompt) - 1 : len(full) - 1], np.float32)  # row j predicts answer token j
         ids_k, logp_k = top_k(logp)
         seqs.append(np.asarray(full, dtype=np.int32))
         starts.append(len(prompt) - 1)
@@ -151,8 +164,9 @@ def base_reference(backend: Backend, general: dict[str, Any], out: Path, *, n_ct
             )
     return {
         "general_prompts": len(seqs),
+        "written_answers": written,
         "general_texts": len(texts),
-        "reply_tokens": sum(len(x) for x in top_ids),
+        "answer_tokens": sum(len(x) for x in top_ids),
         "general_ppl": float(np.exp(nll / count)) if count else None,
     }
 
@@ -168,7 +182,7 @@ def _text_nll(backend: Backend, texts: Sequence[Sequence[int]]) -> tuple[float, 
 
 # -- in the worker: an artifact -------------------------------------------------------------
 def drift(backend: Backend, base_file: Path) -> dict[str, Any]:
-    """KL(base || artifact) and top-1 agreement over the base's general replies, and general-text perplexity."""
+    """KL(base || artifact) and top-1 agreement over the general prompts' answers, and general-text perplexity."""
     with np.load(base_file) as z:
         ref = {k: z[k] for k in z.files}
     vocab = backend.vocab_size

@@ -132,7 +132,7 @@ def drift_line(doc: dict[str, Any]) -> str | None:
     ppl = base.get("general_ppl")
     return (
         f"drift from base: against the untuned base `{base.get('model')}` on {base.get('general_prompts')} general prompts "
-        f"({base.get('reply_tokens')} reply tokens) and {base.get('general_texts')} texts; the base's general-text perplexity "
+        f"({base.get('answer_tokens')} answer tokens) and {base.get('general_texts')} texts; the base's general-text perplexity "
         + ("—" if ppl is None else f"{ppl:.2f}")
     )
 

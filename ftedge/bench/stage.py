@@ -397,7 +397,7 @@ def bench_base(recipe: Any, target: Target, work_dir: Path, *, command: Callable
     from ftedge.hf import resolve_base_model
 
     general = forgetting.load_general(recipe.eval.general_prompts)
-    info: dict[str, Any] = {"model": recipe.base_model, "sources": general.sources, "reply_tokens_max": forgetting.REPLY_TOKENS}
+    info: dict[str, Any] = {"model": recipe.base_model, "sources": general.sources}
     try:
         base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
     except FtedgeError as err:
@@ -419,7 +419,7 @@ def bench_base(recipe: Any, target: Target, work_dir: Path, *, command: Callable
     if result.get("status") != "ok" or not out.is_file():
         log.warning("drift from base skipped: the base model failed (%s)", result.get("error"))
         return {**info, "status": "failed", "error": result.get("error", "no output")}
-    keys = ("general_prompts", "general_texts", "reply_tokens", "general_ppl", "wall_seconds")
+    keys = ("general_prompts", "written_answers", "general_texts", "answer_tokens", "general_ppl", "wall_seconds")
     return {**info, "status": "ok", **{k: result.get(k) for k in keys}, "file": str(out)}
 
 
