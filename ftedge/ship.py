@@ -8,7 +8,7 @@ llama.cpp and Ollama, and for serving it over an OpenAI-compatible API (``ftedge
 ``llama-server``, Ollama, LM Studio: ftedge.launch). Nothing in it refers to the run folder or
 the virtual environment. It is recorded as artifact ``ship`` once complete.
 
-Which GGUF: the target's ``ship`` type, or with ``ship: auto`` the decision ``ftedge.targets.ship_decision``
+Which GGUF: the target's ``ship`` type, or with ``ship: auto`` the decision ``ftedge.choose.ship_decision``
 takes on the bench's results (``bench/results.json``, recorded as artifact ``bench-results``; read
 here as data, never through bench's code). ONNX folders are never shipped: the bundle's Modelfile,
 llama.cpp and LM Studio lines need a GGUF.
@@ -25,11 +25,12 @@ from typing import Any
 import yaml
 
 from ftedge import atomic
+from ftedge.choose import decision_markdown, ship_decision, show_metric
 from ftedge.errors import FtedgeError, StageMissingError
 from ftedge.formats.modelfile import write_modelfile
 from ftedge.launch import launch_section
 from ftedge.manifest import Artifact, Run
-from ftedge.targets import MB, Target, decision_markdown, ship_decision, show_metric
+from ftedge.targets import MB, Target
 
 log = logging.getLogger(__name__)
 

@@ -94,7 +94,7 @@ def _doc(*entries: dict) -> dict:
 
 
 def test_ship_auto_takes_the_smallest_gguf_within_tolerance_that_fits_and_passed(tmp_path: Path) -> None:
-    from ftedge.targets import ship_decision
+    from ftedge.choose import ship_decision
 
     doc = _doc(
         _entry("pytorch", "torch", 300, reference=True, accuracy=0.80, accuracy_ci=[0.76, 0.84]),  # +-4 points
@@ -128,7 +128,7 @@ def test_ship_auto_takes_the_smallest_gguf_within_tolerance_that_fits_and_passed
 
 
 def test_ship_auto_on_perplexity_and_when_nothing_is_close_enough(tmp_path: Path) -> None:
-    from ftedge.targets import decision_markdown, ship_decision
+    from ftedge.choose import decision_markdown, ship_decision
 
     doc = _doc(
         _entry("pytorch", "torch", 300, reference=True, perplexity=10.0, perplexity_ci=[9.95, 10.05], chrf=40.0),

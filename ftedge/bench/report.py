@@ -193,7 +193,7 @@ def markdown(doc: dict[str, Any]) -> str:
         ]
     lines += classification_section(doc) + drift_section(doc) + generations_section(doc)
     if doc.get("ship_decision"):
-        from ftedge.targets import decision_markdown
+        from ftedge.choose import decision_markdown
 
         lines += ["", "## Ship decision (`ship: auto`)", ""] + decision_markdown(doc["ship_decision"])
     lines += ["", "## How to read it", ""] + [f"- {n}" for n in NOTES] + ["", "![accuracy vs decode speed](plot.png)", ""]

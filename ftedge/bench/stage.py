@@ -529,7 +529,7 @@ def bench_run(
         if drift_base is not None:
             doc["drift_base"] = {k: v for k, v in drift_base.items() if k != "file"}
         if target.ship == "auto":
-            from ftedge.targets import ship_decision
+            from ftedge.choose import ship_decision
 
             doc["ship_decision"] = ship_decision(doc, target).as_dict()
         paths = report.write_reports(doc, out_dir, predictions=predictions)
