@@ -77,5 +77,10 @@ def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> li
     arch = hf_architecture(source)
     lines.append(base_model_line(source, arch))
     lines.append(check_dataset(recipe))
+    if recipe.eval.general_prompts is not None:
+        from ftedge.bench.forgetting import read_general
+
+        general = read_general(recipe.eval.general_prompts)
+        lines.append(f"eval.general_prompts: {len(general.prompts)} prompts, {len(general.texts)} texts for the drift check")
     lines.extend(check_export_support(arch, target, str(recipe_path)))  # last: reading the exporters' registries is slow
     return lines
