@@ -191,7 +191,7 @@ def _make_corpus(root: Path, tiny_model_dir: Path) -> Corpus:
     c.cases += [
         Case("merge before train", ["merge", u], f"run `ftedge train --resume {untrained}` first", run=untrained),
         Case("export before merge", ["export", u], f"run `ftedge merge {untrained}` first", run=untrained),
-        Case("ship before export", ["ship", u], "no GGUF artifact", run=untrained),
+        Case("ship before export", ["ship", u], f"run `ftedge bench {untrained}` first", run=untrained),
         Case("bench before export", ["bench", u], "no artifacts", run=untrained),
         Case("merge of a missing run", ["merge", str(root / "nope")], "not found"),
         Case("merge of a folder that is no run", ["merge", str(root / "not-a-run")], "not an ftedge run"),
