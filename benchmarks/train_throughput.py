@@ -186,8 +186,8 @@ def worker_trl(steps: int, batch: int, warmup: int, out: Path, extra: list[str])
     class InOrder(SFTTrainer):
         """Reads the rows in the order given (ftedge's order), not a fresh shuffle."""
 
-        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
-            return SequentialSampler(self.train_dataset)
+        def _get_train_sampler(self, dataset: Any = None, *args: Any, **kwargs: Any) -> Any:
+            return SequentialSampler(dataset if dataset is not None else self.train_dataset)
 
     trainer = InOrder(
         model=model,
