@@ -345,6 +345,18 @@ def resolve_artifact(artifact: Path) -> tuple[Path, str | None]:
 
 
 # -- responses ---------------------------------------------------------------------------------
+def _head(cid: str, model: str, fingerprint: str) -> dict[str, Any]:
+    """The fields every completion object and stream chunk starts with."""
+    return {"id": cid, "created": int(time.time()), "model": model, "system_fingerprint": fingerprint}
+
+
+def _chunk(head: dict[str, Any], choice: dict[str, Any], *, usage: dict | None = None, timings: dict | None = None) -> dict[str, Any]:
+    """One server-sent chunk: the choice, or (with ``usage``) the final usage-only chunk OpenAI sends."""
+    if usage is not None:
+        return {**head, "choices": [], "usage": usage}
+    return {**head, "choices": [choice], **({"timings": timings} if timings is not None else {})}
+
+
 def _usage(n_prompt: int, n_new: int) -> dict[str, int]:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
 
@@ -542,32 +554,13 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             stops=req.stops(),
         )
         _, n_prompt = await run(job, request)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = _head(f"chatcmpl-{uuid.uuid4().hex}", engine.name, fingerprint)
         if req.stream:
 
-            def chunk(
-                *,
-                text: str | None = None,
-                finish: str | None = None,
-                usage: dict | None = None,
-                timings: dict | None = None,
-                role: bool = False,
-            ) -> dict[str, Any]:
-                body: dict[str, Any] = {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": engine.name,
-                    "system_fingerprint": fingerprint,
-                }
-                if usage is not None:
-                    body.update(choices=[], usage=usage)
-                    return body
+            def chunk(*, text: str | None = None, finish: str | None = None, role: bool = False, **extra: Any) -> dict[str, Any]:
                 delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-                body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-                if timings is not None:
-                    body["timings"] = timings
-                return body
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                return _chunk({**head, "object": "chat.completion.chunk"}, choice, **extra)
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(stream_events(job, chunk, chunk(role=True), include_usage), job)
@@ -575,17 +568,9 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             text, (_, finish, n_prompt, n_new, dt) = await collect(job, request)
         finally:
             job.cancel.set()
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
         return JSONResponse(
-            {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": engine.name,
-                "system_fingerprint": fingerprint,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}],
-                "usage": _usage(n_prompt, n_new),
-                "timings": _timings(n_new, dt),
-            }
+            {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(n_prompt, n_new), "timings": _timings(n_new, dt)}
         )
 
     @app.post("/v1/completions", dependencies=auth)
@@ -625,26 +610,11 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             stops=req.stops(),
         )
         await run(job, request)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {**_head(f"cmpl-{uuid.uuid4().hex}", engine.name, fingerprint), "object": "text_completion"}
         if req.stream:
 
-            def chunk(
-                *, text: str | None = None, finish: str | None = None, usage: dict | None = None, timings: dict | None = None
-            ) -> dict[str, Any]:
-                body: dict[str, Any] = {
-                    "id": cid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": engine.name,
-                    "system_fingerprint": fingerprint,
-                }
-                if usage is not None:
-                    body.update(choices=[], usage=usage)
-                    return body
-                body["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
-                if timings is not None:
-                    body["timings"] = timings
-                return body
+            def chunk(*, text: str | None = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+                return _chunk(head, {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}, **extra)
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(stream_events(job, chunk, None, include_usage), job)
@@ -652,18 +622,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             text, (_, finish, n_prompt, n_new, dt) = await collect(job, request)
         finally:
             job.cancel.set()
-        return JSONResponse(
-            {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": engine.name,
-                "system_fingerprint": fingerprint,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                "usage": _usage(n_prompt, n_new),
-                "timings": _timings(n_new, dt),
-            }
-        )
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return JSONResponse({**head, "choices": [choice], "usage": _usage(n_prompt, n_new), "timings": _timings(n_new, dt)})
 
     return app
 

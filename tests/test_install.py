@@ -28,8 +28,8 @@ def test_converter_and_gguf_reader_agree(tiny_model_dir: Path, tmp_path: Path) -
     assert len(reader.tensors) == 2 * 9 + 2  # 2 layers x 9 tensors + token_embd + output_norm (tied head)
 
 
-def test_wheel_carries_the_target_profiles(tmp_path: Path) -> None:
-    """A wheel install has no checkout: the export/ profiles must be inside the package."""
+def test_wheel_carries_the_package_data(tmp_path: Path) -> None:
+    """A wheel install has no checkout: the export/ profiles, the chat page and the general set must be inside the package."""
     import shutil
     import zipfile
 
@@ -47,6 +47,10 @@ def test_wheel_carries_the_target_profiles(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("ftedge-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        assert zf.read("ftedge/static/chat.html") == (root / "ftedge" / "static" / "chat.html").read_bytes()
     profiles = {p.name for p in (root / "export").glob("*.yaml")}
     assert profiles and {f"ftedge/_data/export/{n}" for n in profiles} <= names
+    assert {"ftedge/serve.py", "ftedge/launch.py"} <= names
+    assert "ftedge/bench/general.jsonl" in names  # the drift check's general prompts

@@ -685,26 +685,3 @@ def test_chat_page_streams_a_reply_in_headless_chromium(served: Served, referenc
         assert browser.find_elements(By.CSS_SELECTOR, "#log .msg") == []
     finally:
         browser.quit()
-
-
-def test_wheel_carries_the_chat_page(tmp_path: Path) -> None:
-    """An installed wheel serves the page from the package: static/chat.html must be package data."""
-    import zipfile
-
-    root = Path(__file__).resolve().parents[1]
-    src = tmp_path / "src"  # build a copy: setuptools writes build/ into the tree it builds
-    for folder in ("ftedge", "export"):
-        shutil.copytree(root / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "_data"))
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy2(root / name, src / name)
-    out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    (wheel,) = (tmp_path / "dist").glob("ftedge-*.whl")
-    with zipfile.ZipFile(wheel) as zf:
-        assert zf.read("ftedge/static/chat.html") == (root / "ftedge" / "static" / "chat.html").read_bytes()
-        assert {"ftedge/serve.py", "ftedge/launch.py"} <= set(zf.namelist())
