@@ -174,6 +174,7 @@ def worker_trl(steps: int, batch: int, warmup: int, out: Path, extra: list[str])
         logging_steps=max(1, steps // 5),
         seed=recipe.train.seed,
         dataloader_num_workers=0,
+        disable_tqdm=True,  # no progress bar (as for ftedge in a log file)
     )
     clock: dict[int, float] = {}
 
