@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ftedge-setup
 RECIPE ?= recipes/smollm2-banking77.yaml
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench clean gpu-check-prepare
 
 setup: $(STAMP)
 
@@ -41,3 +41,18 @@ lint: setup
 
 clean:
 	rm -rf runs .pytest_cache
+
+# benchmarks/gpu_check.sh on the GPU machine (Python 3.12, x86-64, no network) needs the packages it
+# lacks as wheels (~47 MB in .whl/) and the SmolLM2 tokenizer + 135M config (3.4 MB in .gpu-carry/);
+# both are ignored by git and named in the device call's carry (see the top of gpu_check.sh).
+GPU_WHEELS := bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+	pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0 gguf==0.19.0 peft==0.21.2
+GPU_PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1,--platform $(p)_x86_64)
+
+gpu-check-prepare: setup
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	$(BIN)/python benchmarks/gpu_check.py --export-carry .gpu-carry
+	du -sh .whl .gpu-carry

@@ -1,22 +1,33 @@
-"""ftedge train vs the standard TRL recipe: useful tokens/s, peak RSS, eval loss.
+"""ftedge train vs the standard TRL recipe: useful tokens/s, peak memory, loss after N steps.
 
-Same data (the default recipe's BANKING77 training rows, in the same order), base model
-(embedded SmolLM2-135M-Instruct, NF4 QLoRA, bf16 compute), LoRA settings, learning rate,
-batch size and number of examples. TRL runs `SFTTrainer` + peft + bitsandbytes with its
-defaults otherwise (prompt/completion rows, completion-only loss, gradient checkpointing on,
-no packing). Each side trains in its own process (peak RSS = that process's maximum), then
-both adapters are scored by the same code: mean loss on the assistant tokens of the first
-200 held-out rows, base NF4 + adapter.
+Same data (the default recipe's BANKING77 training rows, in the same order: TRL reads them
+sequentially in the order ftedge's loop draws them), base model (default: the embedded
+SmolLM2-135M-Instruct; ``--base`` takes any HF folder), NF4 QLoRA with the recipe's double
+quant, LoRA settings, learning rate, schedule, batch size and number of steps. TRL runs
+`SFTTrainer` + peft + bitsandbytes with its defaults otherwise (prompt/completion rows,
+completion-only loss, gradient checkpointing on, no packing). Runs:
 
-    .venv/bin/python benchmarks/train_throughput.py --steps 15 --threads 2
+- ``ftedge``     the recipe as it is (gradient checkpointing off);
+- ``ftedge-gc``  the same with ``train.gradient_checkpointing=true`` (TRL's memory setting);
+- ``trl``        TRL ``SFTTrainer``.
 
-Writes benchmarks/results/train_throughput.json and prints the ratios. Needs the `bench`
-extra (trl, datasets).
+Each run trains in its own process (peak RSS = that process's maximum; on CUDA also peak GPU
+memory, ``torch.cuda.max_memory_allocated``, read when training ends), then scores its adapter
+in the same process with the same code for every run: mean loss on the assistant tokens of
+the first held-out rows, base NF4 + adapter. Useful tokens/s is given for the whole run and for
+the steady state (steps after ``--warmup``; the ratios use the steady state).
+
+    .venv/bin/python benchmarks/train_throughput.py --steps 15 --threads 2            # CPU
+    python3 benchmarks/train_throughput.py --base /tmp/model --steps 100 --json out.json   # GPU
+
+Writes the JSON (default benchmarks/results/train_throughput.json) and prints the ratios.
+The TRL run needs the `bench` extra (trl, datasets). benchmarks/gpu_check.sh runs this on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -25,77 +36,136 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from ftedge.memory import peak_rss_mb
+from ftedge.memory import peak_gpu_mb, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-banking77.yaml"
 EVAL_ROWS = 200
-# TRL's defaults (linear decay, no warm-up, clip at 1.0) for ftedge too, so the eval-loss
-# comparison measures the trainers, not two schedules (the recipe's 5% warm-up costs 1 of 12 steps).
+# TRL's defaults (linear decay, no warm-up, clip at 1.0) for ftedge too, so the loss comparison
+# measures the trainers, not two schedules (the recipe's 5% warm-up costs 1 of 12 steps).
 SAME_SCHEDULE = ["train.scheduler=linear", "train.warmup_ratio=0", "train.max_grad_norm=1.0"]
+RUNS: dict[str, list[str]] = {"ftedge": [], "ftedge-gc": ["train.gradient_checkpointing=true"], "trl": []}
 
 
-def _recipe(steps: int, batch: int):
-    """The recipe frozen by the parent process (both sides read the same one)."""
+def _recipe(steps: int, batch: int, extra: list[str] | tuple[str, ...] = ()) -> Any:
+    """The recipe frozen by the parent process (every run reads the same one)."""
     from ftedge.recipe import load_recipe
 
     return load_recipe(
         os.environ.get("FTEDGE_BENCH_RECIPE", RECIPE),
-        [f"train.max_steps={steps}", f"train.batch_size={batch}", f"train.eval_every={10**6}", f"train.save_every={10**6}", *SAME_SCHEDULE],
+        [
+            f"train.max_steps={steps}",
+            f"train.batch_size={batch}",
+            f"train.eval_every={10**6}",
+            f"train.save_every={10**6}",
+            *SAME_SCHEDULE,
+            *extra,
+        ],
     )
 
 
-def _useful_tokens(recipe, rows) -> int:
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _encoder(recipe: Any) -> Any:
     from ftedge.data import ChatEncoder
     from ftedge.hf import load_tokenizer, resolve_base_model
 
-    enc = ChatEncoder(load_tokenizer(resolve_base_model(recipe.base_model)), recipe.train.max_length)
-    return sum(len(e.input_ids) for e in map(enc.encode, rows) if e is not None)
+    return ChatEncoder(load_tokenizer(resolve_base_model(recipe.base_model)), recipe.train.max_length)
 
 
-def worker_ftedge(steps: int, batch: int, out: Path) -> dict:
+def _row_tokens(recipe: Any, rows: list[Any]) -> list[int]:
+    """Useful tokens of each example as ftedge encodes it (the one measure for every run)."""
+    enc = _encoder(recipe)
+    return [len(e.input_ids) if e is not None else 0 for e in map(enc.encode, rows)]
+
+
+def _ordered_rows(recipe: Any) -> list[Any]:
+    """The training examples in the order ftedge's loop consumes them (one step after another)."""
+    from ftedge.data import load_splits
+    from ftedge.train.loop import step_examples
+
+    cfg = recipe.train
+    per_step = cfg.batch_size * cfg.grad_accum
+    rows = load_splits(recipe).train[: cfg.max_steps * per_step]  # what train_stage keeps
+    return [rows[i] for s in range(cfg.max_steps) for i in step_examples(s, len(rows), per_step, cfg.seed)]
+
+
+def _free() -> None:
+    """Give the GPU memory of a finished model back before the next one loads (CUDA only)."""
+    import torch
+
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def worker_ftedge(steps: int, batch: int, warmup: int, out: Path, extra: list[str]) -> dict:
     from ftedge.manifest import Run
     from ftedge.train import train_stage
 
-    recipe = _recipe(steps, batch)
-    run = Run.create(recipe, run_dir=out / "ftedge-run")
+    recipe = _recipe(steps, batch, extra)
+    run = Run.create(recipe, run_dir=out / "run")
     m = train_stage(run)
-    return {
+    result = {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
+    records = [json.loads(line) for line in (run.path / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steady = [r for r in records if r["step"] > warmup]
+    before = next((r["tokens"] for r in records if r["step"] == warmup), 0)
+    result |= {
         "adapter": str(run.path / "adapter"),
         "train_seconds": m["seconds"],
         "tokens": m["tokens"],
         "examples": m["examples"],
-        "peak_rss_mb": peak_rss_mb(),
+        "steps": m["steps"],
+        "steady_seconds": sum(r["step_s"] for r in steady) if steady else None,
+        "steady_tokens": (records[-1]["tokens"] - before) if steady else None,
+        "last_train_loss": records[-1]["loss"] if records else None,
     }
+    return result
 
 
-def worker_trl(steps: int, batch: int, out: Path) -> dict:
+def worker_trl(steps: int, batch: int, warmup: int, out: Path, extra: list[str]) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from ftedge.data import load_splits
-    from ftedge.hf import resolve_base_model
+    from ftedge.hf import compute_dtype, pick_device, resolve_base_model
 
-    recipe = _recipe(steps, batch)
+    recipe = _recipe(steps, batch, extra)
     base = resolve_base_model(recipe.base_model)
-    rows = load_splits(recipe).train[: steps * batch]
+    rows = _ordered_rows(recipe)
     ds = Dataset.from_list([{"prompt": e.messages, "completion": [{"role": "assistant", "content": e.target}]} for e in rows])
-    q = recipe.quant
+    q, cuda = recipe.quant, _cuda()
+    dtype = compute_dtype(q.compute_dtype, pick_device())
     model = AutoModelForCausalLM.from_pretrained(
         str(base),
         quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=torch.bfloat16
+            load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype
         ),
-        device_map="cpu",
+        dtype=dtype,
+        device_map={"": torch.cuda.current_device()} if cuda else "cpu",
     )
     lora = recipe.lora
     args = SFTConfig(
         output_dir=str(out / "trl"),
-        use_cpu=True,
+        use_cpu=not cuda,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         per_device_train_batch_size=batch,
         max_steps=steps,
         learning_rate=recipe.train.lr,
@@ -104,8 +174,23 @@ def worker_trl(steps: int, batch: int, out: Path) -> dict:
         logging_steps=max(1, steps // 5),
         seed=recipe.train.seed,
         dataloader_num_workers=0,
+        disable_tqdm=True,  # no progress bar (as for ftedge in a log file)
     )
-    trainer = SFTTrainer(
+    clock: dict[int, float] = {}
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step in (warmup, steps):
+                _sync()
+                clock[state.global_step] = time.perf_counter()
+
+    class InOrder(SFTTrainer):
+        """Reads the rows in the order given (ftedge's order), not a fresh shuffle."""
+
+        def _get_train_sampler(self, dataset: Any = None, *args: Any, **kwargs: Any) -> Any:
+            return SequentialSampler(dataset if dataset is not None else self.train_dataset)
+
+    trainer = InOrder(
         model=model,
         args=args,
         train_dataset=ds,
@@ -113,155 +198,237 @@ def worker_trl(steps: int, batch: int, out: Path) -> dict:
         peft_config=LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
         ),
+        callbacks=[StepClock()],
     )
+    _sync()
     t = time.perf_counter()
     result = trainer.train()
+    _sync()
     seconds = time.perf_counter() - t
-    rss = peak_rss_mb()
+    peaks = {"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
     trainer.model.save_pretrained(str(out / "trl-adapter"))
-    return {
+    tokens = _row_tokens(recipe, rows)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steady = warmup in clock and steps in clock and warmup < steps
+    del trainer, model
+    return peaks | {
         "adapter": str(out / "trl-adapter"),
         "train_seconds": seconds,
-        "tokens": _useful_tokens(recipe, rows),
+        "tokens": sum(tokens),
         "examples": len(rows),
-        "peak_rss_mb": rss,
+        "steps": steps,
+        "steady_seconds": clock[steps] - clock[warmup] if steady else None,
+        "steady_tokens": sum(tokens[warmup * batch :]) if steady else None,
+        "last_train_loss": losses[-1] if losses else None,
         "trl_runtime": result.metrics.get("train_runtime"),
     }
 
 
-def eval_loss(adapter: str, steps: int, batch: int) -> float:
-    """Mean assistant-token loss of base (NF4) + adapter on the first held-out rows (same code for both)."""
+def eval_loss(adapter: str, steps: int, batch: int, rows: int = EVAL_ROWS) -> float:
+    """Mean assistant-token loss of base (NF4) + adapter on the first held-out rows (same code for every run)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ftedge.data import ChatEncoder, load_splits, make_batch
-    from ftedge.hf import load_tokenizer, resolve_base_model
+    from ftedge.data import load_splits, make_batch
+    from ftedge.hf import compute_dtype, load_causal_lm, pick_device, resolve_base_model
     from ftedge.train.model import LabelOnlyLoss
 
     recipe = _recipe(steps, batch)
     base = resolve_base_model(recipe.base_model)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(base),
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
-        ),
-        device_map="cpu",
-    )
+    device = pick_device()
+    dtype = compute_dtype(recipe.quant.compute_dtype, device)
+    model = load_causal_lm(base, dtype=dtype, four_bit=recipe.quant, device=device)
     model = PeftModel.from_pretrained(model, adapter).eval()
-    enc = ChatEncoder(load_tokenizer(base), recipe.train.max_length)
-    rows = [e for e in map(enc.encode, load_splits(recipe).val[:EVAL_ROWS]) if e is not None]
+    enc = _encoder(recipe)
+    encoded = [e for e in map(enc.encode, load_splits(recipe).val[:rows]) if e is not None]
     loss_fn = LabelOnlyLoss(model)
     total = count = 0.0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for i in range(0, len(rows), 16):
-            b = make_batch(rows[i : i + 16], max_length=recipe.train.max_length, packing=True)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+        for i in range(0, len(encoded), 16):
+            b = make_batch(encoded[i : i + 16], max_length=recipe.train.max_length, packing=True)
             b.pop("n_tokens")
-            s, n = loss_fn(**b)
+            s, n = loss_fn(**{k: v.to(device) for k, v in b.items()})
             total += float(s)
             count += float(n)
+    del model, loss_fn
+    _free()
     return total / count
 
 
-def _spawn(kind: str, steps: int, batch: int, threads: int, out: Path) -> dict:
+def run_one(kind: str, steps: int, batch: int, warmup: int, out: Path, eval_rows: int) -> dict:
+    """Train one run (ftedge, ftedge-gc or trl) and score its adapter; the worker's whole job."""
+    out.mkdir(parents=True, exist_ok=True)
+    fn = worker_trl if kind == "trl" else worker_ftedge
+    r = fn(steps, batch, warmup, out, RUNS[kind])
+    _free()
+    r["eval_loss"] = eval_loss(r.pop("adapter"), steps, batch, eval_rows)
+    r["useful_tok_s"] = r["tokens"] / r["train_seconds"]
+    r["steady_tok_s"] = r["steady_tokens"] / r["steady_seconds"] if r.get("steady_seconds") else None
+    return r
+
+
+def _spawn(kind: str, args: argparse.Namespace, out: Path) -> dict:
     env = {
         **os.environ,
         "FTEDGE_BENCH_RECIPE": str(out / "recipe.yaml"),
-        "OMP_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(args.threads),
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": "error",
     }
-    res = out / f"{kind}.json"
-    cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(steps), "--batch", str(batch), "--out", str(out)]
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--batch", str(args.batch)]
+    cmd += ["--warmup", str(args.warmup), "--eval-rows", str(args.eval_rows), "--out", str(out)]
     subprocess.run(cmd, check=True, env=env)
-    return json.loads(res.read_text())
+    return json.loads((out / kind / "result.json").read_text())
 
 
-def main() -> None:
+def _ratio(a: dict, b: dict) -> dict:
+    def rate(r: dict) -> float:
+        return r["steady_tok_s"] or r["useful_tok_s"]
+
+    out = {
+        "throughput": rate(a) / rate(b),
+        "eval_loss_delta": a["eval_loss"] - b["eval_loss"],
+        "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"],
+    }
+    if a.get("peak_gpu_mb") and b.get("peak_gpu_mb"):
+        out["peak_gpu"] = a["peak_gpu_mb"] / b["peak_gpu_mb"]
+    return out
+
+
+def environment() -> dict:
+    """Versions and hardware the figures were measured on."""
+    import importlib.metadata as md
+
+    import torch
+
+    info: dict[str, Any] = {"python": platform.python_version(), "machine": platform.processor() or platform.machine()}
+    info["cpu_count"] = os.cpu_count()
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets"):
+        try:
+            info[name] = md.version(name)
+        except md.PackageNotFoundError:
+            info[name] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    return info
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """Every run of ``args.runs`` on one base model; returns the JSON document, also written to
+    ``args.json`` after each run (a run cut short by a time limit keeps the ones before it)."""
+    from ftedge.recipe import dump_recipe, load_recipe
+
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}: choose from {', '.join(RUNS)}")
+    results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="ftedge-bench-") as tmp:
+        out = Path(tmp)
+        overrides = ([f"base_model={args.base}"] if args.base else []) + list(args.set)
+        (out / "recipe.yaml").write_text(dump_recipe(load_recipe(args.recipe, overrides)))
+        for kind in runs:
+            if kind == "trl" and not _importable("trl", "datasets"):
+                skipped[kind] = "trl or datasets is not installed (the `bench` extra)"
+                print(f"{kind:9s} skipped: {skipped[kind]}", flush=True)
+                continue
+            if args.in_process:  # the CPU dry run of gpu_check: same functions, no process start-up cost
+                os.environ["FTEDGE_BENCH_RECIPE"] = str(out / "recipe.yaml")
+                r = run_one(kind, args.steps, args.batch, args.warmup, out / kind, args.eval_rows)
+            else:
+                try:
+                    r = _spawn(kind, args, out)
+                except subprocess.CalledProcessError as err:  # one trainer failing must not lose the others
+                    skipped[kind] = f"failed (exit {err.returncode}; its output is above)"
+                    print(f"{kind:9s} {skipped[kind]}", flush=True)
+                    _write(args.json, _document(args, runs, results, skipped))
+                    continue
+            results[kind] = r
+            gpu = f"  peak GPU {r['peak_gpu_mb']:7.0f} MB" if r.get("peak_gpu_mb") else ""
+            steady = f" (steady {r['steady_tok_s']:.1f})" if r.get("steady_tok_s") else ""
+            print(
+                f"{kind:9s} {r['useful_tok_s']:9.1f} useful tok/s{steady}  peak RSS {r['peak_rss_mb']:6.0f} MB{gpu}  "
+                f"eval loss {r['eval_loss']:.4f}  ({r['examples']} examples, {r['train_seconds']:.1f} s)",
+                flush=True,
+            )
+            _write(args.json, _document(args, runs, results, skipped))
+    doc = _document(args, runs, results, skipped)
+    for name, x in doc["ratio"].items():
+        gpu = f", {x['peak_gpu']:.2f}x peak GPU memory" if "peak_gpu" in x else ""
+        rss, loss = x["peak_rss"], x["eval_loss_delta"]
+        print(f"{name.replace('/trl', '')} / TRL: {x['throughput']:.2f}x throughput{gpu}, {rss:.2f}x peak RSS, eval loss {loss:+.4f}")
+    return doc
+
+
+def _document(args: argparse.Namespace, runs: list[str], results: dict, skipped: dict) -> dict:
+    ratios = {f"{k}/trl": _ratio(r, results["trl"]) for k, r in results.items() if k != "trl" and "trl" in results}
+    recipe = Path(args.recipe).resolve()
+    return {
+        "steps": args.steps,
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "device": "cuda" if _cuda() and args.device != "cpu" else "cpu",
+        "base": args.base or "recipe",
+        "environment": environment(),
+        "load_avg_at_end": os.getloadavg(),
+        "results": results,
+        "skipped": skipped,
+        "ratio": ratios,
+        "recipe": str(recipe.relative_to(ROOT)) if recipe.is_relative_to(ROOT) else str(recipe),
+        "overrides": SAME_SCHEDULE + list(args.set),
+        "runs": {k: RUNS[k] for k in runs},
+    }
+
+
+def _write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _importable(*names: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(n) is not None for n in names)
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--worker", choices=["ftedge", "trl", "eval"])
-    ap.add_argument("--adapter")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads per run")
+    ap.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state rate")
+    ap.add_argument("--runs", default="ftedge,trl", help=f"comma-separated, from {', '.join(RUNS)}")
+    ap.add_argument("--base", help="base model folder (default: the recipe's base_model)")
+    ap.add_argument("--recipe", type=Path, default=RECIPE)
+    ap.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto = CUDA when present")
+    ap.add_argument("--eval-rows", type=int, default=EVAL_ROWS)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run (repeatable)")
+    ap.add_argument("--in-process", action="store_true", help="run every trainer in this process (dry runs only: peaks are shared)")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput.json")
-    args = ap.parse_args()
+    ap.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parser().parse_args(argv)
     if args.worker:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        if args.worker == "eval":
-            result = {"eval_loss": eval_loss(args.adapter, args.steps, args.batch)}
-            (args.out / f"eval-{Path(args.adapter).name}.json").write_text(json.dumps(result))
-            return
-        fn = worker_ftedge if args.worker == "ftedge" else worker_trl
-        (args.out / f"{args.worker}.json").write_text(json.dumps(fn(args.steps, args.batch, args.out)))
-        return
-    with tempfile.TemporaryDirectory(prefix="ftedge-bench-") as tmp:
-        out = Path(tmp)
-        from ftedge.recipe import dump_recipe, load_recipe
-
-        (out / "recipe.yaml").write_text(dump_recipe(load_recipe(RECIPE)))
-        results = {}
-        for kind in ("ftedge", "trl"):
-            r = _spawn(kind, args.steps, args.batch, args.threads, out)
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "FTEDGE_BENCH_RECIPE": str(out / "recipe.yaml")}
-            subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    "eval",
-                    "--adapter",
-                    r["adapter"],
-                    "--steps",
-                    str(args.steps),
-                    "--batch",
-                    str(args.batch),
-                    "--out",
-                    str(out),
-                ],
-                check=True,
-                env=env,
-            )
-            r["eval_loss"] = json.loads((out / f"eval-{Path(r['adapter']).name}.json").read_text())["eval_loss"]
-            r["useful_tok_s"] = r["tokens"] / r["train_seconds"]
-            r.pop("adapter")
-            results[kind] = r
-            print(
-                f"{kind:7s} {r['useful_tok_s']:7.1f} useful tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB  eval loss {r['eval_loss']:.4f}  "
-                f"({r['examples']} examples, {r['train_seconds']:.0f} s)",
-                flush=True,
-            )
-    f, t = results["ftedge"], results["trl"]
-    ratio = {
-        "throughput": f["useful_tok_s"] / t["useful_tok_s"],
-        "peak_rss": f["peak_rss_mb"] / t["peak_rss_mb"],
-        "eval_loss_delta": f["eval_loss"] - t["eval_loss"],
-    }
-    print(
-        f"ftedge / TRL: {ratio['throughput']:.2f}x throughput, {ratio['peak_rss']:.2f}x peak RSS, eval loss {ratio['eval_loss_delta']:+.4f}"
-    )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {
-                "steps": args.steps,
-                "batch": args.batch,
-                "threads": args.threads,
-                "machine": platform.processor() or platform.machine(),
-                "cpu_count": os.cpu_count(),
-                "load_avg_at_end": os.getloadavg(),
-                "results": results,
-                "ratio": ratio,
-                "recipe": str(RECIPE.relative_to(ROOT)),
-                "overrides": SAME_SCHEDULE,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+        r = run_one(args.worker, args.steps, args.batch, args.warmup, args.out / args.worker, args.eval_rows)
+        (args.out / args.worker / "result.json").write_text(json.dumps(r))
+        return None
+    doc = benchmark(args)
+    _write(args.json, doc)
+    return doc
 
 
 if __name__ == "__main__":

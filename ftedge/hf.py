@@ -329,8 +329,32 @@ def compute_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
             raise FtedgeError("quant.compute_dtype=float16 is not supported on CPU", hint="use bfloat16, float32 or auto")
         return dtype
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_supports_bf16(device) else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def cuda_supports_bf16(device: torch.device) -> bool:
+    """Native bf16 on this GPU: compute capability 8.0 (Ampere) or later.
+
+    ``torch.cuda.is_bf16_supported()`` also says yes on older GPUs where bf16 only runs emulated
+    (its ``including_emulation`` default), which is slow and has no bf16 tensor cores: fp16 there.
+    """
+    import torch
+
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def attention_implementation(device: torch.device) -> str | None:
+    """The attention kernel to load a model with on ``device``; None keeps transformers' default.
+
+    On CUDA: PyTorch SDPA. ftedge packs examples into rows with per-example position ids and no
+    attention mask; with SDPA, transformers turns those position ids into a block-diagonal causal
+    mask (``masking_utils.find_packed_sequence_indices``), so no token attends across examples.
+    transformers' FlashAttention-2 path reads packing from position ids only when the batch has a
+    single row (``_is_packed_sequence``), so several packed rows would attend across examples:
+    it is not used. On CPU the default (SDPA) is kept untouched.
+    """
+    return "sdpa" if device.type == "cuda" else None
 
 
 def bnb_config(quant: QuantConfig, dtype: torch.dtype) -> Any:
@@ -356,16 +380,23 @@ def load_causal_lm(
     """Load a causal LM from safetensors: float in ``dtype``, or 4-bit (``four_bit``) computing in ``dtype``.
 
     A 4-bit model keeps its other weights (embeddings, norms) in ``dtype`` too, exactly as
-    training loaded it; it is placed on ``device`` by bitsandbytes. A float model is moved there.
+    training loaded it. On CUDA both kinds load straight onto the GPU (``device_map``) with
+    :func:`attention_implementation`; on CPU nothing else is asked of transformers.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code, "dtype": dtype}
+    attn = attention_implementation(device)
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
+    if device.type == "cuda":  # straight onto the GPU, float or 4-bit (no full copy in host memory first)
+        kwargs["device_map"] = {"": _cuda_index(device)}
+    elif four_bit is not None:
+        kwargs["device_map"] = {"": "cpu"}
     if four_bit is not None:
         kwargs["quantization_config"] = bnb_config(four_bit, dtype)
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, SafetensorError) as err:  # missing/damaged files, shapes that do not fit the config
@@ -373,9 +404,15 @@ def load_causal_lm(
         raise FtedgeError(
             f"cannot load model {path} ({type(err).__name__}: {first[:300]})", hint="check the folder holds a complete model"
         ) from None
-    if four_bit is None and device.type != "cpu":
+    if four_bit is None and device.type not in ("cpu", "cuda"):
         model.to(device)
     return model
+
+
+def _cuda_index(device: torch.device) -> int:
+    import torch
+
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False, require_chat_template: bool = True) -> Any:

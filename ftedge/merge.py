@@ -65,15 +65,18 @@ def check_adapter(adapter: Path) -> dict[str, Any]:
     return cfg
 
 
-def _load_base(base: Path, *, four_bit: bool, quant: Any, trust_remote_code: bool) -> Any:
-    """The base as training loaded it: 4-bit with the recipe's compute dtype (QLoRA), else float32."""
+def _load_base(base: Path, *, four_bit: bool, quant: Any, trust_remote_code: bool, device: Any = None) -> Any:
+    """The base as training loaded it: 4-bit with the recipe's compute dtype (QLoRA), else float32;
+    on ``device`` (default: the GPU when there is one, else the CPU)."""
     import torch
 
-    from ftedge.hf import compute_dtype, load_causal_lm
+    from ftedge.hf import compute_dtype, load_causal_lm, pick_device
 
+    device = device or pick_device()
     if four_bit:
-        return load_causal_lm(base, dtype=compute_dtype(quant.compute_dtype), four_bit=quant, trust_remote_code=trust_remote_code)
-    return load_causal_lm(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        dtype = compute_dtype(quant.compute_dtype, device)
+        return load_causal_lm(base, dtype=dtype, four_bit=quant, device=device, trust_remote_code=trust_remote_code)
+    return load_causal_lm(base, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
 
 
 def _with_adapter(model: Any, adapter: Path) -> Any:
@@ -88,20 +91,20 @@ def _with_adapter(model: Any, adapter: Path) -> Any:
         ) from None
 
 
-def build_merged(base: Path, adapter: Path, mode: str, *, quant: Any, trust_remote_code: bool = False) -> Any:
-    """A float32 model with the adapter merged in (``mode``: dequantized or float)."""
+def build_merged(base: Path, adapter: Path, mode: str, *, quant: Any, trust_remote_code: bool = False, device: Any = None) -> Any:
+    """A float32 model with the adapter merged in (``mode``: dequantized or float), built on ``device``."""
     import torch
 
     if mode not in MODES:
         raise FtedgeError(f"unknown merge mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
     if mode == "dequantized":
-        model = _load_base(base, four_bit=True, quant=quant, trust_remote_code=trust_remote_code)
+        model = _load_base(base, four_bit=True, quant=quant, trust_remote_code=trust_remote_code, device=device)
         model = model.dequantize()
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
         model = model.to(torch.float32)
     else:
-        model = _load_base(base, four_bit=False, quant=quant, trust_remote_code=trust_remote_code)
+        model = _load_base(base, four_bit=False, quant=quant, trust_remote_code=trust_remote_code, device=device)
     model = _with_adapter(model, adapter).merge_and_unload()
     model.config.dtype = torch.float32
     return model.eval()

@@ -26,13 +26,19 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer; ``FTEDGE_TEST_TOKENIZER`` names a saved copy on machines without the
+    embedded model (the GPU check carries one: benchmarks/gpu_check.sh)."""
     from transformers import AutoTokenizer
 
     from ftedge.hf import embedded_gguf
 
+    out = tmp_path_factory.mktemp("tokenizer")
+    carried = os.environ.get("FTEDGE_TEST_TOKENIZER")
+    if carried:
+        AutoTokenizer.from_pretrained(carried).save_pretrained(out)
+        return out
     gguf = embedded_gguf("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    out = tmp_path_factory.mktemp("tokenizer")
     tok.save_pretrained(out)
     return out
 

@@ -214,3 +214,17 @@ def test_two_process_ddp_matches_one_process(tiny_recipe, tmp_path):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
         assert rb.get("eval_loss", 0) == pytest.approx(ra.get("eval_loss", 0), abs=1e-4)
         assert rb["tokens"] == ra["tokens"]
+
+
+def test_label_positions_match_the_labels_mask():
+    """The host-side positions the loop hands the loss are the labels mask's, in the same order."""
+    from ftedge.train.model import label_positions
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 50, (3, 11), generator=gen)
+    labels[torch.rand(3, 11, generator=gen) < 0.6] = -100
+    index, target = label_positions(labels)
+    keep = labels[:, 1:] != -100
+    hidden = torch.randn(3, 11, 5, generator=gen)
+    assert torch.equal(hidden.flatten(0, 1)[index], hidden[:, :-1][keep])
+    assert torch.equal(target, labels[:, 1:][keep]) and int(keep.sum()) == index.numel() > 0

@@ -8,6 +8,12 @@ by the trained tokens of the whole global step (so DDP and grad accumulation giv
 update as one process), checkpoints are written atomically with everything an exact resume
 needs (trainable weights, optimizer, scheduler, RNG, step = data position), and progress,
 metrics.jsonl and TensorBoard come from one place.
+
+On CUDA the step never waits on the GPU until its end: batches and the labelled positions are
+built on the host and copied from pinned memory without blocking, token counts are host
+integers, and the logged loss and gradient norm are read in one transfer after the optimizer
+step. AdamW is fused there; fp16 compute (GPUs before Ampere) adds a GradScaler, saved in the
+checkpoint. On the CPU the copies are plain and AdamW is PyTorch's default.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch import nn
 from ftedge import atomic
 from ftedge.data import Encoded, make_batch
 from ftedge.recipe import TrainConfig
-from ftedge.train.model import LabelOnlyLoss, load_trainable_state, trainable_state
+from ftedge.train.model import LabelOnlyLoss, label_positions, load_trainable_state, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +144,17 @@ class Trainer:
         self.steps = total_steps(cfg, len(train_rows), self.world)
         self.loss_module = LabelOnlyLoss(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.device = accelerator.device
+        cuda = self.device.type == "cuda"
+        # On CUDA: one fused kernel for the whole AdamW update (CPU keeps PyTorch's default).
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
+        # fp16 compute (GPUs before Ampere) needs loss scaling: small gradients underflow in fp16.
+        self.scaler = torch.amp.GradScaler("cuda") if cuda and dtype == torch.float16 else None
         self.last_grad_norm: float | None = None
         self.sched = make_scheduler(self.opt, cfg, self.steps)
         if self.world > 1:
             self.loss_module, self.opt = accelerator.prepare(self.loss_module, self.opt)
         self.state = State()
-        self.device = accelerator.device
 
     # -- batches ------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[list[Encoded]]:
@@ -159,9 +169,16 @@ class Trainer:
         return out
 
     def _tensors(self, rows: list[Encoded]) -> dict[str, Any]:
+        """A micro-batch on the device, with its counts (host ints, read before the copy: no sync)."""
         batch = make_batch(rows, max_length=self.cfg.max_length, packing=self.cfg.packing, pad_id=self.pad_id)
         n_tokens = batch.pop("n_tokens")
-        return {k: v.to(self.device) for k, v in batch.items()} | {"n_tokens": n_tokens}
+        batch["label_index"], batch["label_target"] = label_positions(batch["labels"])
+        n_trained = int(batch["label_index"].numel())
+        if self.device.type == "cuda":  # pinned host memory: the copies run asynchronously
+            moved = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        else:
+            moved = {k: v.to(self.device) for k, v in batch.items()}
+        return moved | {"n_tokens": n_tokens, "n_trained": n_trained}
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.dtype == torch.float32:
@@ -176,10 +193,12 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------
     def train_step(self, step: int) -> float:
+        """One optimizer step. The device is read once, at the end (the logged loss and gradient
+        norm): token counts come from the host-side batches, so nothing waits inside the step."""
         micro = [self._tensors(rows) for rows in self._micro_batches(step)]
-        local_trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        local_trained = sum(b.pop("n_trained") for b in micro)
         global_trained = max(1.0, self._sum(float(local_trained)))
-        total = 0.0
+        sums: list[torch.Tensor] = []
         for i, b in enumerate(micro):
             n_tokens = b.pop("n_tokens")
             sync = contextlib.nullcontext() if (self.world == 1 or i == len(micro) - 1) else self.acc.no_sync(self.loss_module)
@@ -188,17 +207,32 @@ class Trainer:
                     loss_sum, _ = self.loss_module(**b)
                 # DDP averages gradients over processes: scale so the result is sum / global tokens.
                 loss = loss_sum * (self.world / global_trained)
+                if self.scaler is not None:
+                    loss = self.scaler.scale(loss)
                 if self.world > 1:
                     self.acc.backward(loss)
                 else:
                     loss.backward()
-            total += float(loss_sum.detach())
+            sums.append(loss_sum.detach().float())
             self.state.tokens += int(self._sum(float(n_tokens)))
+        norm = None
         if self.cfg.max_grad_norm is not None:  # gradients are already averaged over processes here
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        self.opt.step()
+            if self.scaler is not None:
+                self.scaler.unscale_(self.opt)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)  # skipped (and the scale lowered) when a gradient overflowed
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        values = torch.stack(sums if norm is None else [*sums, norm.detach().float()]).tolist()  # the one sync
+        if norm is not None:
+            self.last_grad_norm = values.pop()
+        total = 0.0
+        for v in values:
+            total += v
         self.state.trained_tokens += int(global_trained)
         self.state.examples += self.cfg.batch_size * self.cfg.grad_accum * self.world
         return self._sum(total) / global_trained
@@ -216,6 +250,7 @@ class Trainer:
         for i in range(0, len(rows), bs):
             b = self._tensors(rows[i : i + bs])
             b.pop("n_tokens")
+            b.pop("n_trained")
             with self._autocast():
                 s, n = self.loss_module(**b)
             total += float(s)
@@ -240,7 +275,10 @@ class Trainer:
         with atomic.atomic_path(path) as tmp:
             tmp.mkdir(parents=True)
             save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": self._unwrapped_opt().state_dict(), "scheduler": self.sched.state_dict()}, tmp / "optim.pt")
+            optim = {"optimizer": self._unwrapped_opt().state_dict(), "scheduler": self.sched.state_dict()}
+            if self.scaler is not None:
+                optim["scaler"] = self.scaler.state_dict()
+            torch.save(optim, tmp / "optim.pt")
             torch.save(
                 {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                 tmp / "rng.pt",
@@ -263,6 +301,8 @@ class Trainer:
         optim = torch.load(path / "optim.pt", weights_only=True, map_location=self.device)
         self._unwrapped_opt().load_state_dict(optim["optimizer"])
         self.sched.load_state_dict(optim["scheduler"])
+        if self.scaler is not None and "scaler" in optim:
+            self.scaler.load_state_dict(optim["scaler"])
         rng = torch.load(path / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():

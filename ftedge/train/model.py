@@ -110,18 +110,33 @@ class LabelOnlyLoss(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        label_index: torch.Tensor | None = None,
+        label_target: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """``label_index``/``label_target`` (from :func:`label_positions`, computed on the host) pick the
+        same positions as the labels mask does, without the device-to-host sync of boolean indexing."""
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state[:, :-1]
-        target = labels[:, 1:]
-        keep = target != IGNORE
-        logits = self.head(hidden[keep]).float()
+        if label_index is None or label_target is None:
+            target = labels[:, 1:]
+            keep = target != IGNORE
+            picked, target, n = out.last_hidden_state[:, :-1][keep], target[keep], keep.sum()
+        else:
+            picked, target, n = out.last_hidden_state.flatten(0, 1).index_select(0, label_index), label_target, label_index.numel()
+        logits = self.head(picked).float()
         if self.logit_scale:
             logits = logits * self.logit_scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        loss = nn.functional.cross_entropy(logits, target[keep], reduction="sum")
-        return loss, keep.sum()
+        loss = nn.functional.cross_entropy(logits, target, reduction="sum")
+        return loss, n
+
+
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where :class:`LabelOnlyLoss` scores a batch: the flat (row * width + column) index of every
+    position whose next token carries a label, and those labels, in row-major order (the order
+    of ``hidden[:, :-1][labels[:, 1:] != IGNORE]``)."""
+    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols, labels[rows, cols + 1]
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

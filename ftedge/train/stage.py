@@ -67,7 +67,7 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool)
 
     check_dataset(recipe)  # cheap one-line errors before any model loads
     from ftedge.hf import compute_dtype, load_tokenizer, pick_device, resolve_base_model
-    from ftedge.memory import peak_rss_mb
+    from ftedge.memory import peak_gpu_mb, peak_rss_mb
     from ftedge.train.loop import Trainer, fit, total_steps
     from ftedge.train.model import load_model
 
@@ -115,7 +115,7 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool)
     try:
         st = fit(trainer, resume_from=checkpoint)
     finally:
-        metrics.update(_metrics(trainer.state, peak_rss_mb()))
+        metrics.update(_metrics(trainer.state, peak_rss_mb(), peak_gpu_mb()))
     if main:
         adapter = run.path / "adapter"
         with atomic.atomic_path(adapter) as tmp:
@@ -147,7 +147,8 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _metrics(st: Any, rss: float) -> dict[str, Any]:
+def _metrics(st: Any, rss: float, gpu: float | None = None) -> dict[str, Any]:
+    gpu_entry = {} if gpu is None else {"peak_gpu_mb": round(gpu, 1)}
     return {
         "steps": st.step,
         "examples": st.examples,
@@ -156,6 +157,7 @@ def _metrics(st: Any, rss: float) -> dict[str, Any]:
         "seconds": round(st.seconds, 2),
         "tokens_per_s": round(st.tokens / st.seconds, 1) if st.seconds else None,
         "peak_rss_mb": round(rss, 1),
+        **gpu_entry,
         "final_loss": round(st.last_loss, 5) if st.last_loss is not None else None,
         "best_eval_loss": round(st.best_eval, 5) if st.best_eval is not None else None,
         "best_step": st.best_step,
@@ -167,6 +169,8 @@ def summary_line(m: dict[str, Any]) -> str:
     best = f"{m['best_eval_loss']:.4f} (step {m['best_step']})" if m.get("best_eval_loss") is not None else "n/a"
     return (
         f"train: {m['steps']} steps, {m['examples']} examples, {m['tokens']} tokens in {m['seconds']:.0f} s "
-        f"({m['tokens_per_s'] or 0:.0f} tok/s), peak RSS {m['peak_rss_mb']:.0f} MB, best eval loss {best}"
+        f"({m['tokens_per_s'] or 0:.0f} tok/s), peak RSS {m['peak_rss_mb']:.0f} MB"
+        + (f", peak GPU {m['peak_gpu_mb']:.0f} MB" if m.get("peak_gpu_mb") is not None else "")
+        + f", best eval loss {best}"
         + (", stopped early" if m.get("stopped_early") else "")
     )
