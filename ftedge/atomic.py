@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ftedge.errors import USER_CAUSED_ERRNOS, FtedgeError, from_os_error, os_error_in
+
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (fsync'd temp file, then rename)."""
@@ -49,28 +51,69 @@ def write_json(path: Path, obj: Any) -> None:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside ``path`` (file or folder); rename it into place on success.
 
-    On any exception the temp path is removed and ``path`` is left untouched.
-    An existing ``path`` is replaced only once the new one is complete.
+    On any exception the temp path is removed and ``path`` is left untouched. An existing
+    ``path`` is replaced only once the new one is complete. What lands at ``path`` has the
+    usual permissions (0644 files, 0755 folders under the usual umask), whatever mode the
+    library that wrote it chose. A write that fails for a reason the user can fix (no space,
+    read-only, no permission; an OSError or a library's error naming one) becomes one line
+    naming ``path`` (``ftedge.errors.from_os_error``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise from_os_error(err, path) from None
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(3).hex()}"
     try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"nothing was written to {tmp}")
-        if path.is_dir() and not path.is_symlink():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        try:
+            yield tmp
+            if not tmp.exists():
+                raise FileNotFoundError(f"nothing was written to {tmp}")
+            usual_modes(tmp)
+            if path.is_dir() and not path.is_symlink():
+                old = path.parent / f".{path.name}.old-{os.getpid()}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except FtedgeError:
+            raise
+        except Exception as err:
+            cause = write_cause(err, tmp, path)
+            if cause is None:
+                raise
+            raise from_os_error(cause, path) from None
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def write_cause(err: BaseException, tmp: Path, path: Path) -> OSError | None:
+    """The user-fixable OS cause of a failed write of ``path`` (via ``tmp``), or None when it is something else.
+
+    An OSError counts when it is about the written files (or names none); a library's error when its
+    text names a cause, or when the disk is full now (checked before the partial output is removed).
+    """
+    if isinstance(err, OSError):
+        named = str(err.filename or "")
+        ours = not named or named.startswith((str(tmp), str(path))) or Path(named).parent == path.parent
+        return err if ours and err.errno in USER_CAUSED_ERRNOS else None
+    return os_error_in(str(err), path.parent)
+
+
+def usual_modes(root: Path) -> None:
+    """Give ``root`` (and everything under it) the mode a plain file or folder gets under the umask."""
+    mask = _umask()
+    for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode
+        want = (0o777 if p.is_dir() or mode & 0o111 else 0o666) & ~mask
+        if mode & 0o777 != want:
+            os.chmod(p, want)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -13,9 +13,10 @@ from pathlib import Path
 import click
 
 from ftedge.backends import load_backend
-from ftedge.backends.base import Backend
+from ftedge.backends.base import Backend, detect_format
 from ftedge.errors import FtedgeError
-from ftedge.launch import MAX_CTX
+from ftedge.formats.gguf import inspect_gguf
+from ftedge.launch import MAX_CTX, serve_context
 from ftedge.manifest import Run, find_run
 
 log = logging.getLogger(__name__)
@@ -92,16 +93,20 @@ def stream_reply(backend: Backend, messages: list[dict[str, str]], *, max_new_to
     return decoder.text()
 
 
-def fit_history(backend: Backend, messages: list[dict[str, str]], *, budget: int) -> list[dict[str, str]]:
-    """Drop the oldest user/assistant turns until the prompt fits ``budget`` tokens (the system turn stays)."""
+def fit_history(backend: Backend, messages: list[dict[str, str]], *, n_ctx: int, max_new_tokens: int) -> list[dict[str, str]]:
+    """Drop the oldest user/assistant turns until the prompt fits the context less the reply (the system turn stays)."""
+    budget = n_ctx - max_new_tokens
     head = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(head) :]
     while len(turns) > 1 and len(backend.chat_ids(head + turns)) > budget:
         turns = turns[2:] if len(turns) > 2 else turns[1:]
-    if len(backend.chat_ids(head + turns)) > budget:
+    n = len(backend.chat_ids(head + turns))
+    if n > budget:
+        shorter = "send a shorter message" + (" or lower --max-new-tokens" if n < n_ctx else "")
         raise FtedgeError(
-            f"the message is longer than the context ({budget} tokens left for the prompt)",
-            hint="send a shorter message or lower --max-new-tokens",
+            f"the message is longer than the context: its prompt is {n} tokens, and this model's context of {n_ctx} tokens "
+            f"keeps {max_new_tokens} for the reply (--max-new-tokens {max_new_tokens}), leaving {max(budget, 0)}",
+            hint=shorter,
         )
     return head + turns
 
@@ -133,7 +138,11 @@ def interactive(backend: Backend, system: str | None, *, max_new_tokens: int, n_
             messages = base()
             click.secho("(conversation cleared)", dim=True, err=True)
             continue
-        messages = fit_history(backend, [*messages, {"role": "user", "content": text}], budget=n_ctx - max_new_tokens)
+        try:
+            messages = fit_history(backend, [*messages, {"role": "user", "content": text}], n_ctx=n_ctx, max_new_tokens=max_new_tokens)
+        except FtedgeError as err:  # the session goes on: the user can send something shorter
+            click.secho(f"error: {err.one_line()}", fg="red", err=True)
+            continue
         click.secho("bot> ", fg="green", nl=False)
         reply = stream_reply(backend, messages, max_new_tokens=max_new_tokens, write=lambda s: click.echo(s, nl=False))
         click.echo()
@@ -144,15 +153,21 @@ def chat_session(artifact: Path, *, prompt: str | None, system: str | None, max_
     """Chat with an artifact: one reply to ``prompt`` on stdout, or an interactive session."""
     if max_new_tokens <= 0:
         raise FtedgeError(f"--max-new-tokens must be positive (got {max_new_tokens})")
+    if prompt is not None and not prompt.strip():
+        raise FtedgeError("--prompt is empty", hint="give the message to answer, or leave --prompt out to chat interactively")
     path, run_system = resolve(Path(artifact))
     system = run_system if system is None else (system or None)
-    backend = load_backend(path, threads=threads, n_ctx=MAX_CTX)
-    n_ctx = min(MAX_CTX, backend.context_length)
+    n_ctx = MAX_CTX
+    if detect_format(path) == "gguf":  # the context serve opens too: the model's trained one, at most MAX_CTX
+        n_ctx = serve_context(inspect_gguf(path))
+    backend = load_backend(path, threads=threads, n_ctx=n_ctx)
+    n_ctx = min(n_ctx, backend.context_length)
     with backend:
         if prompt is not None:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = fit_history(backend, messages, n_ctx=n_ctx, max_new_tokens=max_new_tokens)
             stream_reply(backend, messages, max_new_tokens=max_new_tokens, write=lambda s: click.echo(s, nl=False))
             click.echo()
             return
-        click.secho(f"chatting with {path} ({COMMANDS})", dim=True, err=True)
+        click.secho(f"chatting with {path} (context {n_ctx} tokens; {COMMANDS})", dim=True, err=True)
         interactive(backend, system, max_new_tokens=max_new_tokens, n_ctx=n_ctx)

@@ -16,7 +16,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class FtedgeGroup(click.Group):
-    """Turns FtedgeError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    """Turns FtedgeError, a stray OSError (and Ctrl-C) into one line on stderr and a non-zero exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
@@ -32,6 +32,14 @@ class FtedgeGroup(click.Group):
             ctx.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except OSError as err:  # a disk or permission problem no stage named: still one line naming the path
+            if debug:
+                raise
+            from ftedge.errors import from_os_error
+
+            user = from_os_error(err, action="access")
+            click.secho(f"error: {user.one_line()}", fg="red", err=True)
+            ctx.exit(user.exit_code)
         except Exception as err:  # an unexpected bug: still one line unless --debug
             if debug:
                 raise
@@ -103,7 +111,8 @@ def validate(recipe: Path | None, overrides: tuple[str, ...], explain: bool) -> 
 @overrides_option
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run folder to create (default runs/<name>-<UTC time>).")
 @click.option("--resume", "resume", type=click.Path(path_type=Path), help="Continue training an interrupted run from its last checkpoint.")
-def train(recipe: Path | None, overrides: tuple[str, ...], run_dir: Path | None, resume: Path | None) -> None:
+@click.option("--force", is_flag=True, help="Replace the run already in --run-dir (e.g. one whose training failed); its files are deleted.")
+def train(recipe: Path | None, overrides: tuple[str, ...], run_dir: Path | None, resume: Path | None, force: bool) -> None:
     """Train a LoRA/QLoRA adapter from RECIPE into a new run folder.
 
     \b
@@ -111,12 +120,13 @@ def train(recipe: Path | None, overrides: tuple[str, ...], run_dir: Path | None,
       ftedge train recipes/smollm2-banking77.yaml
       ftedge train recipes/smollm2-banking77.yaml -o train.max_steps=20 --run-dir runs/try1
       ftedge train --resume runs/try1
+      ftedge train recipes/smollm2-banking77.yaml --run-dir runs/try1 --force
     """
     from ftedge import commands
 
     if resume is None and recipe is None:
         raise click.UsageError("give a RECIPE, or --resume RUN")
-    run = commands.train(recipe, list(overrides), run_dir=run_dir, resume=resume)
+    run = commands.train(recipe, list(overrides), run_dir=run_dir, resume=resume, force=force)
     click.echo(f"run: {run.path}")
 
 
@@ -183,7 +193,8 @@ def bench(subject: Path, target: str | None, json_path: Path | None, data: Path 
 @overrides_option
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run folder to create.")
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue an interrupted run from its first unfinished stage.")
-def run_cmd(recipe: Path | None, overrides: tuple[str, ...], run_dir: Path | None, resume: Path | None) -> None:
+@click.option("--force", is_flag=True, help="Replace the run already in --run-dir; its files are deleted.")
+def run_cmd(recipe: Path | None, overrides: tuple[str, ...], run_dir: Path | None, resume: Path | None, force: bool) -> None:
     """Everything: train, merge, export, bench, and a ship/ bundle.
 
     \b
@@ -195,7 +206,7 @@ def run_cmd(recipe: Path | None, overrides: tuple[str, ...], run_dir: Path | Non
 
     if resume is None and recipe is None:
         raise click.UsageError("give a RECIPE, or --resume RUN")
-    run = commands.run_all(recipe, list(overrides), run_dir=run_dir, resume=resume)
+    run = commands.run_all(recipe, list(overrides), run_dir=run_dir, resume=resume, force=force)
     click.echo(f"run: {run.path}")
 
 

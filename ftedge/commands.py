@@ -7,6 +7,7 @@ run's manifest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -20,19 +21,30 @@ from ftedge.targets import load_target
 log = logging.getLogger(__name__)
 
 
-def create_or_resume(recipe_path: Path | None, overrides: list[str], run_dir: Path | None, resume: Path | None) -> Run:
-    """A new run from a recipe (checked before any model loads), or an existing one to resume."""
+def create_or_resume(
+    recipe_path: Path | None, overrides: list[str], run_dir: Path | None, resume: Path | None, *, force: bool = False
+) -> Run:
+    """A new run from a recipe (checked before any model loads), or an existing one to resume.
+
+    ``force`` replaces the run already in ``run_dir`` (e.g. one whose training failed on a bad recipe).
+    """
     if resume is not None:
         if recipe_path is not None or overrides:
             raise FtedgeError("--resume continues a run with its frozen recipe", hint="drop the RECIPE and -o options, or start a new run")
+        if force:
+            raise FtedgeError("--force replaces a run and --resume continues one", hint="give one of them")
         return Run.open(resume)
     from ftedge.recipe import load_recipe
     from ftedge.validate import preflight
 
     if recipe_path is None:
         raise FtedgeError("give a RECIPE, or --resume RUN")
+    if force and run_dir is None:
+        raise FtedgeError("--force replaces the run in --run-dir", hint="give the --run-dir to replace, or drop --force")
+    if run_dir is not None:
+        Run.check_new_folder(run_dir, force=force)  # before the slower checks; Run.create checks again under the lock
     preflight(recipe_path, overrides)
-    return Run.create(load_recipe(recipe_path, overrides), run_dir=run_dir)
+    return Run.create(load_recipe(recipe_path, overrides), run_dir=run_dir, force=force)
 
 
 def launcher_rank() -> tuple[int, int]:
@@ -50,7 +62,9 @@ def _wait_for_run(run_dir: Path, timeout: float = 600.0) -> Run:
     return Run.open(run_dir)
 
 
-def train(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None) -> Run:
+def train(
+    recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None, force: bool = False
+) -> Run:
     from ftedge.train import train_stage
 
     rank, world = launcher_rank()
@@ -61,24 +75,29 @@ def train(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | Non
                 f"{world} training processes need one shared run folder",
                 hint="pass --run-dir runs/NAME to `accelerate launch -m ftedge.cli train`",
             )
-        run = create_or_resume(recipe_path, overrides, run_dir, None) if rank == 0 else _wait_for_run(Path(run_dir))
+        run = create_or_resume(recipe_path, overrides, run_dir, None, force=force) if rank == 0 else _wait_for_run(Path(run_dir))
     else:
-        run = create_or_resume(recipe_path, overrides, run_dir, resume)
-    train_stage(run, resume=resume is not None)
+        run = create_or_resume(recipe_path, overrides, run_dir, resume, force=force)
+    # Only rank 0 holds the run (and touches the manifest); the other ranks train beside it.
+    with run.lock("train") if rank == 0 else contextlib.nullcontext():
+        train_stage(run, resume=resume is not None)
     return run
 
 
 def merge(run_dir: Path, *, into: str | None = None, force: bool = False) -> Path:
     from ftedge.merge import merge_stage
 
-    return merge_stage(Run.open(run_dir), into=into, force=force)
+    run = Run.open(run_dir)
+    with run.lock("merge"):
+        return merge_stage(run, into=into, force=force)
 
 
 def export(run_dir: Path, *, target: str | None = None, force: bool = False) -> None:
     from ftedge.export import export_stage
 
     run = Run.open(run_dir)
-    export_stage(run, load_target(target or run.recipe().export.target), force=force)
+    with run.lock("export"):
+        export_stage(run, load_target(target or run.recipe().export.target), force=force)
 
 
 def bench(subject: Path, *, target: str | None = None, json_path: Path | None = None, data: Path | None = None) -> None:
@@ -88,7 +107,8 @@ def bench(subject: Path, *, target: str | None = None, json_path: Path | None = 
         raise FtedgeError(f"{subject} not found", hint="give a run folder, a .gguf file or an ORT GenAI folder")
     if subject.is_dir() and (subject / MANIFEST).is_file():
         run = Run.open(subject)
-        bench_run(run, load_target(target or run.recipe().export.target), json_path=json_path)
+        with run.lock("bench"):
+            bench_run(run, load_target(target or run.recipe().export.target), json_path=json_path)
     else:
         bench_artifact(subject, load_target(target or "laptop-cpu"), json_path=json_path, data=data)
 
@@ -97,7 +117,8 @@ def ship(run_dir: Path, *, target: str | None = None, force: bool = False) -> Pa
     from ftedge.ship import ship_stage
 
     run = Run.open(run_dir)
-    return ship_stage(run, load_target(target or run.recipe().export.target), force=force)
+    with run.lock("ship"):
+        return ship_stage(run, load_target(target or run.recipe().export.target), force=force)
 
 
 def chat(artifact: Path, *, prompt: str | None, system: str | None, max_new_tokens: int, threads: int | None) -> None:
@@ -113,23 +134,30 @@ def serve(artifact: Path, **options: Any) -> None:
     run_server(artifact, **options)
 
 
-def run_all(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None) -> Run:
+def run_all(
+    recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None, force: bool = False
+) -> Run:
     """train -> merge -> export -> bench -> ship; a resumed run continues at its first unfinished stage.
 
     A parity-gate failure still benches and ships what passed, then fails (exit 3).
     """
+    run = create_or_resume(recipe_path, overrides, run_dir, resume, force=force)
+    with run.lock("train"):  # held across the stages: no other process slips in between them
+        return _run_stages(run, resume=resume is not None)
+
+
+def _run_stages(run: Run, *, resume: bool) -> Run:
     from ftedge.bench import bench_run
     from ftedge.export import export_stage
     from ftedge.merge import merge_stage
     from ftedge.ship import ship_stage
     from ftedge.train import train_stage
 
-    run = create_or_resume(recipe_path, overrides, run_dir, resume)
     target = load_target(run.recipe().export.target)
     started = time.time()
     gate_error: GateFailedError | None = None
     steps = [
-        ("train", lambda: train_stage(run, resume=resume is not None)),
+        ("train", lambda: train_stage(run, resume=resume)),
         ("merge", lambda: merge_stage(run)),
         ("export", lambda: export_stage(run, target)),
         ("bench", lambda: bench_run(run, target)),

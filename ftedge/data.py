@@ -25,12 +25,13 @@ import csv
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftedge.errors import FtedgeError
+from ftedge.errors import FtedgeError, from_os_error
 from ftedge.hf import end_of_turn_token
 from ftedge.recipe import DataConfig, Recipe
 
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 HF_SUFFIXES = (".parquet", ".arrow")
+# Files `datasets.save_to_disk` writes: a folder without one of them holds no dataset.
+HF_FOLDER_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,22 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
         raise FtedgeError(
             f"data file {path} not found", hint="fix data.train / data.val in the recipe (relative paths start at the recipe's folder)"
         )
-    if path.is_dir() or path.suffix in HF_SUFFIXES:
-        return _read_hf(path)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _read_csv(path)
-    if suffix in (".jsonl", ".json"):
-        return _read_json(path)
+    if path.is_dir() and not any((path / marker).is_file() for marker in HF_FOLDER_MARKERS):
+        what = "an empty folder" if not any(path.iterdir()) else "a folder without a Hugging Face dataset in it"
+        raise FtedgeError(
+            f"data file {path} is {what}",
+            hint="point data.train / data.val at a .csv or .jsonl file, a .parquet/.arrow file, or a folder made by `save_to_disk`",
+        )
+    try:
+        if path.is_dir() or path.suffix in HF_SUFFIXES:
+            return _read_hf(path)
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            return _read_csv(path)
+        if suffix in (".jsonl", ".json"):
+            return _read_json(path)
+    except OSError as err:
+        raise from_os_error(err, path, action="read", hint="make the data file readable, or copy it somewhere you can read") from None
     raise FtedgeError(
         f"data file {path}: unsupported file type {path.suffix!r}", hint="use .csv, .jsonl/.json, .parquet/.arrow, or a HF-datasets folder"
     )
@@ -104,7 +116,10 @@ def _read_csv(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _read_json(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise FtedgeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})", hint="save the file as UTF-8 JSON/JSONL") from None
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
@@ -299,14 +314,57 @@ def load_splits(recipe: Recipe) -> Splits:
 
 
 def check_dataset(recipe: Recipe) -> str:
-    """Cheap checks before any model loads; returns a one-line summary."""
+    """Cheap checks before any model loads; returns a one-line summary and logs the label warnings."""
     splits = load_splits(recipe)
     cfg = recipe.data
     where = f"val {cfg.val.name}" if cfg.val is not None else f"val {len(splits.val)} held out (seed {cfg.seed})"
     summary = f"data: {len(splits.train)} train rows, {where}, format {cfg.format}"
     if splits.labels:
         summary += f", {len(splits.labels)} labels"
+        for warning in label_warnings([e.target for e in splits.train], [e.target for e in splits.val], "validation"):
+            _warn_once(warning)
     return summary
+
+
+def label_warnings(train_labels: Sequence[str], other_labels: Sequence[str], what: str) -> list[str]:
+    """What a classifier's labels warn of: a label seen once in training, labels of ``what`` never seen in training.
+
+    ``train_labels`` has one entry per training example (counts matter); ``other_labels`` are the labels
+    a model is scored on (the validation split, a bench data file). Returns one line per warning.
+    """
+    counts = Counter(train_labels)
+    out = []
+    once = sorted(label for label, n in counts.items() if n == 1)
+    if once:
+        out.append(
+            f"{len(once)} label{'s' if len(once) > 1 else ''} appear{'' if len(once) > 1 else 's'} only once in the training data "
+            f"({_some(once)}): one example is rarely enough to learn a label"
+        )
+    scored = sorted(set(other_labels))
+    unseen = [label for label in scored if label not in counts]
+    if unseen and len(unseen) == len(scored):
+        out.append(f"{what}: none of its {len(scored)} labels appear in the training data ({_some(unseen)}): its accuracy will be 0")
+    elif unseen:
+        out.append(
+            f"{what}: {len(unseen)} of its {len(scored)} labels never appear in the training data ({_some(unseen)}): "
+            "the model cannot have learned them"
+        )
+    return out
+
+
+def _some(labels: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(repr(label) for label in labels[:n])
+    return shown + (f" and {len(labels) - n} more" if len(labels) > n else "")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a data warning once per process (validation and the train stage both check the data)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 # --------------------------------------------------------------------------- held-out prompts

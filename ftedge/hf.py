@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftedge import atomic
-from ftedge.errors import FtedgeError
+from ftedge.errors import FtedgeError, from_os_error
 
 if TYPE_CHECKING:
     import torch
@@ -86,34 +86,127 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def resolve_base_model(spec: str | Path, *, trust_remote_code: bool = False) -> Path:
-    """Return a local HF folder (safetensors) for an alias, folder, .gguf file or hub id."""
+@dataclass(frozen=True)
+class BaseModelSource:
+    """Where a recipe's ``base_model`` comes from, known without loading or downloading it."""
+
+    kind: str  # "alias" (an embedded GGUF), "gguf" (a .gguf file), "folder" (an HF folder) or "hub" (an id, downloaded)
+    spec: str
+    path: Path | None  # the GGUF file or the folder; None for a hub id
+
+
+def locate_base_model(spec: str | Path) -> BaseModelSource:
+    """The rules :func:`resolve_base_model` follows, checked cheaply (``ftedge validate`` uses them too).
+
+    An alias must be installed; a ``.gguf`` must exist and start with the GGUF magic; a folder must
+    hold ``config.json`` and ``*.safetensors``; anything else must look like a hub id (``org/name``).
+    """
+    from ftedge.formats.gguf import has_gguf_magic
+
     text = str(spec)
     if text in EMBEDDED:
-        return gguf_to_hf(embedded_gguf(text))
+        return BaseModelSource("alias", text, embedded_gguf(text))
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FtedgeError(f"base model file {path} not found", hint="give an existing .gguf path")
-        return gguf_to_hf(path)
+        if not has_gguf_magic(path):
+            raise FtedgeError(
+                f"base model {path} is not a GGUF file (no GGUF magic at its start)", hint="give a .gguf file made by llama.cpp"
+            )
+        return BaseModelSource("gguf", text, path)
     if path.exists():
-        if is_hf_folder(path):
-            if not any(path.glob("*.safetensors")):
-                raise FtedgeError(
-                    f"{path} has no .safetensors weights (ftedge loads weights only from safetensors)",
-                    hint="convert the checkpoint with `save_pretrained(..., safe_serialization=True)`",
-                )
-            return path
-        raise FtedgeError(
-            f"{path} is not a Hugging Face model folder (no config.json)",
-            hint="give a folder with config.json + *.safetensors, a .gguf file, or an alias: " + ", ".join(EMBEDDED),
-        )
+        if not is_hf_folder(path):
+            raise FtedgeError(
+                f"{path} is not a Hugging Face model folder (no config.json)",
+                hint="give a folder with config.json + *.safetensors, a .gguf file, or an alias: " + ", ".join(EMBEDDED),
+            )
+        if not any(path.glob("*.safetensors")):
+            raise FtedgeError(
+                f"{path} has no .safetensors weights (ftedge loads weights only from safetensors)",
+                hint="convert the checkpoint with `save_pretrained(..., safe_serialization=True)`",
+            )
+        return BaseModelSource("folder", text, path)
     if HUB_ID.match(text):
-        return download_from_hub(text)
+        return BaseModelSource("hub", text, None)
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+        raise FtedgeError(
+            f"base model path {path} not found",
+            hint="give an existing folder (config.json + *.safetensors) or .gguf file, an alias (" + ", ".join(EMBEDDED) + ") or org/name",
+        )
     raise FtedgeError(
         f"base model {text!r} is not an alias, a local path or a hub id",
         hint="use one of: " + ", ".join(EMBEDDED) + ", a folder, a .gguf, or org/name",
     )
+
+
+def resolve_base_model(spec: str | Path, *, trust_remote_code: bool = False) -> Path:
+    """Return a local HF folder (safetensors) for an alias, folder, .gguf file or hub id."""
+    source = locate_base_model(spec)
+    if source.kind == "hub":
+        return download_from_hub(source.spec)
+    assert source.path is not None
+    return source.path if source.kind == "folder" else gguf_to_hf(source.path)
+
+
+def hf_architecture(source: BaseModelSource) -> str | None:
+    """The HF architecture (``LlamaForCausalLM``) :func:`resolve_base_model` will produce for ``source``, read
+    without loading it: a folder's config.json, or a GGUF's header mapped the way transformers maps it.
+    None for a hub id (known once downloaded) or a config without ``architectures``."""
+    if source.kind == "hub" or source.path is None:
+        return None
+    if source.kind == "folder":
+        config = source.path / "config.json"
+        try:
+            raw = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise FtedgeError(f"{config} cannot be read as JSON ({err})", hint="fix or replace the model's config.json") from None
+        archs = raw.get("architectures") if isinstance(raw, dict) else None
+        return str(archs[0]) if isinstance(archs, list) and archs else None
+    from ftedge.formats.gguf import read_gguf_header
+
+    header = read_gguf_header(source.path)
+    arch = header.get("general.architecture")
+    if not isinstance(arch, str):
+        raise FtedgeError(f"{source.path}: the GGUF header has no general.architecture", hint="give a GGUF made by llama.cpp's converter")
+    return gguf_hf_architecture(arch, header.get("general.name"), source.path)
+
+
+# llama.cpp architecture names transformers reads under another model type (transformers' load_gguf_checkpoint).
+_GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+
+
+def gguf_hf_architecture(arch: str, name: str | None, path: Path | str) -> str:
+    """The HF causal-LM class transformers turns a GGUF of llama.cpp architecture ``arch`` into, or a one-line error."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = _GGUF_MODEL_TYPES.get(arch, arch)
+    if model_type == "llama" and name == "mistral":  # llama.cpp writes Mistral as llama
+        model_type = "mistral"
+    hf_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if model_type not in GGUF_SUPPORTED_ARCHITECTURES or hf_class is None:
+        readable = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        raise FtedgeError(
+            f"base model {path}: transformers cannot read a GGUF of architecture {arch!r} (it reads {', '.join(readable)})",
+            hint="give a GGUF of a supported architecture, or the model's HF folder",
+        )
+    return hf_class
+
+
+def parameter_count(folder: Path) -> int:
+    """Weights in a folder's ``*.safetensors`` files, from their headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as fh:
+            for key in fh.keys():  # noqa: SIM118 -- safe_open is not a mapping
+                n = 1
+                for dim in fh.get_slice(key).get_shape():
+                    n *= int(dim)
+                total += n
+    return total
 
 
 def card_base_model(spec: str | Path) -> tuple[str | None, str | None]:
@@ -158,8 +251,12 @@ def gguf_to_hf(gguf_path: Path) -> Path:
     target = gguf_cache_entry(gguf_path)
     if (target / COMPLETE_MARKER).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a") as lock:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.parent / f".{target.name}.lock", "a")  # noqa: SIM115 -- closed by the with-block below
+    except OSError as err:
+        raise from_os_error(err, target.parent, hint="set FTEDGE_CACHE to a folder you can write to, on a disk with space") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if (target / COMPLETE_MARKER).is_file():  # another process built it meanwhile
@@ -286,6 +383,7 @@ def load_causal_lm(
     training loaded it. On CUDA both kinds load straight onto the GPU (``device_map``) with
     :func:`attention_implementation`; on CPU nothing else is asked of transformers.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
@@ -301,7 +399,7 @@ def load_causal_lm(
         kwargs["quantization_config"] = bnb_config(four_bit, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # missing/damaged files, shapes that do not fit the config
         first = str(err).splitlines()[0] if str(err) else ""
         raise FtedgeError(
             f"cannot load model {path} ({type(err).__name__}: {first[:300]})", hint="check the folder holds a complete model"
@@ -321,7 +419,14 @@ def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False, re
     """The model folder's tokenizer; refuses one without a chat template unless told otherwise."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # no or damaged tokenizer files
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise FtedgeError(
+            f"cannot load the tokenizer of {model_dir} ({type(err).__name__}: {first[:300]})",
+            hint="the model folder needs its tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)",
+        ) from None
     if require_chat_template and getattr(tok, "chat_template", None) is None:
         raise FtedgeError(
             f"tokenizer of {model_dir} has no chat template",

@@ -5,6 +5,12 @@ A run is ``runs/<recipe-name>-<UTC timestamp>/`` holding the frozen ``recipe.yam
 size and sha256. The manifest is rewritten atomically under a file lock; an artifact is
 recorded only once it is complete.
 
+One process at a time works on a run: every stage (and run creation) holds an exclusive lock on
+the run folder's ``.run.lock`` for its whole duration (``Run.lock``); a second process is refused
+in one line naming the holder's pid. The lock is an ``flock``, so it dies with its process: a
+stale lock never blocks anyone. A stage left ``running`` by a process that is gone (killed) is
+marked ``interrupted`` by the next command that opens the run.
+
 Stages read artifacts through :class:`Artifact` (a typed view of a manifest entry: its format,
 quant type and parity-gate verdict) and the queries of :class:`Run` (``models()``,
 ``usable_models()``), never by parsing keys or entries themselves.
@@ -14,9 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import logging
+import os
+import shutil
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ftedge import __version__, atomic
-from ftedge.errors import FtedgeError, StageMissingError
+from ftedge.errors import FtedgeError, StageMissingError, from_os_error
 from ftedge.recipe import Recipe, dump_recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -35,6 +45,12 @@ SCHEMA = 1
 STAGES = ("train", "merge", "export", "bench", "ship")
 MODEL_FORMATS = ("hf", "gguf", "onnx")  # artifacts a runtime can load (an adapter is not one)
 MODEL_STAGES = ("merge", "export")
+LOCK = ".run.lock"  # held (flock) by the one process working on the run; holds its pid and stage
+# How another process's work on a run is named: "RUN is being trained by another process (pid N)".
+DOING = {"create": "created", "train": "trained", "merge": "merged", "export": "exported", "bench": "benchmarked", "ship": "shipped"}
+
+# Runs this process holds the lock of: run path -> [open lock file, nesting depth].
+_HELD: dict[Path, list[Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -94,35 +110,77 @@ class Run:
 
     # -- creation / opening -------------------------------------------------
     @classmethod
-    def create(cls, recipe: Recipe, *, runs_root: Path | str = "runs", run_dir: Path | str | None = None) -> Run:
-        """Make a new run folder with the frozen recipe and an empty manifest."""
-        if run_dir is None:
-            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-            run_dir = Path(runs_root) / f"{recipe.name}-{stamp}"
-            n = 1
-            while Path(run_dir).exists():
-                run_dir = Path(runs_root) / f"{recipe.name}-{stamp}-{n}"
-                n += 1
-        run_dir = Path(run_dir)
-        if (run_dir / MANIFEST).exists():
-            raise FtedgeError(f"{run_dir} already holds a run", hint=f"use `--resume {run_dir}` or pick another --run-dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
+    def create(cls, recipe: Recipe, *, runs_root: Path | str = "runs", run_dir: Path | str | None = None, force: bool = False) -> Run:
+        """Make a new run folder with the frozen recipe and an empty manifest, under the run's lock.
+
+        A folder that already holds a run is refused, or with ``force`` emptied and reused (unless
+        another process is working on it).
+        """
+        try:
+            if run_dir is None:
+                run_dir = _new_folder(Path(runs_root), recipe.name)
+            else:
+                run_dir = Path(run_dir)
+                cls.check_new_folder(run_dir, force=force)
+                run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise from_os_error(err, run_dir or runs_root) from None
         run = cls(run_dir)
-        atomic.write_text(run.path / RECIPE, dump_recipe(recipe))
-        atomic.write_json(
-            run.manifest_path,
-            {
-                "schema": SCHEMA,
-                "ftedge_version": __version__,
-                "name": recipe.name,
-                "created": utc_now(),
-                "recipe": RECIPE,
-                "stages": {s: {"status": "pending"} for s in STAGES},
-                "artifacts": {},
-            },
-        )
+        with run.lock("create"):
+            cls.check_new_folder(run.path, force=force)  # again, under the lock: another process may have been first
+            if run.manifest_path.exists():
+                log.warning("--force: replacing the run in %s", run.path)
+                run._clear()
+            atomic.write_text(run.path / RECIPE, dump_recipe(recipe))
+            atomic.write_json(
+                run.manifest_path,
+                {
+                    "schema": SCHEMA,
+                    "ftedge_version": __version__,
+                    "name": recipe.name,
+                    "created": utc_now(),
+                    "recipe": RECIPE,
+                    "stages": {s: {"status": "pending"} for s in STAGES},
+                    "artifacts": {},
+                },
+            )
         log.info("created run %s", run.path)
         return run
+
+    @classmethod
+    def check_new_folder(cls, run_dir: Path, *, force: bool = False) -> None:
+        """Refuse a --run-dir that is a file, or that holds a run already (unless ``force`` replaces it)."""
+        run_dir = Path(run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise FtedgeError(f"--run-dir {run_dir} is a file, not a folder", hint="pick another --run-dir")
+        if (run_dir / MANIFEST).exists() and not force:
+            raise FtedgeError(
+                f"{run_dir} already holds a run{cls(run_dir)._state_note()}",
+                hint=f"continue it with `--resume {run_dir}`, replace it with `--force`, or pick another --run-dir",
+            )
+
+    def _state_note(self) -> str:
+        """`` (train failed: ...)``: what the existing run's first unfinished stage says, for messages."""
+        try:
+            stages = self.manifest().get("stages", {})
+        except FtedgeError:
+            return " (its manifest is damaged)"
+        for name in STAGES:
+            st = stages.get(name, {})
+            if st.get("status") != "done":
+                error = f": {st['error']}" if st.get("error") else ""
+                return f" ({name} {st.get('status', 'pending')}{error})"[:400]
+        return " (finished)"
+
+    def _clear(self) -> None:
+        """Remove everything in the run folder but its lock (held by this process)."""
+        for entry in self.path.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     @classmethod
     def open(cls, path: Path | str) -> Run:
@@ -133,6 +191,7 @@ class Run:
         if not run.manifest_path.is_file():
             raise FtedgeError(f"{path} is not an ftedge run (no {MANIFEST})", hint="give a folder made by `ftedge train` or `ftedge run`")
         run.manifest()  # parse check
+        run.mark_interrupted()
         return run
 
     # -- manifest -----------------------------------------------------------
@@ -167,6 +226,78 @@ class Run:
     def recipe(self) -> Recipe:
         return load_recipe(self.path / RECIPE, check_files=False)
 
+    # -- one process at a time --------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, stage: str) -> Iterator[None]:
+        """Hold the run's exclusive lock while ``stage`` works on it; refuse if another process holds it.
+
+        Re-entrant within a process (a command may take it before the stage it runs takes it again).
+        """
+        held = _HELD.get(self.path)
+        if held is not None:
+            held[1] += 1
+            with contextlib.suppress(OSError):  # only informs a refused process of the stage now running
+                _write_holder(held[0], stage)
+            try:
+                yield
+            finally:
+                held[1] -= 1
+            return
+        lock_path = self.path / LOCK
+        try:
+            fh = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 -- held until the with-block ends
+        except OSError as err:
+            raise from_os_error(
+                err, lock_path, hint=f"ftedge writes into the run folder {self.path}: make it writable, or copy the run to a writable disk"
+            ) from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _read_holder(fh)
+            fh.close()
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise from_os_error(err, lock_path, action="lock") from None
+            doing = DOING.get(str(holder.get("stage")), "used")
+            pid = holder.get("pid", "unknown")
+            raise FtedgeError(
+                f"{self.path} is being {doing} by another process (pid {pid})",
+                hint=f"wait for it to finish, or stop it (kill {pid}) and run the command again",
+            ) from None
+        try:
+            _write_holder(fh, stage)
+        except OSError as err:
+            fh.close()
+            raise from_os_error(err, lock_path) from None
+        _HELD[self.path] = [fh, 1]
+        try:
+            yield
+        finally:
+            del _HELD[self.path]
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    def mark_interrupted(self) -> list[str]:
+        """Stages left ``running`` by a process of this host that is gone become ``interrupted``; returns them."""
+        if self.path in _HELD:
+            return []
+        stale = [name for name, st in self.manifest().get("stages", {}).items() if _is_stale(st)]
+        if not stale:
+            return []
+
+        def _mark(m: dict[str, Any]) -> None:
+            for name in stale:
+                st = m["stages"][name]
+                if _is_stale(st):
+                    st.update(status="interrupted", error=f"the process running it (pid {st.get('pid')}) ended before it finished")
+
+        try:
+            self.update(_mark)
+        except OSError:  # a read-only run can still be read
+            return stale
+        for name in stale:
+            log.warning("%s: the %s stage was interrupted (its process is gone); run it again to redo it", self.path, name)
+        return stale
+
     # -- stages -------------------------------------------------------------
     def stage_status(self, stage: str) -> str:
         return self.manifest().get("stages", {}).get(stage, {}).get("status", "pending")
@@ -181,38 +312,46 @@ class Run:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
-        """Mark a stage running; done (with seconds) on success, failed (with the error) otherwise.
+        """Hold the run's lock and mark a stage running; done (with seconds) on success, failed (with the error) otherwise.
 
-        Yields a dict of metrics that is stored with the stage.
+        Yields a dict of metrics that is stored with the stage. An OSError a user can cause (no space,
+        read-only, no permission) is raised, and recorded, as one line naming its path.
         """
-        metrics: dict[str, Any] = {}
-        started = time.time()
+        with self.lock(name):
+            metrics: dict[str, Any] = {}
+            started = time.time()
 
-        def _start(m: dict[str, Any]) -> None:
-            m.setdefault("stages", {})[name] = {"status": "running", "started": utc_now()}
+            def _start(m: dict[str, Any]) -> None:
+                m.setdefault("stages", {})[name] = {"status": "running", "started": utc_now(), "pid": os.getpid(), "host": _HOST}
 
-        self.update(_start)
-        try:
-            yield metrics
-        except BaseException as err:
-            reason = "interrupted" if isinstance(err, KeyboardInterrupt) else (str(err) or type(err).__name__)
+            self.update(_start)
+            try:
+                yield metrics
+            except BaseException as err:
+                raised: BaseException = from_os_error(err, action="access") if isinstance(err, OSError) else err
+                reason = "interrupted" if isinstance(err, KeyboardInterrupt) else (str(raised) or type(raised).__name__)
 
-            def _fail(m: dict[str, Any]) -> None:
+                def _fail(m: dict[str, Any]) -> None:
+                    st = m["stages"][name]
+                    st.update(status="failed", finished=utc_now(), seconds=round(time.time() - started, 2), error=reason[:2000])
+                    if metrics:
+                        st["metrics"] = metrics
+
+                try:
+                    self.update(_fail)
+                except OSError as update_err:  # the disk that failed the stage may fail this too
+                    log.warning("could not record the failure in %s (%s)", self.manifest_path, update_err)
+                if raised is err:
+                    raise
+                raise raised from None
+
+            def _done(m: dict[str, Any]) -> None:
                 st = m["stages"][name]
-                st.update(status="failed", finished=utc_now(), seconds=round(time.time() - started, 2), error=reason[:2000])
+                st.update(status="done", finished=utc_now(), seconds=round(time.time() - started, 2))
                 if metrics:
                     st["metrics"] = metrics
 
-            self.update(_fail)
-            raise
-
-        def _done(m: dict[str, Any]) -> None:
-            st = m["stages"][name]
-            st.update(status="done", finished=utc_now(), seconds=round(time.time() - started, 2))
-            if metrics:
-                st["metrics"] = metrics
-
-        self.update(_done)
+            self.update(_done)
 
     # -- artifacts ----------------------------------------------------------
     def record_artifact(
@@ -261,6 +400,52 @@ class Run:
             return path.relative_to(self.path).as_posix()
         except ValueError:
             return str(path)
+
+
+_HOST = socket.gethostname()
+
+
+def _new_folder(runs_root: Path, name: str) -> Path:
+    """Claim a fresh ``runs_root/<name>-<UTC time>[-n]`` folder (mkdir is atomic: two processes never share one)."""
+    runs_root.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        folder = runs_root / (f"{name}-{stamp}" if n == 0 else f"{name}-{stamp}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FtedgeError(f"cannot find a free run folder name in {runs_root}", hint="pass --run-dir")
+
+
+def _write_holder(fh: Any, stage: str) -> None:
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps({"pid": os.getpid(), "host": _HOST, "stage": stage}))
+    fh.flush()
+
+
+def _read_holder(fh: Any) -> dict[str, Any]:
+    try:
+        fh.seek(0)
+        holder = json.loads(fh.read() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _is_stale(st: dict[str, Any]) -> bool:
+    """A ``running`` stage whose process (recorded pid, this host) no longer exists."""
+    if st.get("status") != "running" or st.get("host", _HOST) != _HOST or not isinstance(st.get("pid"), int):
+        return False
+    try:
+        os.kill(st["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def find_run(path: Path) -> Run | None:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ftedge.atomic import atomic_path
-from ftedge.errors import FtedgeError
+from ftedge.errors import FtedgeError, check_free_space
+from ftedge.formats.quants import BYTES_PER_WEIGHT
 from ftedge.hf import end_of_turn_id
 from ftedge.manifest import Run
 
@@ -39,7 +40,7 @@ def check_adapter(adapter: Path) -> dict[str, Any]:
     """The PEFT adapter folder must hold a readable config and safetensors weights."""
     cfg_path = adapter / "adapter_config.json"
     weights = adapter / "adapter_model.safetensors"
-    hint = "re-run `ftedge train` for this run (the adapter folder is incomplete or damaged)"
+    hint = f"the adapter is incomplete or damaged: delete {adapter} and run `ftedge train --resume {adapter.parent}`"
     if not cfg_path.is_file():
         raise FtedgeError(f"adapter {adapter} has no adapter_config.json", hint=hint)
     try:
@@ -86,7 +87,7 @@ def _with_adapter(model: Any, adapter: Path) -> Any:
     except Exception as err:  # shape mismatch, wrong base, damaged file
         raise FtedgeError(
             f"adapter {adapter} does not fit base model ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})",
-            hint="the adapter was trained on another base model; re-run `ftedge train`",
+            hint=f"the adapter was trained on another base model; train a new run: `ftedge train {adapter.parent / 'recipe.yaml'}`",
         ) from None
 
 
@@ -200,7 +201,7 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
     recipe = run.recipe()
     adapter = run.artifact_path("adapter")
     if not adapter.is_dir():
-        raise FtedgeError(f"adapter folder {adapter} is missing", hint=f"re-run `ftedge train` for {run.path}")
+        raise FtedgeError(f"adapter folder {adapter} is missing", hint=f"train it again: `ftedge train --resume {run.path}`")
     check_adapter(adapter)
     mode = into or recipe.export.merge_into
     if mode not in MODES:
@@ -211,10 +212,12 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
         note = f"quant.bits={recipe.quant.bits}: training used a float base, so the merge is into the float base"
         mode = "float"
     from ftedge.data import gate_prompts
-    from ftedge.hf import resolve_base_model
+    from ftedge.hf import parameter_count, resolve_base_model
 
     base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
     trust = recipe.trust_remote_code
+    need = int(parameter_count(base) * BYTES_PER_WEIGHT["f32"])  # the merged model is float32
+    check_free_space(run.path, need, "the merged float32 model")
     with run.stage("merge") as metrics:
         import torch
 

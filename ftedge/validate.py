@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
 
 from ftedge.data import check_dataset
 from ftedge.errors import FtedgeError
-from ftedge.hf import EMBEDDED, embedded_gguf, is_hf_folder
-from ftedge.recipe import Recipe, load_recipe
+from ftedge.hf import BaseModelSource, hf_architecture, locate_base_model
+from ftedge.recipe import load_recipe
 from ftedge.targets import Target, load_target
-
-# Embedded aliases are GGUF files whose architecture we know without reading them.
-EMBEDDED_ARCH = {"smollm2-135m-instruct": "LlamaForCausalLM"}
 
 
 @lru_cache(maxsize=1)
@@ -37,25 +33,15 @@ def onnx_builder_architectures() -> frozenset[str]:
     return frozenset(re.findall(r'config\.architectures\[0\] == "(\w+)"', text))
 
 
-def base_architecture(recipe: Recipe) -> str | None:
-    """The base model's HF architecture if it can be known without loading or downloading it."""
-    spec = recipe.base_model
-    if spec in EMBEDDED:
-        embedded_gguf(spec)  # raises a clear error when the package is missing
-        return EMBEDDED_ARCH.get(spec)
-    path = Path(spec).expanduser()
-    if is_hf_folder(path):
-        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-        return archs[0] if archs else None
-    if path.suffix == ".gguf" and not path.is_file():
-        raise FtedgeError(f"base_model: file {path} not found", hint="give an existing .gguf path")
-    return None
+def base_model_line(source: BaseModelSource, arch: str | None) -> str:
+    where = {"alias": f"embedded {source.path}", "gguf": "GGUF file", "folder": "HF folder", "hub": "hub id"}[source.kind]
+    return f"base model {source.spec}: {where}" + (f", architecture {arch}" if arch else "")
 
 
 def check_export_support(arch: str | None, target: Target, source: str) -> list[str]:
     notes: list[str] = []
     if arch is None:
-        return ["architecture: checked once the model is downloaded"]
+        return ["architecture: checked once the model is downloaded (a hub id)"]
     if target.gguf and target.gguf.quants and arch not in gguf_converter_architectures():
         raise FtedgeError(
             f"{source}: base model architecture {arch} is not supported by the GGUF converter",
@@ -74,18 +60,27 @@ def check_export_support(arch: str | None, target: Target, source: str) -> list[
 
 
 def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> list[str]:
-    """Validate everything checkable without loading a model; return what was checked."""
+    """Validate everything checkable without loading a model; return what was checked.
+
+    The recipe's schema; the target profile; the base model by the rules training resolves it with
+    (``ftedge.hf.locate_base_model``: alias installed, folder with config.json + safetensors, GGUF
+    magic and architecture from its header), its architecture against the exporters the target
+    needs; the data files read, split and labelled as training will.
+    """
     recipe = load_recipe(recipe_path, overrides)
     lines = [f"recipe {recipe.name}: schema", f"data: {recipe.data.train}"]
     target = load_target(recipe.export.target)
     lines.append(
         f"target {target.name}: gguf={target.gguf.quants if target.gguf else []} onnx={target.onnx.precisions if target.onnx else []}"
     )
-    lines.extend(check_export_support(base_architecture(recipe), target, str(recipe_path)))
+    source = locate_base_model(recipe.base_model)
+    arch = hf_architecture(source)
+    lines.append(base_model_line(source, arch))
     lines.append(check_dataset(recipe))
     if recipe.eval.general_prompts is not None:
         from ftedge.bench.forgetting import read_general
 
         general = read_general(recipe.eval.general_prompts)
         lines.append(f"eval.general_prompts: {len(general.prompts)} prompts, {len(general.texts)} texts for the drift check")
+    lines.extend(check_export_support(arch, target, str(recipe_path)))  # last: reading the exporters' registries is slow
     return lines

@@ -5,15 +5,21 @@
   the stop test and top-1 comparisons are meaningful);
 - data: ``write_text_label_csv``;
 - runs: ``make_adapter`` (a PEFT LoRA adapter with random, small non-zero B matrices),
-  ``make_run`` (a run whose train stage is done), ``tiny_target``.
+  ``make_run`` (a run whose train stage is done), ``tiny_target``;
+- disks and users (the tests run as root): ``small_disk`` (a real tmpfs), ``read_only`` (a real
+  read-only bind mount), both yielding False where mounting is not permitted, and
+  ``cli_as_nobody`` / ``nobody_runs_ftedge`` (the CLI in a process that dropped root); ``write_gguf_header_only``.
 
 GGUF conversion in tests goes through ftedge's own ``ftedge.export.gguf.convert_to_gguf``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -191,3 +197,90 @@ def tiny_target(tmp: Path, quants: list[str], gates: dict | None = None, onnx: l
     path = tmp / "tiny-target.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return load_target(path)
+
+
+# -- disks and users for the bad-input tests (the tests run as root, which ignores permissions) ------------
+def _mount(*args: str) -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("mount") is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+def _umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "1m") -> Iterator[bool]:
+    """A real tmpfs of ``size`` mounted at ``path`` (a full disk in a few writes); yields False where mounting is not permitted."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = _mount("-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path))
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            _umount(path)
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[bool]:
+    """``path`` made a real read-only file system (a read-only bind mount onto itself); False where not permitted."""
+    mounted = _mount("--bind", str(path), str(path))
+    if mounted and not _mount("-o", "remount,ro,bind", str(path)):
+        _umount(path)
+        mounted = False
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            _umount(path)
+
+
+NOBODY = 65534
+# Imports everything an early refusal needs, then gives up root for `nobody` (the interpreter itself may live
+# where `nobody` cannot read, e.g. under /root) and runs the CLI with the given arguments.
+_AS_NOBODY = (
+    "import os, sys, difflib; import ftedge.cli, ftedge.commands, ftedge.logs, ftedge.manifest, ftedge.validate, ftedge.formats.gguf; "
+    "import rich.logging; "
+    "os.setgroups([]); os.setgid({uid}); os.setuid({uid}); sys.argv = ['ftedge', *sys.argv[1:]]; ftedge.cli.main()"
+)
+
+
+def cli_as_nobody(args: list[str]) -> list[str]:
+    """The command line of ``ftedge ARGS`` run by a process that has dropped root for ``nobody``."""
+    import sys
+
+    return [sys.executable, "-c", _AS_NOBODY.format(uid=NOBODY), *args]
+
+
+def nobody_runs_ftedge(env: dict[str, str], cwd: Path) -> bool:
+    """Whether a process can drop root for ``nobody`` here and still run ftedge's CLI."""
+    import subprocess
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    try:
+        res = subprocess.run(cli_as_nobody(["--version"]), env=env, cwd=cwd, capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0
+
+
+def write_gguf_header_only(path: Path, arch: str, name: str = "tiny") -> Path:
+    """A minimal valid GGUF of llama.cpp architecture ``arch`` (one small tensor): enough for header checks."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

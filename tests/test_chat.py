@@ -110,14 +110,27 @@ def test_history_is_trimmed_to_the_context(tiny_model_dir: Path) -> None:
         msgs += [{"role": "user", "content": f"question number {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
     msgs.append({"role": "user", "content": "last"})
     budget = 120
-    kept = chat.fit_history(backend, msgs, budget=budget)
+    kept = chat.fit_history(backend, msgs, n_ctx=budget + 8, max_new_tokens=8)
     assert kept[0]["role"] == "system" and kept[-1]["content"] == "last"
     assert len(backend.chat_ids(kept)) <= budget < len(backend.chat_ids(msgs))
     assert kept[1]["role"] == "user"  # whole turns dropped, oldest first
-    with pytest.raises(FtedgeError, match="longer than the context"):
-        chat.fit_history(backend, [{"role": "user", "content": "word " * 200}], budget=50)
+    with pytest.raises(FtedgeError, match="longer than the context") as info:
+        chat.fit_history(backend, [{"role": "user", "content": "word " * 200}], n_ctx=60, max_new_tokens=10)
+    assert "context of 60 tokens" in str(info.value) and "shorter message" in str(info.value)  # names the real context and fix
+    assert "--max-new-tokens" not in info.value.hint  # the prompt alone is over the context: lowering the reply cannot help
+    with pytest.raises(FtedgeError, match="or lower --max-new-tokens"):  # here it can
+        chat.fit_history(backend, [{"role": "user", "content": "word " * 20}], n_ctx=60, max_new_tokens=30)
 
 
 def test_chat_errors_are_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["chat", str(tmp_path / "nope.gguf"), "-p", "hi"])
     assert result.exit_code == 2 and "not found" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_an_over_long_prompt_names_the_real_context_and_option(tiny_gguf: Path) -> None:
+    """The tiny model was trained with a 512-token context: chat opens that (not 4096) and says so, naming its own option."""
+    result = CliRunner().invoke(main, ["chat", str(tiny_gguf), "-p", "word " * 440, "--max-new-tokens", "64", "--threads", "1"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert len(line.splitlines()) == 1 and "context of 512 tokens" in line and "keeps 64 for the reply" in line
+    assert "or lower --max-new-tokens" in line  # the prompt alone fits 512: a shorter reply would make room

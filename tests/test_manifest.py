@@ -59,8 +59,10 @@ def test_record_artifact_size_and_sha(tiny_recipe: Path, tmp_path: Path) -> None
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    from ftedge.errors import DiskFullError
+
     target = tmp_path / "out"
-    with pytest.raises(OSError), atomic.atomic_path(target) as tmp:
+    with pytest.raises(DiskFullError, match=f"no space left to write {target}"), atomic.atomic_path(target) as tmp:
         tmp.mkdir()
         (tmp / "half").write_text("partial")
         raise OSError(28, "No space left on device")

@@ -18,6 +18,14 @@ def base_and_adapter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pa
     return base, make_adapter(base, root / "adapter")
 
 
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -46,6 +54,8 @@ def test_float_merge_writes_a_complete_model_matching_base_plus_adapter(tmp_path
     assert stage["metrics"]["drift"]["float"]["kl"] < 1e-3
     entry = run.artifacts()["merged"]
     assert entry["mode"] == "float" and entry["sha256"]
+    usual = 0o666 & ~_umask()  # another account (an Ollama service, a second user) can read a shipped model
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: usual for p in out.iterdir()}
 
     # idempotent: a finished merge is skipped, --force redoes it
     recorded = entry["recorded"]

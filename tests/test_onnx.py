@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,9 @@ def test_fp32_export_folder_and_logits_match_torch(fp32_dir: Path, torch_ref) ->
     for name in ("genai_config.json", "model.onnx", "tokenizer.json", "chat_template.jinja"):
         assert (fp32_dir / name).is_file(), name
     assert not [p for p in fp32_dir.parent.iterdir() if p != fp32_dir], "temp or cache folders left beside the output"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.name for p in fp32_dir.iterdir() if p.stat().st_mode & 0o777 != 0o666 & ~mask} == set()  # model.onnx.data too
     with load_backend(fp32_dir, threads=1) as be:
         assert be.name == "ortgenai"
         for msgs in MESSAGES:

@@ -46,6 +46,7 @@ def test_unsupported_architecture_fails_before_training(tiny_recipe: Path, tmp_p
     config = json.loads((tiny_model_dir / "config.json").read_text())
     config["architectures"] = ["MadeUpForCausalLM"]
     (odd / "config.json").write_text(json.dumps(config))
+    (odd / "model.safetensors").symlink_to(tiny_model_dir / "model.safetensors")
     with pytest.raises(FtedgeError, match="MadeUpForCausalLM is not supported by the GGUF converter"):
         preflight(tiny_recipe, [f"base_model={odd}"])
 

@@ -500,6 +500,7 @@ def bench_run(
         examples = run_examples(recipe)
         if not examples:
             raise FtedgeError(f"no held-out examples for {run.path}", hint="set data.val or data.val_fraction > 0 in the recipe")
+        warn_unlearned_labels(run, examples, "the held-out examples")
         task = recipe.eval.task
         drift_base = bench_base(recipe, target, out_dir / "work", command=command) if recipe.eval.drift else None
         entries, predictions = bench_specs(
@@ -566,6 +567,12 @@ def bench_artifact(
     else:
         quant = _hf_dtype(path)
     examples = load_data_file(data) if data is not None else []
+    if examples:
+        from ftedge.manifest import find_run
+
+        trained_in = find_run(path)
+        if trained_in is not None:
+            warn_unlearned_labels(trained_in, examples, f"bench data {data}")
     spec = ArtifactSpec(path.stem if path.is_file() else path.name, fmt, quant, path.resolve())
     task = "label_match" if examples else None
     messages = examples[0]["messages"] if examples else [{"role": "user", "content": DEFAULT_SPEED_PROMPT}]
@@ -596,6 +603,23 @@ def bench_artifact(
         atomic.write_json(Path(json_path), doc)
     report.print_table(doc)
     return doc
+
+
+def warn_unlearned_labels(run: Run, examples: Sequence[dict[str, Any]], what: str) -> list[str]:
+    """Warn (and return the warnings) when the labels scored are ones the run's model never saw in training."""
+    from ftedge.data import label_warnings, load_splits
+
+    recipe = run.recipe()
+    if recipe.data.format != "text_label":
+        return []
+    try:
+        train = [e.target for e in load_splits(recipe).train]
+    except FtedgeError:  # the training data moved since: nothing to compare with
+        return []
+    warnings = label_warnings(train, [str(e["target"]) for e in examples], what)
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
 
 
 # -- standalone artifact labels ---------------------------------------------------

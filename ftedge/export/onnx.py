@@ -44,8 +44,8 @@ import time
 from pathlib import Path
 
 from ftedge.atomic import atomic_path
-from ftedge.errors import DiskFullError, FtedgeError, from_os_error
-from ftedge.formats.quants import check_onnx_precision
+from ftedge.errors import FtedgeError, check_free_space, from_os_error, os_error_in
+from ftedge.formats.quants import BYTES_PER_WEIGHT, check_onnx_precision
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,10 @@ def _check_source(merged_dir: Path) -> None:
 
 
 def run_builder(merged_dir: Path, out: Path, precision: str, cache: Path, *, timeout: float = BUILDER_TIMEOUT_S) -> None:
-    """Run onnxruntime-genai's model builder (CPU) into ``out``; one-line error with its last error line."""
+    """Run onnxruntime-genai's model builder (CPU) into ``out``; one-line error with its last error line.
+
+    A cause the user can fix (no space, read-only, no permission) found in its output is raised as that OSError.
+    """
     base = "int4" if precision.startswith("int4") else precision
     cmd = [
         sys.executable,
@@ -109,8 +112,9 @@ def run_builder(merged_dir: Path, out: Path, precision: str, cache: Path, *, tim
         raise FtedgeError(f"ONNX builder timed out after {timeout:.0f}s on {merged_dir}") from None
     if proc.returncode != 0:
         msg = _last_error_line(proc.stderr + "\n" + proc.stdout)
-        if "No space left" in proc.stderr:
-            raise DiskFullError(f"no space left to write the ONNX export of {merged_dir} ({msg})", hint="free disk space and re-run")
+        cause = os_error_in(proc.stderr + "\n" + proc.stdout, out.parent)  # the builder's own words, else a full disk
+        if cause is not None:
+            raise cause  # the caller's atomic write names the artifact (``out`` is its temp folder)
         raise FtedgeError(
             f"ONNX builder failed on {merged_dir} ({precision}): {msg}",
             hint="check that the model architecture is supported by onnxruntime-genai",
@@ -218,9 +222,12 @@ def export_onnx(
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
     precision = check_onnx_precision(precision)
     _check_source(merged_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from ftedge.hf import parameter_count
+
     t0 = time.time()
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        check_free_space(out_dir.parent, int(parameter_count(merged_dir) * BYTES_PER_WEIGHT[precision]), f"the ONNX {precision} export")
         with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.build-", dir=out_dir.parent) as work, atomic_path(out_dir) as tmp:
             cache = Path(work) / "cache"
             cache.mkdir()

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftedge.errors import DiskFullError, FtedgeError, GateFailedError
+from ftedge.errors import DiskError, FtedgeError, GateFailedError
 from ftedge.formats.quants import GGUF_CONVERTER_TYPES, check_gguf_type
 from ftedge.manifest import Run
 
@@ -113,7 +113,7 @@ class _Exporter:
                 else:
                     _, report, meta = g.build_quant(f16, path, q, end_of_turn=eot, threads=self.target.threads)
                     extra = {"metadata": meta, **report.summary()}
-            except DiskFullError:
+            except DiskError:  # no space, read-only, no permission: the next artifact would fail too
                 raise
             except FtedgeError as err:
                 self.record_error(key, err)
@@ -146,7 +146,7 @@ class _Exporter:
             t0 = time.time()
             try:
                 export_onnx(self.merged, out, p, calibration_texts=self.reference.calibration_texts)
-            except DiskFullError:
+            except DiskError:  # no space, read-only, no permission: the next artifact would fail too
                 raise
             except FtedgeError as err:
                 self.record_error(key, err)

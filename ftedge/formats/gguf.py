@@ -8,6 +8,7 @@ native code.
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,72 @@ def _field_value(f: Any) -> Any:
 def has_gguf_magic(path: Path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(4) == GGUF_MAGIC
+
+
+def read_gguf_header(path: str | Path, keys: tuple[str, ...] = ("general.architecture", "general.name")) -> dict[str, Any]:
+    """Scalar and string metadata ``keys`` read from the start of a GGUF, without the tensor table or vocabulary.
+
+    Cheap (stops once every key is found; ``general.architecture`` comes first in files llama.cpp
+    writes), so ``ftedge validate`` can check a base model without loading it. One-line errors for a
+    missing file, a file without the GGUF magic, or a header that ends early.
+    """
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FtedgeError(f"GGUF file {path} not found", hint="give the path of an existing .gguf file")
+    wanted, found = set(keys), {}
+    scalars = gguf.GGUFReader.gguf_scalar_to_np
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+        if magic != GGUF_MAGIC:
+            raise FtedgeError(f"{path} is not a GGUF file (it does not start with the GGUF magic; got {magic!r})", hint="give a .gguf file")
+        try:
+            order = "<"
+            (version,) = struct.unpack("<I", _exactly(fh, 4))
+            if version & 0xFFFF == 0:  # a big-endian file
+                order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
+            if version < 2:
+                raise FtedgeError(f"{path}: GGUF version {version} is too old", hint="re-convert the model with a current llama.cpp")
+            _n_tensors, n_kv = struct.unpack(order + "QQ", _exactly(fh, 16))
+
+            def text() -> str:
+                (n,) = struct.unpack(order + "Q", _exactly(fh, 8))
+                return _exactly(fh, n).decode("utf-8", errors="replace")
+
+            def value(vtype: int, keep: bool) -> Any:
+                if vtype == gguf.GGUFValueType.STRING:
+                    return text()
+                if vtype == gguf.GGUFValueType.ARRAY:
+                    item, count = struct.unpack(order + "IQ", _exactly(fh, 12))
+                    for _ in range(count):
+                        value(item, False)
+                    return None
+                dtype = np.dtype(scalars[gguf.GGUFValueType(vtype)]).newbyteorder(order)
+                raw = _exactly(fh, dtype.itemsize)
+                return np.frombuffer(raw, dtype=dtype)[0].item() if keep else None
+
+            for _ in range(n_kv):
+                key = text()
+                (vtype,) = struct.unpack(order + "I", _exactly(fh, 4))
+                got = value(vtype, key in wanted)
+                if key in wanted:
+                    found[key] = got
+                    if wanted <= set(found):
+                        break
+        except (struct.error, EOFError, ValueError, KeyError) as err:
+            raise FtedgeError(
+                f"{path}: the GGUF header is truncated or damaged ({err})", hint="re-export or re-download the file"
+            ) from None
+    return found
+
+
+def _exactly(fh: Any, n: int) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise EOFError(f"the file ends early (wanted {n} bytes at offset {fh.tell()})")
+    return data
 
 
 def inspect_gguf(path: str | Path) -> GgufInfo:

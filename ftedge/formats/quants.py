@@ -27,6 +27,10 @@ GGUF_TYPES: tuple[str, ...] = GGUF_CONVERTER_TYPES + GGUF_QUANT_TYPES
 # the builder's own round-to-nearest int4, kept for comparisons. The builder has no fp16 CPU build.
 ONNX_PRECISIONS: tuple[str, ...] = ("fp32", "int8", "int4", "int4-rtn")
 
+# Bytes per weight of what the exporters write from a float model (a lower bound for the int types:
+# scales and the int8 head come on top): the free space a write needs is checked against it first.
+BYTES_PER_WEIGHT: dict[str, float] = {"f32": 4, "f16": 2, "bf16": 2, "fp32": 4, "int8": 1, "int4": 0.5, "int4-rtn": 0.5}
+
 # (min_top1, max_kl) per type when the target profile does not set a gate.
 DEFAULT_GATES: dict[str, tuple[float, float]] = {
     "f32": (0.99, 0.01),

@@ -42,24 +42,38 @@ def _threads() -> None:
 
 
 def train_stage(run: Run, *, resume: bool = False) -> dict[str, Any]:
-    """Train the run's recipe; returns the stage metrics."""
-    if run.is_done("train") and "adapter" in run.artifacts(stage="train"):
+    """Train the run's recipe; returns the stage metrics.
+
+    Everything after the skip check runs inside the stage (rank 0), so a failure before the first
+    step (data, base model, tokenizer) is recorded as ``failed`` with its error. Training resumes from
+    the last checkpoint with ``resume``; without one (a new run, or one that failed before its first
+    checkpoint) ``train/`` is emptied first, so metrics and TensorBoard events start cleanly.
+    """
+    adapter = run.artifact("adapter")
+    if run.is_done("train") and adapter is not None and adapter.path.exists():
         log.info("train: already done in %s (skipped)", run.path)
         return run.manifest()["stages"]["train"].get("metrics", {})
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not _cuda())
+    main = accelerator.is_main_process  # under `accelerate launch`, only rank 0 touches the manifest
+    with run.stage("train") if main else contextlib.nullcontext({}) as metrics:
+        return _train(run, accelerator, metrics, resume=resume)
+
+
+def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool) -> dict[str, Any]:
     recipe = run.recipe()
     from ftedge.data import check_dataset, load_splits, tokenized_splits
 
     check_dataset(recipe)  # cheap one-line errors before any model loads
-    from accelerate import Accelerator
-
     from ftedge.hf import compute_dtype, load_tokenizer, pick_device, resolve_base_model
     from ftedge.memory import peak_gpu_mb, peak_rss_mb
     from ftedge.train.loop import Trainer, fit, total_steps
     from ftedge.train.model import load_model
 
+    main = accelerator.is_main_process
     out = run.path / "train"
     base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
-    accelerator = Accelerator(cpu=not _cuda())
     device = accelerator.device if accelerator.num_processes > 1 else pick_device()
     if device.type == "cpu":
         _threads()
@@ -73,58 +87,56 @@ def train_stage(run: Run, *, resume: bool = False) -> dict[str, Any]:
     splits.val = splits.val[:EVAL_ROWS]
     train_rows, val_rows = tokenized_splits(recipe, tokenizer, splits)
 
-    checkpoint = None
-    main = accelerator.is_main_process  # under `accelerate launch`, only rank 0 touches the manifest
-    with run.stage("train") if main else contextlib.nullcontext({}) as metrics:
-        if out.exists() and not resume and main:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        import torch
+    import torch
 
-        torch.manual_seed(cfg.seed)  # LoRA initialisation, then dropout: a run is reproducible
-        model = load_model(recipe, base, device, dtype)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        trainer = Trainer(model, cfg, train_rows, val_rows, out, dtype=dtype, pad_id=pad_id, accelerator=accelerator)
+    torch.manual_seed(cfg.seed)  # LoRA initialisation, then dropout: a run is reproducible
+    model = load_model(recipe, base, device, dtype)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    trainer = Trainer(model, cfg, train_rows, val_rows, out, dtype=dtype, pad_id=pad_id, accelerator=accelerator)
+    found = trainer.checkpoints() if resume else []
+    checkpoint = found[-1] if found else None
+    if checkpoint is None:
         if resume:
-            found = trainer.checkpoints()
-            checkpoint = found[-1] if found else None
-            if checkpoint is None:
-                log.info("train: no checkpoint in %s: starting from step 0", out)
-        log.info(
-            "train: %s on %s (%s), %d steps x %d examples, %d train / %d val rows, max_length %d",
-            cfg.method,
-            device,
-            str(dtype).removeprefix("torch."),
-            trainer.steps,
-            cfg.batch_size * cfg.grad_accum * trainer.world,
-            len(train_rows),
-            len(val_rows),
-            cfg.max_length,
-        )
-        try:
-            st = fit(trainer, resume_from=checkpoint)
-        finally:
-            metrics.update(_metrics(trainer.state, peak_rss_mb(), peak_gpu_mb()))
-        if main:
-            adapter = run.path / "adapter"
-            with atomic.atomic_path(adapter) as tmp:
-                if trainer.best_dir.is_dir():
-                    shutil.copytree(trainer.best_dir, tmp)
-                else:  # no validation rows: keep the last weights
-                    from ftedge.train.loop import save_weights
+            log.info("train: no checkpoint in %s: starting from step 0", out)
+        if main and out.exists():
+            shutil.rmtree(out)  # what a run that never reached a checkpoint left: metrics, events, a best adapter
+    accelerator.wait_for_everyone()
+    log.info(
+        "train: %s on %s (%s), %d steps x %d examples, %d train / %d val rows, max_length %d",
+        cfg.method,
+        device,
+        str(dtype).removeprefix("torch."),
+        trainer.steps,
+        cfg.batch_size * cfg.grad_accum * trainer.world,
+        len(train_rows),
+        len(val_rows),
+        cfg.max_length,
+    )
+    try:
+        st = fit(trainer, resume_from=checkpoint)
+    finally:
+        metrics.update(_metrics(trainer.state, peak_rss_mb(), peak_gpu_mb()))
+    if main:
+        adapter = run.path / "adapter"
+        with atomic.atomic_path(adapter) as tmp:
+            if trainer.best_dir.is_dir():
+                shutil.copytree(trainer.best_dir, tmp)
+            else:  # no validation rows: keep the last weights
+                from ftedge.train.loop import save_weights
 
-                    save_weights(model, tmp)
-            fmt = "hf" if cfg.method == "full" else "peft"
-            run.record_artifact(
-                "adapter",
-                adapter,
-                stage="train",
-                format=fmt,
-                base_model=str(base),
-                method=cfg.method,
-                best_step=st.best_step,
-                eval_loss=st.best_eval,
-            )
-            log.info(summary_line(metrics))
+                save_weights(model, tmp)
+        fmt = "hf" if cfg.method == "full" else "peft"
+        run.record_artifact(
+            "adapter",
+            adapter,
+            stage="train",
+            format=fmt,
+            base_model=str(base),
+            method=cfg.method,
+            best_step=st.best_step,
+            eval_loss=st.best_eval,
+        )
+        log.info(summary_line(metrics))
     accelerator.wait_for_everyone()
     return metrics
 
