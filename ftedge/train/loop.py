@@ -42,7 +42,7 @@ from torch import nn
 from ftedge import atomic
 from ftedge.data import Encoded, make_batch
 from ftedge.recipe import TrainConfig
-from ftedge.train.model import LabelOnlyLoss, label_positions, load_trainable_state, trainable_state
+from ftedge.train.model import LabelOnlyLoss, label_positions, load_trainable_state, packed_attention_index, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,8 @@ class Trainer:
         self.rank = accelerator.process_index
         self.steps = total_steps(cfg, len(train_rows), self.world)
         self.loss_module = LabelOnlyLoss(model)
+        # A packed micro-batch in one row, no padding (packed attention keeps the examples apart).
+        self.one_row = cfg.packing and self.loss_module.packed_attention
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = accelerator.device
         cuda = self.device.type == "cuda"
@@ -176,9 +178,12 @@ class Trainer:
 
     def _tensors(self, rows: list[Encoded]) -> dict[str, Any]:
         """A micro-batch on the device, with its counts (host ints, read before the copy: no sync)."""
-        batch = make_batch(rows, max_length=self.cfg.max_length, packing=self.cfg.packing, pad_id=self.pad_id)
+        one_row = self.one_row
+        batch = make_batch(rows, max_length=self.cfg.max_length, packing=self.cfg.packing, pad_id=self.pad_id, one_row=one_row)
         n_tokens = batch.pop("n_tokens")
         batch["label_index"], batch["label_target"] = label_positions(batch["labels"])
+        if one_row:
+            batch["seq_gather"], batch["seq_scatter"] = packed_attention_index(batch["position_ids"])
         n_trained = int(batch["label_index"].numel())
         if self.device.type == "cuda":  # pinned host memory: the copies run asynchronously
             moved = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
