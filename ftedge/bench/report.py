@@ -54,7 +54,8 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str], bool]] = [
 ]
 
 NOTES = [
-    "accuracy: the generated answer equals the label after trimming (greedy, `max_new_tokens` from the recipe).",
+    "accuracy: the greedy answer equals the label after trimming; every answer is what token-by-token decoding gives "
+    "(budget: the longest label in tokens + 8).",
     "ppl: perplexity of the held-out answers (and end-of-turn token) given their prompts.",
     "top-1 / KL: next-token agreement and KL(reference || artifact) in nats over every position of the held-out "
     "conversations after the prefix they all share (system prompt, template header; scored once it would "
@@ -104,6 +105,22 @@ def print_table(doc: dict[str, Any], console: Any | None = None) -> None:
             console.print(f"[red]{entry['name']} failed:[/red] {entry.get('error')}", markup=True, highlight=False)
 
 
+def _rows(ev: dict[str, Any]) -> str:
+    """Which rows were scored: the test split (never trained, validated, gated or calibrated on) or a user's file."""
+    n, total = ev.get("n_examples", 0), ev.get("n_available")
+    if ev.get("split") == "test":
+        return f"{n} of the {total} rows of the **test** split (unseen by training, validation, the gates and calibration)"
+    if ev.get("split") == "file":
+        return f"{n} rows of `{ev.get('data')}`"
+    return f"{n} examples"
+
+
+def _runtime(rt: dict[str, Any] | None) -> str:
+    if not rt:
+        return "—"
+    return f"flash attention {rt.get('flash_attn')}, weight repacking {rt.get('repack')} (per artifact in results.json)"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     target, ev, speed, host = doc.get("target", {}), doc.get("eval", {}), doc.get("speed", {}), doc.get("host", {})
     lines = [
@@ -112,8 +129,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- subject: `{doc.get('subject')}`",
         f"- target: **{target.get('name')}** — {target.get('threads')} threads, n_ctx {target.get('n_ctx')}, "
         f"max size {target.get('max_size_mb') or '—'} MB, max RAM {target.get('max_ram_mb') or '—'} MB",
-        f"- quality: task `{ev.get('task') or 'none (speed only)'}`, {ev.get('n_examples', 0)} held-out examples"
+        f"- quality: task `{ev.get('task') or 'none (speed only)'}`, {_rows(ev)}"
         + (f", reference **{doc['reference']}**" if doc.get("reference") else ""),
+        f"- llama.cpp: {_runtime(target.get('runtime'))}",
         f"- speed: greedy, {speed.get('prompt_tokens') or '?'}-token prompt, {speed.get('decode_tokens')} decoded tokens, "
         f"{speed.get('repeats')} repeats after {speed.get('warmup')} warm-up",
         f"- host: {host.get('cpu')} ({host.get('cpus')} CPUs), {host.get('platform')}",
