@@ -173,19 +173,36 @@ def export(run_dir: Path, target: str | None, force: bool) -> None:
 @click.option("--target", default=None, help="Target profile (threads, budgets); default: the run's, else laptop-cpu.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write results JSON here.")
 @click.option(
-    "--data", type=click.Path(path_type=Path), help="For a standalone artifact: a data file to score quality on (text,label CSV/JSONL)."
+    "--data",
+    type=click.Path(path_type=Path),
+    help="For a standalone artifact: a labelled file to score (CSV/JSONL in a recipe format; default text_label, text + label columns).",
 )
-def bench(subject: Path, target: str | None, json_path: Path | None, data: Path | None) -> None:
-    """Benchmark accuracy and latency of every artifact of a run, or of one .gguf / ONNX folder.
+@click.option(
+    "--recipe", type=click.Path(path_type=Path), help="With --data: read it as this recipe's data (format, fields, system prompt)."
+)
+@click.option(
+    "-o",
+    "--override",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With --data: a data.* or eval.* recipe key, e.g. -o data.label_field=intent -o data.system_prompt='...' (repeatable).",
+)
+def bench(
+    subject: Path, target: str | None, json_path: Path | None, data: Path | None, recipe: Path | None, overrides: tuple[str, ...]
+) -> None:
+    """Benchmark accuracy and latency of every artifact of a run (on its test split), or of one .gguf / ONNX folder.
 
     \b
     Examples:
       ftedge bench runs/my-run
-      ftedge bench model.q4_k_m.gguf --data val.csv --json out.json
+      ftedge bench model.q4_k_m.gguf --data test.csv --json out.json
+      ftedge bench ship/model.gguf --data new.csv --recipe recipes/smollm2-banking77.yaml
+      ftedge bench model.gguf --data chats.jsonl -o data.format=messages
     """
     from ftedge import commands
 
-    commands.bench(subject, target=target, json_path=json_path, data=data)
+    commands.bench(subject, target=target, json_path=json_path, data=data, recipe=recipe, overrides=list(overrides))
 
 
 @main.command(name="run", context_settings=CONTEXT)

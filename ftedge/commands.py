@@ -100,17 +100,30 @@ def export(run_dir: Path, *, target: str | None = None, force: bool = False) -> 
         export_stage(run, load_target(target or run.recipe().export.target), force=force)
 
 
-def bench(subject: Path, *, target: str | None = None, json_path: Path | None = None, data: Path | None = None) -> None:
+def bench(
+    subject: Path,
+    *,
+    target: str | None = None,
+    json_path: Path | None = None,
+    data: Path | None = None,
+    recipe: Path | None = None,
+    overrides: list[str] | None = None,
+) -> None:
     from ftedge.bench import bench_artifact, bench_run
 
     if not subject.exists():
         raise FtedgeError(f"{subject} not found", hint="give a run folder, a .gguf file or an ORT GenAI folder")
     if subject.is_dir() and (subject / MANIFEST).is_file():
+        if data is not None or recipe is not None or overrides:
+            raise FtedgeError(
+                "--data, --recipe and -o are for a standalone artifact", hint=f"a run is benched on its test split: ftedge bench {subject}"
+            )
         run = Run.open(subject)
         with run.lock("bench"):
             bench_run(run, load_target(target or run.recipe().export.target), json_path=json_path)
     else:
-        bench_artifact(subject, load_target(target or "laptop-cpu"), json_path=json_path, data=data)
+        target_profile = load_target(target or "laptop-cpu")
+        bench_artifact(subject, target_profile, json_path=json_path, data=data, recipe=recipe, overrides=overrides or [])
 
 
 def ship(run_dir: Path, *, target: str | None = None, force: bool = False) -> Path:

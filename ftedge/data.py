@@ -12,7 +12,16 @@ package). Formats (``data.format``):
 
 Every row becomes an :class:`Example`: ``messages`` (system prompt + turns, without the final
 answer) and ``target`` (the final answer), so a bench can prompt any runtime with its own
-chat template. :func:`encode` applies the base tokenizer's chat template and marks which
+chat template.
+
+Splits (:func:`load_splits`) are disjoint: **train** (the optimizer, and GPTQ calibration),
+**validation** (early stopping, the best checkpoint, the parity gate's prompts) and **test** (only
+``ftedge bench``). Each comes from its own file (``data.val``, ``data.test``) or is held out of
+``data.train`` with a fixed seed: one shuffle, test rows first, then validation rows. Identical
+rows (same prompt and answer) always land in the same split, and a row of a separate test file
+is left out of training and validation, so the bench never scores a row any stage has seen.
+
+:func:`encode` applies the base tokenizer's chat template and marks which
 tokens carry loss: only assistant tokens, their end-of-turn token included (so exported
 models stop). Over-long rows are truncated, counted and reported in one warning: the end of
 the user text goes first (the system prompt, the template's assistant header and the answer
@@ -62,6 +71,7 @@ class Splits:
     train: list[Example]
     val: list[Example]
     labels: list[str] = field(default_factory=list)  # text_label: the label set (sorted)
+    test: list[Example] = field(default_factory=list)
 
 
 @dataclass
@@ -268,57 +278,92 @@ def examples_from_file(path: Path, cfg: DataConfig) -> list[Example]:
 
 
 # --------------------------------------------------------------------------- splits
-def _split(examples: list[Example], cfg: DataConfig, source: Path) -> tuple[list[Example], list[Example]]:
-    if cfg.val is not None:
-        val = examples_from_file(cfg.val, cfg)
-        if not val:
-            raise FtedgeError(
-                f"validation file {cfg.val} has no rows", hint="add rows or drop data.val to hold out a fraction of data.train"
-            )
-        train = list(examples)
-        random.Random(cfg.seed).shuffle(train)
-        return train, val
-    order = list(range(len(examples)))
-    random.Random(cfg.seed).shuffle(order)
-    n_val = round(len(examples) * cfg.val_fraction) if cfg.val_fraction > 0 else 0
-    if cfg.val_fraction > 0:
-        n_val = max(1, n_val)
-    if n_val >= len(examples):
+def content_key(example: Example) -> str:
+    """What makes two examples the same row: prompt turns, answer and kind (not where they were read)."""
+    return json.dumps([example.messages, example.target, example.raw], ensure_ascii=False, sort_keys=True)
+
+
+def _groups(examples: list[Example], seed: int) -> list[list[Example]]:
+    """Examples grouped by content (duplicates together), in a fixed-seed shuffled order."""
+    by_key: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_key.setdefault(content_key(ex), []).append(ex)
+    groups = list(by_key.values())
+    random.Random(seed).shuffle(groups)
+    return groups
+
+
+def _count(n_groups: int, fraction: float) -> int:
+    return max(1, round(n_groups * fraction)) if fraction > 0 else 0
+
+
+def _file_split(path: Path, cfg: DataConfig, what: str, key: str) -> list[Example]:
+    rows = examples_from_file(path, cfg)
+    if not rows:
+        raise FtedgeError(f"{what} file {path} has no rows", hint=f"add rows or drop data.{key} to hold out a fraction of data.train")
+    return rows
+
+
+def _split(examples: list[Example], cfg: DataConfig, source: Path) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, val, test): separate files where given, else fixed-seed held-out groups of ``examples`` (test first)."""
+    groups = _groups(examples, cfg.seed)
+    n_test = 0 if cfg.test is not None else _count(len(groups), cfg.test_fraction)
+    n_val = 0 if cfg.val is not None else _count(len(groups), cfg.val_fraction)
+    if n_test + n_val >= len(groups):
         raise FtedgeError(
-            f"{source}: {len(examples)} rows are too few to hold out val_fraction={cfg.val_fraction}",
-            hint="add rows, lower data.val_fraction, or give data.val",
+            f"{source}: {len(examples)} rows are too few to hold out test_fraction={cfg.test_fraction} and val_fraction={cfg.val_fraction}",
+            hint="add rows, lower data.test_fraction / data.val_fraction, or give data.test / data.val files",
         )
-    val = [examples[i] for i in order[:n_val]]
-    train = [examples[i] for i in order[n_val:]]
-    return train, val
+    flat = [[ex for g in part for ex in g] for part in (groups[:n_test], groups[n_test : n_test + n_val], groups[n_test + n_val :])]
+    test, val, train = flat
+    if cfg.test is not None:
+        test = _file_split(cfg.test, cfg, "test", "test")
+    if cfg.val is not None:
+        val = _file_split(cfg.val, cfg, "validation", "val")
+    seen = {content_key(ex) for ex in test}
+    for name, part in (("validation", val), ("training", train)):
+        kept = [ex for ex in part if content_key(ex) not in seen]
+        if len(kept) < len(part):
+            log.warning("%d %s rows are also test rows: left out of %s", len(part) - len(kept), name, name)
+            part[:] = kept
+    if cfg.val is not None:
+        seen |= {content_key(ex) for ex in val}
+        kept = [ex for ex in train if content_key(ex) not in seen]
+        if len(kept) < len(train):
+            log.warning("%d training rows are also validation rows: left out of training", len(train) - len(kept))
+            train = kept
+    if not train:
+        raise FtedgeError(f"{source}: no training rows left after the validation and test splits", hint="give data.train more rows")
+    return train, val, test
 
 
 def load_splits(recipe: Recipe) -> Splits:
-    """Train and validation examples: a fixed-seed held-out fraction, or the separate ``data.val`` file."""
+    """Disjoint train / validation / test examples: held out of ``data.train`` with a fixed seed, or from ``data.val`` / ``data.test``."""
     cfg = recipe.data
     examples = examples_from_file(cfg.train, cfg)
     if not examples:
         raise FtedgeError(f"data file {cfg.train} has no rows", hint="check the file (a CSV needs a header row and data rows)")
-    train, val = _split(examples, cfg, cfg.train)
+    train, val, test = _split(examples, cfg, cfg.train)
     if cfg.max_examples is not None:
         train = train[: cfg.max_examples]
     labels: list[str] = []
     if cfg.format == "text_label":
-        labels = sorted({e.target for e in examples} | {e.target for e in val})
+        labels = sorted({e.target for e in examples} | {e.target for e in val} | {e.target for e in test})
         if len(labels) < 2:
             raise FtedgeError(
                 f"{cfg.train}: label field {cfg.label_field!r} has a single class ({labels[0]!r})",
                 hint="a classifier needs at least two labels; check data.label_field",
             )
-    return Splits(train=train, val=val, labels=labels)
+    return Splits(train=train, val=val, labels=labels, test=test)
 
 
 def check_dataset(recipe: Recipe) -> str:
     """Cheap checks before any model loads; returns a one-line summary and logs the label warnings."""
     splits = load_splits(recipe)
     cfg = recipe.data
-    where = f"val {cfg.val.name}" if cfg.val is not None else f"val {len(splits.val)} held out (seed {cfg.seed})"
-    summary = f"data: {len(splits.train)} train rows, {where}, format {cfg.format}"
+    val = f"val {cfg.val.name} ({len(splits.val)})" if cfg.val is not None else f"val {len(splits.val)} held out"
+    test = f"test {cfg.test.name} ({len(splits.test)})" if cfg.test is not None else f"test {len(splits.test)} held out"
+    summary = f"data: {len(splits.train)} train rows, {val}, {test} (seed {cfg.seed}), format {cfg.format}"
     if splits.labels:
         summary += f", {len(splits.labels)} labels"
         for warning in label_warnings([e.target for e in splits.train], [e.target for e in splits.val], "validation"):
@@ -367,6 +412,16 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
+def training_examples(recipe: Recipe, n: int) -> list[Example]:
+    """The first ``n`` training rows of the fixed split (what GPTQ calibrates on: never a validation or test row)."""
+    return load_splits(recipe).train[:n]
+
+
+def bench_examples(recipe: Recipe) -> list[Example]:
+    """The test split: the rows only the bench scores."""
+    return load_splits(recipe).test
+
+
 # --------------------------------------------------------------------------- held-out prompts
 FALLBACK_PROMPTS: tuple[str, ...] = (
     "What is the capital of France?",
@@ -396,7 +451,7 @@ class Prompt:
 
 
 def gate_prompts(recipe: Recipe, n: int = 16) -> list[Prompt]:
-    """Validation prompts of the recipe's data (held-out rows with their answers), or fixed chat prompts when there are none."""
+    """Validation prompts of the recipe's data (validation rows with their answers), or fixed chat prompts when there are none."""
     val = load_splits(recipe).val
     prompts = [Prompt([dict(m) for m in ex.messages], ex.target) for ex in val[:n]]
     if prompts:

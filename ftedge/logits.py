@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ftedge.errors import FtedgeError
+from ftedge.formats.quants import CONFIDENT_MARGIN
 
 TOP_K = 64  # reference tokens kept per position when a reference is stored compactly
 EPS = 1e-12
@@ -26,20 +27,50 @@ def log_softmax(x: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     return x
 
 
-def compare_logits(ref_logprobs: Sequence[np.ndarray], other_logits: Sequence[np.ndarray]) -> dict[str, float]:
-    """Top-1 agreement and mean KL(ref || other) over all positions of all sequences."""
-    agree = 0
+def compare_logits(
+    ref_logprobs: Sequence[np.ndarray], other_logits: Sequence[np.ndarray], *, confident_margin: float = CONFIDENT_MARGIN
+) -> dict[str, float]:
+    """How closely ``other`` follows the reference, over all positions of all sequences.
+
+    ``top1``: raw top-1 agreement; ``kl`` / ``kl_p99`` / ``kl_max``: mean, 99th percentile and maximum of the
+    per-position KL(ref || other) in nats; ``top1_confident``: top-1 agreement on the positions where the
+    reference's top token leads its runner-up by at least ``confident_margin`` nats of log-probability
+    (``confident_positions`` of them; NaN when none). Raw top-1 flips wherever the reference is near-tied, however
+    faithful ``other`` is; on confident positions a flip means ``other`` really answers differently.
+    """
+    agree = agree_conf = n_conf = 0
     kls: list[np.ndarray] = []
     n = 0
     for ref, oth in zip(ref_logprobs, other_logits, strict=True):
         if ref.shape != oth.shape:
             raise FtedgeError(f"logit shapes differ ({ref.shape} vs {oth.shape}): the artifact's vocabulary does not match the model's")
         lo = log_softmax(oth)
-        agree += int((ref.argmax(-1) == lo.argmax(-1)).sum())
-        kls.append((np.exp(ref) * (ref - lo)).sum(-1))
+        same = ref.argmax(-1) == lo.argmax(-1)
+        confident = top_margin(ref) >= confident_margin
+        agree += int(same.sum())
+        agree_conf += int((same & confident).sum())
+        n_conf += int(confident.sum())
+        kls.append(np.maximum((np.exp(ref) * (ref - lo)).sum(-1), 0.0))
         n += ref.shape[0]
-    kl = float(np.concatenate(kls).mean()) if kls else float("nan")
-    return {"top1": agree / n if n else float("nan"), "kl": max(kl, 0.0), "positions": n}
+    per = np.concatenate(kls) if kls else np.zeros(0)
+    nan = float("nan")
+    return {
+        "top1": agree / n if n else nan,
+        "kl": float(per.mean()) if n else nan,
+        "kl_p99": float(np.percentile(per, 99)) if n else nan,
+        "kl_max": float(per.max()) if n else nan,
+        "top1_confident": agree_conf / n_conf if n_conf else nan,
+        "confident_positions": n_conf,
+        "positions": n,
+    }
+
+
+def top_margin(logp: np.ndarray) -> np.ndarray:
+    """Per row, how far the top token leads the runner-up (a difference of logits = of log-probs, in nats)."""
+    if logp.shape[-1] < 2:
+        return np.full(logp.shape[:-1], np.inf)
+    two = -np.partition(-logp, 1, axis=-1)[..., :2]
+    return two[..., 0] - two[..., 1]
 
 
 def scored_from(seqs: Sequence[Sequence[int]]) -> int:

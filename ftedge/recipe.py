@@ -31,7 +31,17 @@ class DataConfig(_Strict):
     )
     val: Path | None = Field(
         None,
-        description="Optional separate validation file (same format). If unset, `val_fraction` of `train` is held out with a fixed seed.",
+        description=(
+            "Optional separate validation file (same format): early stopping, best checkpoint, parity-gate prompts. If unset, "
+            "`val_fraction` of `train` is held out with a fixed seed."
+        ),
+    )
+    test: Path | None = Field(
+        None,
+        description=(
+            "Optional separate test file (same format), scored only by `ftedge bench`. If unset, `test_fraction` of `train` is "
+            "held out with a fixed seed (before the validation rows, so changing `val_fraction` keeps the test rows)."
+        ),
     )
     format: DataFormat = Field(
         "text_label",
@@ -56,10 +66,26 @@ class DataConfig(_Strict):
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Fraction of `train` held out for validation when `val` is not set (fixed seed)."
     )
+    test_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "Fraction of `train` held out for the bench when `test` is not set (fixed seed); never trained, validated, gated or "
+            "calibrated on."
+        ),
+    )
     max_examples: int | None = Field(
         None, gt=0, description="Use at most this many training rows (after the validation split); null = all."
     )
-    seed: int = Field(0, description="Seed of the train/validation split and shuffling.")
+    seed: int = Field(0, description="Seed of the train/validation/test split and shuffling.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        held = (0.0 if self.val is not None else self.val_fraction) + (0.0 if self.test is not None else self.test_fraction)
+        if held >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction = {held:g} leaves no training rows")
+        return self
 
 
 class LoraConfig(_Strict):
@@ -131,8 +157,15 @@ class EvalConfig(_Strict):
         "label_match",
         description="`label_match`: the generated answer must equal the label after trimming; `perplexity`: held-out perplexity only.",
     )
-    max_examples: int = Field(500, gt=0, description="Held-out examples to score per artifact.")
-    max_new_tokens: int = Field(16, gt=0, description="Generation budget per example for `label_match`.")
+    max_examples: int = Field(500, gt=0, description="Test rows to score per artifact (the first of the fixed test split).")
+    max_new_tokens: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Cap on the generation budget per answer for `label_match`; null = no cap. The budget is the longest answer in "
+            "tokens (end-of-turn included) + 8, so every label can be answered."
+        ),
+    )
     artifacts: list[str] | None = Field(
         None,
         description=(
@@ -261,6 +294,8 @@ def parse_recipe(raw: dict[str, Any], *, source: str = "recipe", base_dir: Path 
             data.train = (base_dir / data.train).resolve()
         if data.val is not None and not data.val.is_absolute():
             data.val = (base_dir / data.val).resolve()
+        if data.test is not None and not data.test.is_absolute():
+            data.test = (base_dir / data.test).resolve()
         general = recipe.eval.general_prompts
         if general is not None and not general.is_absolute():
             recipe.eval.general_prompts = (base_dir / general).resolve()
@@ -291,6 +326,7 @@ def check_data_files(recipe: Recipe, *, source: str) -> None:
     for key, value in (
         ("data.train", recipe.data.train),
         ("data.val", recipe.data.val),
+        ("data.test", recipe.data.test),
         ("eval.general_prompts", recipe.eval.general_prompts),
     ):
         if value is not None and not Path(value).exists():

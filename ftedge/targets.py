@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftedge.errors import FtedgeError
-from ftedge.formats.quants import GGUF_TYPES, ONNX_PRECISIONS
+from ftedge.formats.quants import CONFIDENT_MARGIN, GGUF_TYPES, ONNX_PRECISIONS
 
 
 def _lower(value: Any) -> Any:
@@ -29,9 +29,51 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Gate keys of earlier profiles, and what to write instead (a one-line migration error names it).
+RETIRED_GATE_KEYS = {
+    "min_top1": "min_top1_confident: VALUE (top-1 agreement where the merged model is confident; raw top-1 is only reported "
+    "now: near-tied tokens made it fail faithful artifacts) and keep max_kl, or drop the gate for the built-in defaults",
+}
+
+
 class GateThresholds(_Strict):
-    min_top1: float = Field(ge=0.0, le=1.0, description="Minimum top-1 next-token agreement with the merged PyTorch model.")
-    max_kl: float = Field(ge=0.0, description="Maximum mean KL divergence (reference || artifact), in nats.")
+    """A parity gate; unset keys take the built-in default of the quant type (``ftedge.formats.quants.DEFAULT_GATES``)."""
+
+    max_kl: float | None = Field(None, ge=0.0, description="Maximum mean KL divergence (merged model || artifact) per position, in nats.")
+    max_kl_p99: float | None = Field(
+        None, ge=0.0, description="Maximum 99th percentile of the per-position KL divergence (the tail), in nats."
+    )
+    min_top1_confident: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description=f"Minimum top-1 agreement where the merged model's top token leads the runner-up by {CONFIDENT_MARGIN:g} nat or more.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for key, instead in RETIRED_GATE_KEYS.items():
+                if key in value:
+                    raise ValueError(f"`{key}` is no longer a gate key: write {instead}")
+        return value
+
+
+class RuntimeSpec(_Strict):
+    """How llama.cpp runs the GGUFs on the device: ftedge's gate and bench use exactly these settings."""
+
+    flash_attn: bool | Literal["auto"] = Field(
+        False,
+        description="llama.cpp flash attention: false (llama-cpp-python's and Ollama's default), true, or auto (llama-server's).",
+    )
+    repack: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Let llama.cpp repack weights into extra buffer types (CPU-specific faster layouts; llama.cpp's default): auto = "
+            "yes, except quantized GGUFs on AMX CPUs, where ggml's AMX buffer type crashes; true is also overruled there."
+        ),
+    )
 
 
 class GgufSpec(_Strict):
@@ -56,7 +98,8 @@ class Target(_Strict):
     gguf: GgufSpec | None = Field(default_factory=GgufSpec, description="GGUF artifacts (llama.cpp); null = none.")
     onnx: OnnxSpec | None = Field(None, description="ONNX artifacts (onnxruntime-genai); null = none.")
     n_ctx: int = Field(2048, gt=0, description="Context length to load artifacts with.")
-    threads: int = Field(2, gt=0, description="CPU threads to benchmark with.")
+    threads: int = Field(2, gt=0, description="CPU threads to gate and benchmark with (llama.cpp: for prompt and generation).")
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="llama.cpp settings the device runs the GGUFs with.")
     max_size_mb: float | None = Field(None, gt=0, description="Largest artifact file size that fits the device (MB); null = no limit.")
     max_ram_mb: float | None = Field(None, gt=0, description="Largest peak resident memory that fits the device (MB); null = no limit.")
     ship: ShipChoice | None = Field(
@@ -80,7 +123,10 @@ class Target(_Strict):
     )
     gates: dict[ArtifactType, GateThresholds] = Field(
         default_factory=dict,
-        description="Parity thresholds per quant type (e.g. q4_k_m, int4, fp32); unset types use the built-in defaults.",
+        description=(
+            "Parity thresholds per quant type (e.g. q4_k_m, int4, fp32): max_kl, max_kl_p99, min_top1_confident; unset types "
+            "and keys use the built-in defaults."
+        ),
     )
 
     @field_validator("gates", mode="before")
@@ -141,5 +187,7 @@ def load_target(name_or_path: str | Path) -> Target:
             raise FtedgeError(
                 f"{path}: {loc}: unknown quant type {first.get('input')!r}", hint=f"ftedge builds {', '.join(kinds)}"
             ) from None
+        if first["type"] == "value_error":
+            raise FtedgeError(f"{path}: {loc}: {str(first['msg']).removeprefix('Value error, ')}") from None
         raise FtedgeError(f"{path}: {loc}: {first['msg']}", hint="see export/laptop-cpu.yaml for a valid profile") from None
     return target

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import make_tiny_model, write_text_label_csv
+from helpers import make_tiny_model, trained_tiny_model, write_text_label_csv
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,6 +46,25 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def confident_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """The tiny model trained on helpers.ROWS and sharpened 3x: it answers them with top-1 margins of 3-4 nats."""
+    return trained_tiny_model(tmp_path_factory.mktemp("confident"), tokenizer_dir, sharpen=3.0)
+
+
+@pytest.fixture(scope="session")
+def confident_ggufs(tmp_path_factory: pytest.TempPathFactory, confident_model_dir: Path) -> dict[str, Path]:
+    """f16, q8_0 and q4_0 GGUFs of the confident tiny model (the gate and the bench tests share them)."""
+    from ftedge.export.gguf import build_f16, build_quant
+
+    root = tmp_path_factory.mktemp("confident-ggufs")
+    f16, _ = build_f16(confident_model_dir, root / "model-f16.gguf")
+    out = {"f16": f16}
+    for q in ("q8_0", "q4_0"):
+        out[q] = build_quant(f16, root / f"model-{q}.gguf", q, end_of_turn=2, threads=2)[0]
+    return out
 
 
 @pytest.fixture

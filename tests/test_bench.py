@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import write_text_label_csv
+from helpers import LABELS, write_text_label_csv
 
 from ftedge.bench import stage as bench
 from ftedge.bench.measures import measure_quality, measure_speed
@@ -106,14 +106,21 @@ def _make_run(
     chat: bool = False,
     drift: bool = False,
 ) -> Run:
-    if chat:  # the shipped `messages` example: 8 conversations, 2 held out
+    if chat:  # the shipped `messages` example: 8 conversations, 2 validation and 2 test
         shutil.copy(EXAMPLE_CHAT, folder / "chat.jsonl")
-        data = {"train": "chat.jsonl", "format": "messages", "val_fraction": 0.25}
+        data = {"train": "chat.jsonl", "format": "messages", "val_fraction": 0.25, "test_fraction": 0.25}
         evaluation = {"task": "perplexity", "max_examples": 6, "generate": 2}
     else:
         write_text_label_csv(folder / "train.csv", n=40)
-        data = {"train": "train.csv", "format": "text_label", "text_field": "text", "label_field": "category", "val_fraction": 0.25}
-        evaluation = {"task": "label_match", "max_examples": 6, "max_new_tokens": 6}
+        data = {
+            "train": "train.csv",
+            "format": "text_label",
+            "text_field": "text",
+            "label_field": "category",
+            "val_fraction": 0.25,
+            "test_fraction": 0.3,
+        }
+        evaluation = {"task": "label_match", "max_examples": 6}
     recipe = {
         "name": "tiny",
         "base_model": str(arts["base"]),
@@ -213,52 +220,67 @@ def test_quality_scores_label_match_and_reference_parity(artifacts: dict[str, Pa
     assert start > 3 and again["parity_positions"] == sum(len(f) - 1 - start for f in fulls)
 
 
-@pytest.mark.parametrize("kind", ["merged", "gguf"])
-def test_reusing_teacher_forcing_gives_the_decoded_answers(kind: str, artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    from ftedge.backends import load_backend
-    from ftedge.backends.torch import TorchBackend
-    from ftedge.bench.measures import conversation_ids
+@pytest.fixture(scope="module")
+def confident_artifacts(confident_model_dir: Path, confident_ggufs: dict[str, Path]) -> dict[str, Path]:
+    """The confident tiny model (answers helpers.ROWS with margins of 3-4 nats) and its q8_0 and q4_0 GGUFs."""
+    return {"torch": confident_model_dir, "q8_0": confident_ggufs["q8_0"], "q4_0": confident_ggufs["q4_0"]}
 
-    backend = TorchBackend(artifacts["merged"], threads=1) if kind == "merged" else load_backend(artifacts["gguf"], threads=1, n_ctx=512)
-    base_stops = backend.stop_ids
 
-    def use_stops(extra: int) -> None:
-        monkeypatch.setattr(type(backend), "stop_ids", property(lambda self: base_stops | {extra}))
-
-    try:
-        prompts = [
-            [{"role": "user", "content": t}]
-            for t in ("where is my card", "rate for pounds", "i lost my card", "top up failed", "refund please")
-        ]
-        chains = [list(backend.generate(backend.chat_ids(p), max_new_tokens=12, stop_ids=set())) for p in prompts]
-        # A random model never ends its turn: make one token it generates end the turn, chosen so a
-        # gold answer ending on it tokenizes to exactly the model's own tokens (every argmax matches).
-        own = None
-        for i, chain in enumerate(chains):
-            for k in range(len(chain)):
-                if chain[k] in chain[:k]:
-                    break
-                use_stops(chain[k])
-                prompt, full = conversation_ids(backend, prompts[i], backend.detokenize(chain[: k + 1]))
-                if full[len(prompt) :] == chain[: k + 1]:
-                    own = (i, k)
-                    break
-            if own:
+def _plain_answers(backend, examples, budget: int) -> list[str]:
+    """What a runtime answers: the chat prompt, then greedy decoding token by token until an end-of-turn token."""
+    stops = backend.stop_ids
+    answers = []
+    for ex in examples:
+        ids = backend.tokenize(backend.apply_chat_template(ex["messages"], add_generation_prompt=True))
+        tokens = []
+        for tok in backend.generate(ids, max_new_tokens=budget, stop_ids=stops):
+            if tok in stops:
                 break
-        assert own, "no generated token makes a stop that round-trips through the tokenizer"
-        i, k = own
-        use_stops(chains[i][k])
-        greedy = [bench_answer(backend, p, 12) for p in prompts]
-        targets = [*greedy[:3], greedy[3][:2] + " zz", "not-this"]
-        targets[i] = backend.detokenize(chains[i][: k + 1])  # the gold answer ends on the model's stop
-        examples = [{"messages": p, "target": t} for p, t in zip(prompts, targets, strict=True)]
-        fast = measure_quality(backend, examples, task="label_match", max_new_tokens=12, n_ctx=512)
-        slow = measure_quality(backend, examples, task="label_match", max_new_tokens=12, n_ctx=512, reuse_teacher_forcing=False)
+            tokens.append(tok)
+        answers.append(backend.detokenize(tokens).strip())
+    return answers
+
+
+@pytest.mark.parametrize("kind", ["torch", "q8_0", "q4_0"])
+def test_bench_answers_are_plain_decoding_row_for_row(kind: str, confident_artifacts: dict[str, Path]) -> None:
+    """Issue 17: the teacher-forced shortcut must never change an answer; the budget comes from the labels."""
+    from helpers import ROWS, SYSTEM
+
+    from ftedge.backends.llamacpp import LlamaCppBackend
+    from ftedge.backends.torch import TorchBackend
+    from ftedge.bench.measures import ANSWER_SLACK, conversation_ids, greedy_answer
+
+    path = confident_artifacts[kind]
+    backend = TorchBackend(path, threads=1) if kind == "torch" else LlamaCppBackend(path, threads=1, n_ctx=512, flash_attn=False)
+    unseen = [("how do i get a refund", "refund_request"), ("close my account now", "terminate_account"), ("rate for yen", "exchange_rate")]
+    rows = [*ROWS, *unseen, (ROWS[0][0], "lost_or_stolen_card")]  # trained rows, new rows, a trained row with another label
+    examples = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": t}], "target": label} for t, label in rows]
+    try:
+        q = measure_quality(backend, examples, task="label_match", n_ctx=512)
+        convs = [conversation_ids(backend, ex["messages"], ex["target"]) for ex in examples]
+        assert q["max_new_tokens"] == max(len(full) - len(prompt) for prompt, full in convs) + ANSWER_SLACK
+        plain = _plain_answers(backend, examples, q["max_new_tokens"])
+        # the margin rule decides: none to spare takes every gold answer whose tokens all lead; an impossible one decodes all
+        prompt, full = convs[0]
+        logp = log_softmax(backend.logits(full)[:-1])
+        assert greedy_answer(backend, prompt, full, logp, 20, margin=0.0)[1] == 0
+        assert greedy_answer(backend, prompt, full, logp, 20, margin=float("inf"))[1] > 0
     finally:
         backend.close()
-    assert [p["answer"] for p in fast["predictions"]] == [p["answer"] for p in slow["predictions"]] == greedy
-    assert fast["accuracy"] == slow["accuracy"]
-    assert fast["decoded_tokens"] < slow["decoded_tokens"]
+    assert [p["answer"] for p in q["predictions"]] == plain
+    assert q["accuracy"] == sum(a == label for a, (_, label) in zip(plain, rows, strict=True)) / len(rows)
+    assert 0 < q["accuracy"] < 1
+    taken = [not p["decoded"] for p in q["predictions"]]
+    assert any(taken) and not all(taken)  # both paths ran: gold answers leading by the margin were taken, the rest decoded
+    assert all(p["correct"] for p in q["predictions"] if not p["decoded"]) and not taken[-1]
+
+
+def test_answer_budget_is_the_longest_label_plus_slack_capped() -> None:
+    from ftedge.bench.measures import ANSWER_SLACK, answer_budget
+
+    convs = [(list(range(10)), list(range(12))), (list(range(5)), list(range(5 + 17)))]  # answers of 2 and 17 tokens
+    assert answer_budget(convs) == 17 + ANSWER_SLACK  # a 17-token label is answerable (the old constant was 16)
+    assert answer_budget(convs, cap=20) == 20 and answer_budget(convs, cap=100) == 17 + ANSWER_SLACK
 
 
 def bench_answer(backend, messages, max_new_tokens: int = 6) -> str:
@@ -316,6 +338,20 @@ def test_results_json_schema_and_entries(benched) -> None:
     assert by["gguf-f16"]["format"] == "gguf" and by["gguf-f16"]["quant"] == "f16"
     assert by["onnx-fp32"]["format"] == "onnx" and by["onnx-fp32"]["quant"] == "fp32"
     assert on_disk["target"]["threads"] == 1 and on_disk["eval"]["n_examples"] == 6
+    # which rows: the first 6 of the test split; the runtime settings each artifact ran with; every row's answer
+    assert on_disk["eval"]["split"] == "test" and on_disk["eval"]["n_available"] >= 6
+    assert on_disk["eval"]["max_new_tokens"] > 8 and on_disk["eval"]["max_new_tokens_cap"] is None
+    assert on_disk["target"]["runtime"] == {"flash_attn": False, "repack": "auto"}
+    gguf_rt = by["gguf-f16"]["runtime"]
+    assert gguf_rt["runtime"] == "llama.cpp" and gguf_rt["flash_attn"] is False and gguf_rt["threads"] == 1 and gguf_rt["extra_bufts"]
+    assert by["pytorch"]["runtime"]["runtime"] == "torch" and by["onnx-fp32"]["runtime"]["threads"] == 1
+    for name, rows in on_disk["predictions"].items():
+        assert [r["row"] for r in rows] == list(range(6)), name
+        assert sum(r["correct"] for r in rows) / 6 == by[name]["accuracy"]
+    from ftedge.data import bench_examples
+
+    test_rows = bench_examples(run.recipe())[:6]
+    assert [r["target"] for r in on_disk["predictions"]["pytorch"]] == [e.target for e in test_rows]
 
 
 def test_bench_stage_and_files_recorded_in_manifest(benched) -> None:
@@ -328,7 +364,7 @@ def test_bench_stage_and_files_recorded_in_manifest(benched) -> None:
 def test_report_and_plot_files(benched) -> None:
     run, _, _ = benched
     md = (run.path / "bench" / "report.md").read_text()
-    for name in ("pytorch (ref)", "merged", "gguf-f16", "onnx-fp32", "decode tok/s", "tiny-cpu", "plot.png"):
+    for name in ("pytorch (ref)", "merged", "gguf-f16", "onnx-fp32", "decode tok/s", "tiny-cpu", "plot.png", "of the", "**test** split"):
         assert name in md
     assert md.count("\n| ") >= 5  # header + 4 artifacts
     png = (run.path / "bench" / "plot.png").read_bytes()
@@ -354,7 +390,7 @@ def test_table_lists_every_artifact(benched) -> None:
 
 def _scored_examples(run: Run) -> list[dict]:
     """The rows bench scored for a run, in order."""
-    return bench.run_examples(run.recipe())
+    return bench.run_examples(run.recipe())[0]
 
 
 def test_classification_figures_come_from_every_answer(benched) -> None:
@@ -564,6 +600,31 @@ def test_standalone_gguf_bench_with_data(tmp_path: Path, artifacts: dict[str, Pa
     assert e["accuracy"] is not None and e["perplexity"] > 1 and e["decode_tok_s"] > 0
     assert e["top1_agreement"] is None  # no reference for a standalone file
     assert "merged.f16" in result.output
+    assert doc["eval"]["split"] == "file" and doc["eval"]["n_examples"] == doc["eval"]["n_available"] == 4
+    assert doc["eval"]["data"] == str(data.resolve()) and e["runtime"]["flash_attn"] is False
+    rows = doc["predictions"][e["name"]]
+    assert [r["row"] for r in rows] == [0, 1, 2, 3] and sum(r["correct"] for r in rows) / 4 == e["accuracy"]
+
+
+def test_bench_data_in_recipe_formats(tmp_path: Path, artifacts: dict[str, Path], tiny_recipe: Path) -> None:
+    """--data is read by ftedge.data: a recipe's fields and system prompt, or data.* overrides, text_label or messages."""
+    chats = tmp_path / "chats.jsonl"
+    conv = [{"role": "user", "content": "where is my card"}, {"role": "assistant", "content": "card_arrival"}]
+    chats.write_text("".join(json.dumps({"messages": conv}) + "\n" for _ in range(2)))
+    cfg, ev = bench.data_file_config(chats, overrides=["data.format=messages", "data.system_prompt=Be brief.", "eval.max_new_tokens=4"])
+    assert ev.max_new_tokens == 4
+    assert bench.data_file_examples(chats, cfg)[0] == {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "where is my card"}],
+        "target": "card_arrival",
+    }
+    labelled = write_text_label_csv(tmp_path / "new.csv", n=3)  # text + category, as the tiny recipe reads
+    cfg, _ = bench.data_file_config(labelled, recipe=load_recipe(tiny_recipe))
+    first = bench.data_file_examples(labelled, cfg)[0]
+    assert first["messages"][0] == {"role": "system", "content": "Reply with the intent label."} and first["target"] in LABELS
+    doc = bench.bench_artifact(
+        artifacts["gguf"], load_target(_tiny_target(tmp_path)), data=chats, overrides=["data.format=messages"], speed=FAST
+    )
+    assert doc["eval"]["task"] == "label_match" and len(doc["predictions"]["merged.f16"]) == 2
 
 
 def test_standalone_speed_only(tmp_path: Path, artifacts: dict[str, Path]) -> None:
@@ -591,7 +652,9 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path: Path, artifacts: dict[str, Pat
         ((str(truncated),), "truncated"),
         ((str(not_model),), "not a model folder"),
         ((str(empty_run.path),), "no artifacts in"),
-        ((str(artifacts["gguf"]), "--data", str(bad_data)), "needs a 'text' column"),
+        ((str(artifacts["gguf"]), "--data", str(bad_data)), "row has no 'text'"),
+        ((str(artifacts["gguf"]), "--data", str(bad_data), "-o", "train.max_steps=2"), "bench takes data.KEY=VALUE"),
+        ((str(empty_run.path), "--data", str(bad_data)), "for a standalone artifact"),
         ((str(artifacts["gguf"]), "--data", str(tmp_path / "nope.csv")), "not found"),
     ]
     for args, needle in cases:
@@ -605,23 +668,26 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path: Path, artifacts: dict[str, Pat
 def test_data_file_formats(tmp_path: Path) -> None:
     jl = tmp_path / "d.jsonl"
     jl.write_text(json.dumps({"text": "hi", "label": "greet"}) + "\n\n" + json.dumps({"text": "bye", "label": "leave"}) + "\n")
-    ex = bench.load_data_file(jl)
+    ex = bench.data_file_examples(jl, bench.data_file_config(jl)[0])
     assert ex == [
         {"messages": [{"role": "user", "content": "hi"}], "target": "greet"},
         {"messages": [{"role": "user", "content": "bye"}], "target": "leave"},
     ]
+    intents = tmp_path / "i.csv"
+    intents.write_text("text,intent\nhello,greet\n")  # the label column is found among label/category/intent/target/answer
+    assert bench.data_file_examples(intents, bench.data_file_config(intents)[0])[0]["target"] == "greet"
     broken = tmp_path / "e.jsonl"
     broken.write_text('{"text": "hi", "label": "x"}\nnot json\n')
-    with pytest.raises(FtedgeError, match=r"e.jsonl:2"):
-        bench.load_data_file(broken)
+    with pytest.raises(FtedgeError, match=r"e.jsonl:line 2"):
+        bench.data_file_examples(broken, bench.data_file_config(jl)[0])
     empty_label = tmp_path / "f.csv"
     empty_label.write_text("text,label\nhello,\n")
-    with pytest.raises(FtedgeError, match="row 2"):
-        bench.load_data_file(empty_label)
+    with pytest.raises(FtedgeError, match="row 1: row has no 'label'"):
+        bench.data_file_examples(empty_label, bench.data_file_config(empty_label)[0])
     text = tmp_path / "d.txt"
     text.write_text("hello")
     with pytest.raises(FtedgeError, match="unsupported"):
-        bench.load_data_file(text)
+        bench.data_file_examples(text, bench.data_file_config(text)[0])
 
 
 def test_every_backend_reports_its_context_length(artifacts: dict[str, Path]) -> None:

@@ -21,7 +21,7 @@ def _recipe(tmp_path: Path, model_dir: Path, data: dict, **train) -> Path:
     raw = {
         "name": "t",
         "base_model": str(model_dir),
-        "data": data,
+        "data": {"test_fraction": 0.0, **data},  # tests of formats and masking hold out no test rows
         "quant": {"bits": 32, "compute_dtype": "float32"},
         "train": {"method": "lora", "max_steps": 2, "batch_size": 2, "max_length": 64, **train},
     }
@@ -80,17 +80,17 @@ def test_alpaca_jsonl(tmp_path, tiny_model_dir, tok):
 
 
 def test_completion_prompt_and_raw_text(tmp_path, tiny_model_dir, tok):
-    _jsonl(tmp_path / "c.jsonl", [{"prompt": "Capital of France?", "completion": "Paris"}] * 4)
+    _jsonl(tmp_path / "c.jsonl", [{"prompt": f"Capital of France? ({i})", "completion": "Paris"} for i in range(4)])
     recipe = load_recipe(_recipe(tmp_path, tiny_model_dir, {"train": "c.jsonl", "format": "completion", "val_fraction": 0.25}))
     train, val = tokenized_splits(recipe, tok)
     assert _trained_text(tok, train[0]) == "Paris<|im_end|>" and len(val) == 1
-    (tmp_path / "r.json").write_text(json.dumps([{"text": "the quick brown fox"}] * 4))
+    (tmp_path / "r.json").write_text(json.dumps([{"text": f"the quick brown fox {w}"} for w in ("jumps", "runs", "sits", "naps")]))
     recipe = load_recipe(_recipe(tmp_path, tiny_model_dir, {"train": "r.json", "format": "completion", "val_fraction": 0.25}))
     splits = load_splits(recipe)
     assert splits.train[0].raw and splits.train[0].messages == []
     train, _ = tokenized_splits(recipe, tok, splits)
     # raw text: every token but the first is trained (nothing predicts the first), eos appended
-    assert tok.decode(train[0].input_ids) == "the quick brown fox" + tok.eos_token
+    assert tok.decode(train[0].input_ids) == splits.train[0].target + tok.eos_token
     assert train[0].labels[0] == IGNORE and all(t != IGNORE for t in train[0].labels[1:])
 
 
@@ -209,3 +209,75 @@ def test_packing_has_no_cross_example_attention(tiny_model_dir, tok):
     torch.testing.assert_close(packed[0, first : first + second], alone, atol=1e-4, rtol=1e-4)
     unpacked = make_batch(rows, max_length=64, packing=False)
     assert unpacked["input_ids"].shape[0] == 3 and "attention_mask" in unpacked
+
+
+# -- disjoint train / validation / test splits ---------------------------------------------------------------------------
+def _keys(examples) -> set[str]:
+    from ftedge.data import content_key
+
+    return {content_key(e) for e in examples}
+
+
+def test_splits_are_disjoint_fixed_and_cover_every_row(tmp_path, tiny_model_dir):
+    write_text_label_csv(tmp_path / "d.csv", 120)  # random templates: many rows are exact duplicates of others
+    data = {"train": "d.csv", "label_field": "category", "val_fraction": 0.2, "test_fraction": 0.2, "seed": 3}
+    splits = load_splits(load_recipe(_recipe(tmp_path, tiny_model_dir, data)))
+    train, val, test = _keys(splits.train), _keys(splits.val), _keys(splits.test)
+    assert not (train & val) and not (train & test) and not (val & test)  # duplicates land in one split
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 120
+    assert len(test) == round(len(train | val | test) * 0.2)
+    again = load_splits(load_recipe(_recipe(tmp_path, tiny_model_dir, data)))
+    assert [e.source for e in again.test] == [e.source for e in splits.test]  # fixed seed
+    # the test rows are held out first: another validation fraction keeps them
+    other_val = load_splits(load_recipe(_recipe(tmp_path, tiny_model_dir, {**data, "val_fraction": 0.1})))
+    assert _keys(other_val.test) == test and len(other_val.val) < len(splits.val)
+    other_seed = load_splits(load_recipe(_recipe(tmp_path, tiny_model_dir, {**data, "seed": 4})))
+    assert _keys(other_seed.test) != test
+    summary = check_dataset(load_recipe(_recipe(tmp_path, tiny_model_dir, data)))
+    assert f"{len(splits.train)} train rows, val {len(splits.val)} held out, test {len(splits.test)} held out (seed 3)" in summary
+
+
+def test_separate_test_file_rows_never_train(tmp_path, tiny_model_dir, caplog):
+    rows = [{"text": f"question {i}", "label": "ab"[i % 2]} for i in range(30)]
+    _jsonl(tmp_path / "tr.jsonl", rows)
+    _jsonl(tmp_path / "te.jsonl", rows[:3] + [{"text": "new question", "label": "a"}])
+    data = {"train": "tr.jsonl", "test": "te.jsonl", "val_fraction": 0.2, "test_fraction": 0.5}
+    with caplog.at_level(logging.WARNING, logger="ftedge.data"):
+        splits = load_splits(load_recipe(_recipe(tmp_path, tiny_model_dir, data)))
+    assert [e.messages[-1]["content"] for e in splits.test] == ["question 0", "question 1", "question 2", "new question"]
+    assert not (_keys(splits.train) | _keys(splits.val)) & _keys(splits.test)
+    assert len(splits.train) + len(splits.val) == 27  # test_fraction is not used with data.test: nothing else held out
+    assert "also test rows" in caplog.text
+    with pytest.raises(FtedgeError, match="leaves no training rows"):
+        load_recipe(_recipe(tmp_path, tiny_model_dir, {"train": "tr.jsonl", "val_fraction": 0.5, "test_fraction": 0.5}))
+
+
+def test_bench_rows_share_nothing_with_validation_gate_or_calibration(tmp_path, tok):
+    """The demo recipe on a small BANKING77 sample: the bench's test rows are no validation row, gate prompt or GPTQ text."""
+    import csv
+
+    from ftedge.bench.stage import run_examples
+    from ftedge.data import gate_prompts
+    from ftedge.export.stage import GATE_PROMPTS, calibration_texts
+
+    root = Path(__file__).resolve().parent.parent
+    with open(root / "data" / "banking77" / "train.csv", newline="") as src, open(tmp_path / "sample.csv", "w", newline="") as dst:
+        reader, writer = csv.reader(src), csv.writer(dst)
+        for i, row in enumerate(reader):
+            if i <= 400:
+                writer.writerow(row)
+    recipe = load_recipe(root / "recipes" / "smollm2-banking77.yaml", [f"data.train={tmp_path / 'sample.csv'}"], check_files=True)
+    splits = load_splits(recipe)
+    bench_rows, n_test = run_examples(recipe)
+    assert n_test == len(splits.test) == 40 and len(bench_rows) == 40 and len(splits.val) == 40
+    bench_keys = {json.dumps([r["messages"], r["target"], False], ensure_ascii=False, sort_keys=True) for r in bench_rows}
+    assert bench_keys == _keys(splits.test)
+    assert not bench_keys & _keys(splits.val) and not bench_keys & _keys(splits.train)
+    gate = gate_prompts(recipe, GATE_PROMPTS)
+    assert [(p.messages, p.target) for p in gate] == [(e.messages, e.target) for e in splits.val[:GATE_PROMPTS]]
+    texts = calibration_texts(recipe, tok)
+    assert len(texts) == 16 and all(t.endswith("<|im_end|>") for t in texts)
+    held_out_users = {e.messages[-1]["content"] for e in splits.val + splits.test}
+    assert not [u for u in held_out_users if any(f"user\n{u}<|im_end|>" in t for t in texts)]
+    train_users = {e.messages[-1]["content"] for e in splits.train}
+    assert all(any(f"user\n{u}<|im_end|>" in t for u in train_users) for t in texts)  # the check above can fail

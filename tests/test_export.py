@@ -48,7 +48,7 @@ def test_export_gates_and_records_every_artifact(tmp_path: Path, base_and_adapte
         assert entry["format"] == "gguf" and entry["status"] == "passed"
         gate = entry["gate"]
         assert gate["passed"] and gate["n_prompts"] > 0
-        assert {"top1", "kl", "thresholds", "tokenizer", "stop"} <= set(gate)
+        assert {"top1", "kl", "kl_p99", "top1_confident", "thresholds", "tokenizer", "stop", "runtime"} <= set(gate)
         assert (run.path / entry["path"]).is_file()
     assert arts["gguf-q8_0"]["quant"] == "q8_0"
     modelfile = (run.path / "gguf" / "Modelfile").read_text()
@@ -73,7 +73,7 @@ def test_failing_gate_is_recorded_and_named(tmp_path: Path, base_and_adapter, mo
         raise FtedgeError("ONNX builder failed on merged (int4): unsupported op")
 
     monkeypatch.setattr(ftedge.export.onnx, "export_onnx", broken_builder)
-    target = tiny_target(tmp_path, ["q4_0"], gates={"q4_0": {"min_top1": 1.0, "max_kl": 0.0}}, onnx=["int4"])
+    target = tiny_target(tmp_path, ["q4_0"], gates={"q4_0": {"min_top1_confident": 1.0, "max_kl": 0.0, "max_kl_p99": 0.0}}, onnx=["int4"])
     with pytest.raises(GateFailedError) as info:
         export_stage(run, target)
     msg = str(info.value)
@@ -83,7 +83,7 @@ def test_failing_gate_is_recorded_and_named(tmp_path: Path, base_and_adapter, mo
     assert arts["gguf-f16"]["status"] == "passed"
     failed = arts["gguf-q4_0"]
     assert failed["status"] == "failed" and not failed["gate"]["passed"]
-    assert failed["gate"]["kl"] > 0 and failed["gate"]["thresholds"] == {"min_top1": 1.0, "max_kl": 0.0}
+    assert failed["gate"]["kl"] > 0 and failed["gate"]["thresholds"] == {"min_top1_confident": 1.0, "max_kl": 0.0, "max_kl_p99": 0.0}
     assert "onnx-int4" not in arts
     assert run.stage_status("export") == "failed"
 

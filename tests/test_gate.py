@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SYSTEM, trained_tiny_model
+from helpers import ROWS, SYSTEM
 
 from ftedge.data import Prompt
 from ftedge.export.gate import thresholds_for
@@ -22,42 +22,63 @@ def test_compare_logits_identical_and_different() -> None:
     assert other["top1"] == 0.0 and other["kl"] > 0.5
 
 
+def test_compare_logits_judges_confident_positions_and_the_kl_tail() -> None:
+    # two positions: one near-tied (margin 0.01 nat), one confident (margin 3 nats); the other flips the near tie only
+    ref = np.array([[1.0, 0.99, -5.0], [3.0, 0.0, -5.0]], dtype=np.float32)
+    other = np.array([[0.99, 1.0, -5.0], [3.0, 0.0, -5.0]], dtype=np.float32)
+    f = compare_logits([log_softmax(ref)], [other])
+    assert f["top1"] == 0.5 and f["confident_positions"] == 1 and f["top1_confident"] == 1.0
+    assert f["kl"] < 1e-3 and f["kl_max"] >= f["kl_p99"] >= f["kl"]
+    flipped = compare_logits([log_softmax(ref)], [other[:, [1, 0, 2]]])  # the confident position flips too
+    assert flipped["top1_confident"] == 0.0 and flipped["kl_max"] > 1.0
+
+
 def test_thresholds_from_target_then_defaults(tmp_path: Path) -> None:
     from helpers import tiny_target
 
-    target = tiny_target(tmp_path, ["q4_0"], gates={"q4_0": {"min_top1": 0.5, "max_kl": 2.0}})
-    assert thresholds_for("q4_0", target) == {"min_top1": 0.5, "max_kl": 2.0}
-    assert thresholds_for("f16", target) == {"min_top1": 0.99, "max_kl": 0.01}
-    assert thresholds_for("q8_0")["min_top1"] == 0.97
-    assert thresholds_for("q4_k_m")["min_top1"] == 0.85
+    from ftedge.formats.quants import DEFAULT_GATES
+
+    target = tiny_target(tmp_path, ["q4_0"], gates={"q4_0": {"min_top1_confident": 0.5, "max_kl": 2.0}})
+    assert thresholds_for("q4_0", target) == {"min_top1_confident": 0.5, "max_kl": 2.0, "max_kl_p99": DEFAULT_GATES["q4_0"].max_kl_p99}
+    assert thresholds_for("f16", target) == {"max_kl": 0.005, "max_kl_p99": 0.05, "min_top1_confident": 0.99}
+    # looser with fewer bits, as llama.cpp's KL-divergence figures are
+    order = ["f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0", "q3_k_m", "q2_k"]
+    for stricter, looser in zip(order, order[1:], strict=False):
+        a, b = thresholds_for(stricter), thresholds_for(looser)
+        assert a["max_kl"] < b["max_kl"] and a["max_kl_p99"] <= b["max_kl_p99"] and a["min_top1_confident"] > b["min_top1_confident"]
 
 
-PROMPTS = [
-    Prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}], label)
-    for text, label in [
-        ("i lost my card", "lost_or_stolen_card"),
-        ("rate for pounds", "exchange_rate"),
-        ("my top up failed", "top_up_failed"),
-    ]
-]
+def test_old_gate_keys_fail_with_what_to_write_instead(tmp_path: Path) -> None:
+    from ftedge.errors import FtedgeError
+    from ftedge.targets import load_target
+
+    path = tmp_path / "old.yaml"
+    path.write_text("name: old\ngates:\n  q8_0: {min_top1: 0.97, max_kl: 0.03}\n")
+    with pytest.raises(FtedgeError, match=r"gates.q8_0: `min_top1` is no longer a gate key: write min_top1_confident") as err:
+        load_target(path)
+    assert "\n" not in err.value.one_line()
+    path.write_text("name: new\ngates:\n  q8_0: {max_kl: 0.03}\n")  # max_kl kept its meaning
+    assert thresholds_for("q8_0", load_target(path))["max_kl"] == 0.03
+
+
+# every row the tiny model was trained on: enough confident positions (>= MIN_CONFIDENT_POSITIONS) for the top-1 check
+PROMPTS = [Prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}], label) for text, label in ROWS]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
+def setup(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, confident_model_dir: Path, confident_ggufs: dict[str, Path]):
+    """The reference: the tiny model trained on PROMPTS' rows, confident on them (margins > 1 nat) as tuned models are."""
     from helpers import make_tiny_model
 
     from ftedge.export.gate import build_reference
-    from ftedge.export.gguf import build_f16, build_quant
+    from ftedge.export.gguf import build_f16
 
     root = tmp_path_factory.mktemp("parity")
-    model = trained_tiny_model(root / "model", tokenizer_dir)
-    f16, _ = build_f16(model, root / "model-f16.gguf")
-    q8, _, _ = build_quant(f16, root / "model-q8_0.gguf", "q8_0", end_of_turn=2, threads=2)
     # a deliberately broken artifact: same architecture and vocabulary, other (random) weights
     other = make_tiny_model(root / "other", tokenizer_dir, seed=1)
     broken, _ = build_f16(other, root / "broken-f16.gguf")
-    reference = build_reference(model, PROMPTS, threads=2, stop_bound=32)
-    return reference, f16, q8, broken
+    reference = build_reference(confident_model_dir, PROMPTS, threads=2, stop_bound=32)
+    return reference, confident_ggufs["f16"], confident_ggufs["q8_0"], broken
 
 
 def test_reference_skips_the_shared_prefix_and_stops(setup) -> None:
@@ -74,10 +95,12 @@ def test_faithful_artifacts_pass(setup) -> None:
     for path, quant in ((f16, "f16"), (q8, "q8_0")):
         gate = gate_artifact(path, reference, quant, threads=2, n_ctx=256)
         assert gate["passed"], gate["reasons"]
-        assert gate["top1"] >= thresholds_for(quant)["min_top1"]
+        assert gate["top1_checked"] and gate["top1_confident"] >= thresholds_for(quant)["min_top1_confident"]
+        assert gate["kl"] <= gate["kl_p99"] <= gate["kl_max"] < thresholds_for(quant)["max_kl_p99"]
+        assert gate["runtime"]["flash_attn"] is False and gate["runtime"]["threads"] == 2
         assert gate["tokenizer"]["mismatches"] == 0 and gate["tokenizer"]["chat_template_mismatches"] == 0
         assert gate["stop"]["stopped"] and gate["stop"]["tokens"] <= gate["stop"]["bound"]
-        assert gate["n_prompts"] == 3
+        assert gate["n_prompts"] == len(PROMPTS)
 
 
 def test_broken_artifact_fails_with_figures(setup) -> None:
@@ -105,5 +128,50 @@ def test_tokenizer_mismatch_is_reported(setup) -> None:
     with DropsFirstToken(f16, threads=2, n_ctx=256) as backend:
         result = tokenizer_check(backend, reference)
     assert not result["passed"]
-    assert result["mismatches"] == 3
+    assert result["mismatches"] == len(PROMPTS)
     assert result["examples"][0]["position"] == 0
+
+
+@pytest.fixture(scope="module")
+def barely_trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, setup):
+    """A barely-trained adapter: the tiny random model (its next tokens near-tied everywhere) + a small LoRA, merged."""
+    import torch
+    from helpers import make_adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftedge.export.gate import build_reference
+    from ftedge.export.gguf import build_f16, build_quant
+
+    root = tmp_path_factory.mktemp("barely")
+    adapter = make_adapter(tiny_model_dir, root / "adapter", scale=0.05)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(root / "merged", safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "merged")
+    f16, _ = build_f16(root / "merged", root / "merged-f16.gguf")
+    quants = {q: build_quant(f16, root / f"merged-{q}.gguf", q, end_of_turn=2, threads=2)[0] for q in ("q8_0", "q4_0")}
+    damaged = setup[3]  # the same architecture and tokenizer, other weights
+    return build_reference(root / "merged", PROMPTS, threads=2, stop_bound=8), quants, damaged
+
+
+def test_faithful_quants_of_a_barely_trained_adapter_pass(barely_trained) -> None:
+    """Issue 17: near-tied reference logits made faithful artifacts fail on raw top-1; KL judges them, and they pass."""
+    from ftedge.export.gate import gate_artifact
+
+    reference, quants, _ = barely_trained
+    for quant, old_min_top1 in (("q8_0", 1.0), ("q4_0", 0.85)):  # q4_0: the old built-in gate (min_top1 0.85)
+        gate = gate_artifact(quants[quant], reference, quant, threads=2, n_ctx=256)
+        assert gate["passed"], (quant, gate["reasons"])
+        assert gate["top1"] < old_min_top1, (quant, gate["top1"])  # near ties resolved the other way: raw top-1 misses
+        assert gate["kl_p99"] < thresholds_for(quant)["max_kl_p99"] / 10
+        assert gate["confident_positions"] < 20 and not gate["top1_checked"]  # a near-tied reference: judged by KL
+
+
+def test_damaged_artifact_of_a_barely_trained_adapter_fails(barely_trained) -> None:
+    from ftedge.export.gate import gate_artifact
+
+    reference, _, damaged = barely_trained
+    for quant in ("f16", "q8_0"):  # judged even as a q8_0, other weights are not a faithful copy
+        gate = gate_artifact(damaged, reference, quant, threads=2, n_ctx=256)
+        assert not gate["passed"]
+        assert any("KL" in r for r in gate["reasons"]), gate["reasons"]

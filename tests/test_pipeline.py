@@ -19,9 +19,7 @@ def _gguf_only_target(tmp_path: Path) -> Path:
         "onnx": None,
         "n_ctx": 256,
         "threads": 1,
-        "ship": "q8_0",
-        # A 4-step random tiny model has near-tied logits: gate on KL, keep top-1 loose.
-        "gates": {"f16": {"min_top1": 0.95, "max_kl": 0.01}, "q8_0": {"min_top1": 0.5, "max_kl": 0.1}},
+        "ship": "q8_0",  # a 4-step random tiny model has near-tied logits: the built-in gates judge it by KL (issue 17)
     }
     path = tmp_path / "tiny-cpu.yaml"
     path.write_text(yaml.safe_dump(target))

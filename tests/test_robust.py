@@ -334,7 +334,7 @@ def test_label_warnings() -> None:
 
 
 def test_train_and_bench_warn_about_labels(tiny_recipe: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from ftedge.bench.stage import load_data_file, warn_unlearned_labels
+    from ftedge.bench.stage import data_file_config, data_file_examples, warn_unlearned_labels
     from ftedge.data import check_dataset
 
     data = tmp_path / "rare.csv"
@@ -348,7 +348,8 @@ def test_train_and_bench_warn_about_labels(tiny_recipe: Path, tmp_path: Path, ca
     run = Run.create(recipe, run_dir=tmp_path / "r")
     other = tmp_path / "other.csv"
     other.write_text("text,label\nhello,greeting\nbye,farewell\n")
-    warned = warn_unlearned_labels(run, load_data_file(other), f"bench data {other}")
+    examples = data_file_examples(other, data_file_config(other)[0])
+    warned = warn_unlearned_labels(run, examples, f"bench data {other}")
     assert (
         warned[-1]
         == f"bench data {other}: none of its 2 labels appear in the training data ('farewell', 'greeting'): its accuracy will be 0"

@@ -51,7 +51,7 @@ def test_schema_accepts_exactly_what_the_exporters_build(tmp_path: Path) -> None
     )
     target = load_target(p)
     assert target.gguf.quants == list(GGUF_TYPES) and target.onnx.precisions == list(ONNX_PRECISIONS) and target.ship == "q4_k_m"
-    p.write_text("name: t\ngates: {q4_k_m: {min_top1: 0.8, max_kl: 0.3}, q5_x: {min_top1: 0.8, max_kl: 0.3}}\n")
+    p.write_text("name: t\ngates: {q4_k_m: {min_top1_confident: 0.8, max_kl: 0.3}, q5_x: {max_kl: 0.3}}\n")
     with pytest.raises(FtedgeError, match="unknown quant type 'q5_x'"):
         load_target(p)
 

@@ -6,11 +6,12 @@ Optional runtimes are imported lazily: ``load_backend`` picks one from the artif
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ftedge.backends.base import Backend, detect_format
 from ftedge.errors import FtedgeError
 
-__all__ = ["Backend", "detect_format", "load_backend"]
+__all__ = ["Backend", "detect_format", "load_backend", "runtime_options"]
 
 
 def load_backend(
@@ -32,3 +33,11 @@ def load_backend(
 
         return TorchBackend(path, adapter=adapter, threads=threads, **kwargs)
     raise FtedgeError(f"{path}: not a .gguf file, an ORT GenAI folder (genai_config.json) or an HF folder (config.json)")
+
+
+def runtime_options(path: str | Path, runtime: Any | None) -> dict[str, Any]:
+    """``load_backend`` keywords for a target profile's ``runtime`` section (a RuntimeSpec or its dict): llama.cpp's only."""
+    if runtime is None or detect_format(Path(path)) != "gguf":
+        return {}
+    spec = runtime if isinstance(runtime, dict) else runtime.model_dump()
+    return {"flash_attn": spec["flash_attn"], "repack": spec["repack"]}

@@ -135,6 +135,11 @@ class Backend(abc.ABC):
 
         Greedy when ``sampling`` is None (or has temperature 0); else each token is drawn with ``sample_next``."""
 
+    @property
+    def settings(self) -> dict[str, object]:
+        """The runtime settings that can change answers (threads, attention kernel, weight layout), for the record."""
+        return {"runtime": self.name}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the runtime's resources."""
 

@@ -8,6 +8,11 @@ Uses the low-level API rather than ``llama_cpp.Llama`` for two reasons:
   ``use_extra_bufts=False`` avoids it, and ``Llama()`` does not pass that parameter through.
   ``extra_bufts_enabled`` decides; ``FTEDGE_LLAMA_EXTRA_BUFTS=0|1`` overrides the decision.
 
+The settings that change answers are explicit, never llama.cpp's "auto": flash attention
+(``flash_attn``, default off as in ``llama_cpp.Llama`` and Ollama), weight repacking into extra
+buffer types (``repack``, default auto = llama.cpp's default under the AMX rule) and threads. The
+target profile's ``runtime`` section sets them for the gate and the bench; ``settings`` reports them.
+
 Every file is checked with ``ftedge.formats.gguf`` before llama.cpp sees it, so a missing or
 truncated file is a one-line error, never a crash inside native code. Chat templates are rendered
 by ``ftedge.formats.chat_template`` (exactly as transformers renders them).
@@ -95,31 +100,53 @@ def cpu_has_amx() -> bool:
     return "amx_tile" in flags or "amx_int8" in flags
 
 
-def extra_bufts_enabled(info: GgufInfo) -> bool:
+def extra_bufts_enabled(info: GgufInfo, requested: bool | str = "auto") -> bool:
     """Whether to let ggml use extra buffer types (weight repacking, AMX) for this file.
 
-    Off for quantized files on AMX CPUs (the segfault); on otherwise (repacking is faster).
+    ``requested`` is the target's ``runtime.repack``: False turns them off; True and "auto" turn them on, except
+    for quantized files on AMX CPUs (the segfault), which always load without. ``FTEDGE_LLAMA_EXTRA_BUFTS=0|1`` wins.
     """
     forced = os.environ.get(_EXTRA_BUFTS_ENV)
     if forced in ("0", "1"):
         return forced == "1"
+    if requested is False:
+        return False
     return not (info.quantized and cpu_has_amx())
+
+
+FLASH_ATTN_TYPES = {False: 0, True: 1, "auto": -1}  # llama_flash_attn_type: DISABLED, ENABLED, AUTO
 
 
 # -- the backend ------------------------------------------------------------------------
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, n_ctx: int = 2048, n_batch: int = 512) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        threads: int | None = None,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        flash_attn: bool | str = False,
+        repack: bool | str = "auto",
+    ) -> None:
         import llama_cpp
 
         self.path = Path(path)
         self.info = inspect_gguf(self.path)
         _init_llama()
         self._lib = llama_cpp
-        self.extra_bufts = extra_bufts_enabled(self.info)
-        if not self.extra_bufts:
-            log.debug("%s: loading with use_extra_bufts=False (quantized GGUF on an AMX CPU)", self.path.name)
+        if flash_attn not in FLASH_ATTN_TYPES or repack not in (True, False, "auto"):
+            raise FtedgeError(f"llama.cpp settings: flash_attn={flash_attn!r}, repack={repack!r}", hint="use true, false or auto")
+        self.flash_attn, self.repack = flash_attn, repack
+        self.extra_bufts = extra_bufts_enabled(self.info, repack)
+        if not self.extra_bufts and repack is not False:
+            log.log(
+                logging.WARNING if repack is True else logging.DEBUG,
+                "%s: loading with use_extra_bufts=False (quantized GGUF on an AMX CPU)",
+                self.path.name,
+            )
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0
         mparams.use_extra_bufts = self.extra_bufts
@@ -138,7 +165,9 @@ class LlamaCppBackend(Backend):
         cparams.n_ubatch = self.n_batch
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
+        cparams.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
         cparams.no_perf = True
+        self.threads = threads
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -166,6 +195,23 @@ class LlamaCppBackend(Backend):
     @property
     def vocab_size(self) -> int:
         return self.n_vocab
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        import llama_cpp
+
+        return {
+            "runtime": "llama.cpp",
+            "llama_cpp_python": getattr(llama_cpp, "__version__", None),
+            "threads": self.threads,
+            "threads_batch": self.threads,
+            "flash_attn": self.flash_attn,
+            "repack": self.repack,
+            "extra_bufts": self.extra_bufts,
+            "n_ctx": self.n_ctx,
+            "n_batch": self.n_batch,
+            "n_ubatch": self.n_batch,
+        }
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class OrtGenAIBackend(Backend):
         import onnxruntime_genai as og
 
         self.path = Path(path)
+        self.threads = threads
         self._cfg = read_genai_config(self.path)
         self._og = og
         try:
@@ -61,6 +62,10 @@ class OrtGenAIBackend(Backend):
         self._context_length = int(self._cfg["model"].get("context_length") or self._cfg.get("search", {}).get("max_length") or 2048)
         template = self.path / "chat_template.jinja"
         self._template = template.read_text() if template.is_file() else None
+
+    @property
+    def settings(self) -> dict:
+        return {"runtime": "onnxruntime-genai", "threads": self.threads}
 
     @property
     def context_length(self) -> int:

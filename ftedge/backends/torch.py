@@ -61,6 +61,10 @@ class TorchBackend(Backend):
         return ids
 
     @property
+    def settings(self) -> dict[str, Any]:
+        return {"runtime": "torch", "threads": self._torch.get_num_threads(), "dtype": str(self.model.dtype).removeprefix("torch.")}
+
+    @property
     def context_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
 

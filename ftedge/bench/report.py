@@ -68,8 +68,8 @@ OPTIONAL = {"accuracy_ci", "macro_f1", "chrf", "drift_kl", "drift_top1", "genera
 REPORT_ONLY = {"accuracy_ci", "general_ppl"}  # the terminal table stays within 180-200 columns
 
 NOTES = [
-    "accuracy: the generated answer equals the label after trimming (greedy, `max_new_tokens` from the recipe); "
-    "95% CI: percentile bootstrap over the test examples (2,000 resamples, fixed seed).",
+    "accuracy: the greedy answer equals the label after trimming; every answer is what token-by-token decoding gives "
+    "(budget: the longest label in tokens + 8); 95% CI: percentile bootstrap over the test rows (2,000 resamples, fixed seed).",
     "macro-F1: the F1 of each gold label (scikit-learn), averaged with equal weight; an answer that is no label counts "
     "against its gold label's recall.",
     "chrF: character n-gram F-score (sacrebleu, 0-100) of the greedy answers to the first test prompts against their "
@@ -159,6 +159,22 @@ def print_table(doc: dict[str, Any], console: Any | None = None) -> None:
             console.print(f"[red]{entry['name']} failed:[/red] {entry.get('error')}", markup=True, highlight=False)
 
 
+def _rows(ev: dict[str, Any]) -> str:
+    """Which rows were scored: the test split (never trained, validated, gated or calibrated on) or a user's file."""
+    n, total = ev.get("n_examples", 0), ev.get("n_available")
+    if ev.get("split") == "test":
+        return f"{n} of the {total} rows of the **test** split (unseen by training, validation, the gates and calibration)"
+    if ev.get("split") == "file":
+        return f"{n} rows of `{ev.get('data')}`"
+    return f"{n} examples"
+
+
+def _runtime(rt: dict[str, Any] | None) -> str:
+    if not rt:
+        return "—"
+    return f"flash attention {rt.get('flash_attn')}, weight repacking {rt.get('repack')} (per artifact in results.json)"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     target, ev, speed, host = doc.get("target", {}), doc.get("eval", {}), doc.get("speed", {}), doc.get("host", {})
     cols = columns(doc)
@@ -168,8 +184,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- subject: `{doc.get('subject')}`",
         f"- target: **{target.get('name')}** — {target.get('threads')} threads, n_ctx {target.get('n_ctx')}, "
         f"max size {target.get('max_size_mb') or '—'} MB, max RAM {target.get('max_ram_mb') or '—'} MB",
-        f"- quality: task `{ev.get('task') or 'none (speed only)'}`, {ev.get('n_examples', 0)} held-out examples"
+        f"- quality: task `{ev.get('task') or 'none (speed only)'}`, {_rows(ev)}"
         + (f", reference **{doc['reference']}**" if doc.get("reference") else ""),
+        f"- llama.cpp: {_runtime(target.get('runtime'))}",
         f"- speed: greedy, {speed.get('prompt_tokens') or '?'}-token prompt, {speed.get('decode_tokens')} decoded tokens, "
         f"{speed.get('repeats')} repeats after {speed.get('warmup')} warm-up",
         f"- host: {host.get('cpu')} ({host.get('cpus')} CPUs), {host.get('platform')}",

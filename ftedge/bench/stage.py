@@ -1,15 +1,17 @@
 """The bench stage: accuracy and latency of every artifact through its backend, side by side.
 
 ``bench_run`` scores every artifact of a run (the PyTorch base+adapter reference, merged, each
-GGUF quant, each ONNX variant) on the same held-out examples and prompts, under the target
-profile's threads; ``bench_artifact`` does the same for one standalone ``.gguf`` or ORT GenAI
-folder. Each artifact runs in its own process (``ftedge.bench.worker``), so a runtime crash
-loses only that artifact's entry, and peak RSS is that artifact's own.
+GGUF quant, each ONNX variant) on the same rows of the recipe's **test** split (never trained,
+validated, gated or calibrated on; ``ftedge.data``) and prompts, under the target profile's threads
+and llama.cpp runtime settings; ``bench_artifact`` does the same for one standalone ``.gguf`` or
+ORT GenAI folder, on any labelled file in a recipe format (``--data``, read by ``ftedge.data``).
+results.json says which split and how many rows were scored, the runtime settings of each
+artifact, and every row's answer. Each artifact runs in its own process (``ftedge.bench.worker``),
+so a runtime crash loses only that artifact's entry, and peak RSS is that artifact's own.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import fnmatch
 import json
@@ -136,62 +138,63 @@ def run_specs(run: Run) -> list[ArtifactSpec]:
     return specs + [m for m in models if m.reference or m.name in chosen]
 
 
-def run_examples(recipe: Any) -> list[dict[str, Any]]:
-    """The recipe's held-out examples as plain dicts: {messages (system + user turns), target}."""
-    from ftedge.data import load_splits
-
-    val = list(load_splits(recipe).val)[: recipe.eval.max_examples]
-    return [{"messages": [dict(m) for m in ex.messages], "target": str(ex.target)} for ex in val]
+def _example_dicts(examples: Sequence[Any]) -> list[dict[str, Any]]:
+    return [{"messages": [dict(m) for m in ex.messages], "target": str(ex.target)} for ex in examples]
 
 
-def load_data_file(path: Path) -> list[dict[str, Any]]:
-    """A text,label CSV or JSONL as examples; any other shape is a one-line error naming the problem."""
+def run_examples(recipe: Any) -> tuple[list[dict[str, Any]], int]:
+    """The first ``eval.max_examples`` rows of the recipe's test split as plain dicts {messages, target}, and the split's size."""
+    from ftedge.data import bench_examples
+
+    test = bench_examples(recipe)
+    return _example_dicts(test[: recipe.eval.max_examples]), len(test)
+
+
+def data_file_config(path: Path, *, recipe: Any | None = None, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
+    """The (DataConfig, EvalConfig) a data file is read and scored with: a recipe's data/eval sections (else the defaults:
+    text_label with a ``text`` column and a label/category/intent/target/answer column), then ``data.KEY=VALUE`` /
+    ``eval.KEY=VALUE`` overrides."""
+    from pydantic import ValidationError
+
+    from ftedge.data import read_rows
+    from ftedge.recipe import DataConfig, EvalConfig, apply_overrides
+
     path = Path(path)
     if not path.is_file():
-        raise FtedgeError(f"data file {path} not found", hint="give a text,label .csv or .jsonl file")
-    rows: list[dict[str, Any]] = []
-    suffix = path.suffix.lower()
+        raise FtedgeError(f"data file {path} not found", hint="give a labelled .csv or .jsonl file in a recipe format")
+    keep = {"val": None, "test": None, "max_examples": None}
+    raw: dict[str, Any] = {
+        "data": {**(recipe.data.model_dump() if recipe is not None else {}), **keep, "train": str(path)},
+        "eval": recipe.eval.model_dump() if recipe is not None else {},
+    }
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith(("data.", "eval.")):
+            raise FtedgeError(f"override {item!r}: bench takes data.KEY=VALUE or eval.KEY=VALUE", hint="e.g. -o data.label_field=intent")
+    raw = apply_overrides(raw, list(overrides))
+    given = {part.split("=", 1)[0].strip() for part in overrides}
+    data = raw["data"]
+    if recipe is None and data.get("format", "text_label") == "text_label" and "data.label_field" not in given:
+        rows = read_rows(path)
+        columns = set(rows[0][1]) if rows else set()
+        data["label_field"] = next((c for c in LABEL_COLUMNS if c in columns), "label")
     try:
-        if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = list(csv.DictReader(fh))
-        elif suffix in (".jsonl", ".json"):
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise FtedgeError(
-                        f"{path}:{n}: not a JSON object per line ({err.msg})", hint='write one {"text": ..., "label": ...} object per line'
-                    ) from None
-                if not isinstance(row, dict):
-                    raise FtedgeError(
-                        f"{path}:{n}: expected a JSON object, got {type(row).__name__}",
-                        hint='write one {"text": ..., "label": ...} object per line',
-                    )
-                rows.append(row)
-        else:
-            raise FtedgeError(f"{path}: unsupported data file type {suffix or '(none)'}", hint="give a text,label .csv or .jsonl file")
-    except UnicodeDecodeError:
-        raise FtedgeError(f"{path}: not UTF-8 text", hint="give a text,label .csv or .jsonl file") from None
-    if not rows:
-        raise FtedgeError(f"{path}: no rows", hint="give a text,label .csv or .jsonl file with at least one row")
-    columns = set(rows[0])
-    label = next((c for c in LABEL_COLUMNS if c in columns), None)
-    if "text" not in columns or label is None:
-        raise FtedgeError(
-            f"{path}: needs a 'text' column and a label column ({'/'.join(LABEL_COLUMNS)}); found {sorted(columns)}",
-            hint="rename the columns",
-        )
-    examples = []
-    for n, row in enumerate(rows, 2 if suffix == ".csv" else 1):
-        text, target = row.get("text"), row.get(label)
-        if not isinstance(text, str) or not text.strip() or target is None or not str(target).strip():
-            raise FtedgeError(f"{path}: row {n} has an empty text or {label}", hint="fill or drop that row")
-        messages = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
-        examples.append({"messages": [*messages, {"role": "user", "content": text}], "target": str(target)})
-    return examples
+        return DataConfig.model_validate(data), EvalConfig.model_validate(raw["eval"])
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise FtedgeError(f"bench --data {path}: {loc}: {first['msg']}", hint="`ftedge validate --explain` lists the data keys") from None
+
+
+def data_file_examples(path: Path, cfg: Any) -> list[dict[str, Any]]:
+    """Every row of a labelled data file, read by ``ftedge.data`` in the config's format, as plain dicts {messages, target}."""
+    from ftedge.data import examples_from_file
+
+    examples = examples_from_file(Path(path), cfg)
+    if not examples:
+        raise FtedgeError(f"{path}: no rows", hint="give a labelled .csv or .jsonl file with at least one row")
+    if any(ex.raw for ex in examples):
+        raise FtedgeError(f"{path}: rows without a prompt cannot be scored", hint="give prompt/completion, messages or text_label rows")
+    return _example_dicts(examples)
 
 
 # -- running workers -------------------------------------------------------------
@@ -291,6 +294,9 @@ def make_entry(spec: ArtifactSpec, result: dict[str, Any], target: Target, *, ba
         "tokenization_mismatches",
         "prompt_tokens",
         "decode_steps",
+        "decoded_tokens",
+        "max_new_tokens",
+        "runtime",
         "load_seconds",
         "wall_seconds",
     ):
@@ -308,7 +314,7 @@ def bench_specs(
     work_dir: Path,
     examples: Sequence[dict[str, Any]],
     task: str,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     speed_messages: Sequence[dict[str, str]],
     speed: SpeedConfig,
     base: Path | None = None,
@@ -337,6 +343,7 @@ def bench_specs(
                 "load": spec.load,
                 "threads": target.threads,
                 "n_ctx": target.n_ctx,
+                "runtime": target.runtime.model_dump(),
                 "examples": list(examples),
                 "task": task,
                 "max_new_tokens": max_new_tokens,
@@ -446,11 +453,18 @@ def results_doc(
     *,
     task: str | None,
     n_examples: int,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     speed: SpeedConfig,
     prompt_tokens: int | None,
+    split: str | None = None,
+    n_available: int | None = None,
+    predictions: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """results.json (schema 1). ``eval.split``: ``test`` (a run's test split) or ``file`` (``--data``); ``eval.max_new_tokens``:
+    the answer budget used (the longest answer + slack, capped by ``eval.max_new_tokens_cap``); ``predictions``: every
+    scored row's answer per artifact, in the order of the rows."""
+    budget = next((e["max_new_tokens"] for e in entries if e.get("max_new_tokens")), None)
+    doc = {
         "schema": SCHEMA,
         "ftedge_version": __version__,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -461,8 +475,16 @@ def results_doc(
             "n_ctx": target.n_ctx,
             "max_size_mb": target.max_size_mb,
             "max_ram_mb": target.max_ram_mb,
+            "runtime": target.runtime.model_dump(),
         },
-        "eval": {"task": task, "n_examples": n_examples, "max_new_tokens": max_new_tokens},
+        "eval": {
+            "task": task,
+            "n_examples": n_examples,
+            "max_new_tokens": budget,
+            "max_new_tokens_cap": max_new_tokens,
+            "split": split,
+            "n_available": n_available,
+        },
         "speed": {
             "prompt_tokens": prompt_tokens,
             "decode_tokens": speed.decode_tokens,
@@ -474,6 +496,9 @@ def results_doc(
         "host": _host(),
         "artifacts": entries,
     }
+    if predictions is not None:
+        doc["predictions"] = predictions
+    return doc
 
 
 def _prompt_tokens(entries: list[dict[str, Any]]) -> int | None:
@@ -497,10 +522,11 @@ def bench_run(
     recipe = run.recipe()
     out_dir = run.path / "bench"
     with run.stage("bench") as metrics:
-        examples = run_examples(recipe)
+        examples, n_test = run_examples(recipe)
         if not examples:
-            raise FtedgeError(f"no held-out examples for {run.path}", hint="set data.val or data.val_fraction > 0 in the recipe")
-        warn_unlearned_labels(run, examples, "the held-out examples")
+            raise FtedgeError(f"no test rows for {run.path}", hint="set data.test or data.test_fraction > 0 in the recipe")
+        log.info("bench: %d of the %d test rows", len(examples), n_test)
+        warn_unlearned_labels(run, examples, "the test rows")
         task = recipe.eval.task
         drift_base = bench_base(recipe, target, out_dir / "work", command=command) if recipe.eval.drift else None
         entries, predictions = bench_specs(
@@ -526,6 +552,9 @@ def bench_run(
             max_new_tokens=recipe.eval.max_new_tokens,
             speed=speed,
             prompt_tokens=_prompt_tokens(entries),
+            split="test",
+            n_available=n_test,
+            predictions=predictions,
         )
         if drift_base is not None:
             doc["drift_base"] = {k: v for k, v in drift_base.items() if k != "file"}
@@ -547,9 +576,20 @@ def bench_run(
 
 
 def bench_artifact(
-    path: Path, target: Target, *, json_path: Path | None = None, data: Path | None = None, speed: SpeedConfig | None = None
+    path: Path,
+    target: Target,
+    *,
+    json_path: Path | None = None,
+    data: Path | None = None,
+    recipe: Path | None = None,
+    overrides: Sequence[str] = (),
+    speed: SpeedConfig | None = None,
 ) -> dict[str, Any]:
-    """Bench one standalone .gguf or ORT GenAI folder: speed, plus accuracy/perplexity with ``data``."""
+    """Bench one standalone .gguf or ORT GenAI folder: speed, plus accuracy/perplexity on every row of ``data``.
+
+    ``data`` is read in ``recipe``'s data format (its fields and system prompt), else as a text,label file, with
+    ``data.KEY=VALUE`` / ``eval.KEY=VALUE`` ``overrides`` (e.g. ``data.system_prompt=...``, ``eval.task=perplexity``).
+    """
     from ftedge.bench import report
 
     speed = speed or SpeedConfig()
@@ -566,24 +606,35 @@ def bench_artifact(
         quant = _onnx_precision(path)
     else:
         quant = _hf_dtype(path)
-    examples = load_data_file(data) if data is not None else []
-    if examples:
+    examples: list[dict[str, Any]] = []
+    task, cap = None, None
+    if data is not None:
+        from ftedge.recipe import load_recipe
+
+        cfg, ev = data_file_config(data, recipe=load_recipe(recipe, check_files=False) if recipe else None, overrides=overrides)
+        examples = data_file_examples(data, cfg)
+        task, cap = ev.task, ev.max_new_tokens
+        if cfg.system_prompt is None and not any(m["role"] == "system" for ex in examples for m in ex["messages"]):
+            log.info(
+                "scoring %s without a system prompt: pass -o data.system_prompt=... (or --recipe) if the model was tuned with one", data
+            )
         from ftedge.manifest import find_run
 
         trained_in = find_run(path)
         if trained_in is not None:
             warn_unlearned_labels(trained_in, examples, f"bench data {data}")
+    elif recipe or overrides:
+        raise FtedgeError("--recipe and -o only say how to read --data", hint="add --data FILE")
     spec = ArtifactSpec(path.stem if path.is_file() else path.name, fmt, quant, path.resolve())
-    task = "label_match" if examples else None
     messages = examples[0]["messages"] if examples else [{"role": "user", "content": DEFAULT_SPEED_PROMPT}]
     with tempfile.TemporaryDirectory(prefix="ftedge-bench-") as tmp:
-        entries, _ = bench_specs(
+        entries, predictions = bench_specs(
             [spec],
             target,
             work_dir=Path(tmp),
             examples=examples,
             task=task or "label_match",
-            max_new_tokens=16,
+            max_new_tokens=cap,
             speed_messages=messages,
             speed=speed,
         )
@@ -595,10 +646,15 @@ def bench_artifact(
         entries,
         task=task,
         n_examples=len(examples),
-        max_new_tokens=16,
+        max_new_tokens=cap,
         speed=speed,
         prompt_tokens=_prompt_tokens(entries),
+        split="file" if data is not None else None,
+        n_available=len(examples) if data is not None else None,
+        predictions=predictions if data is not None else None,
     )
+    if data is not None:
+        doc["eval"]["data"] = str(Path(data).resolve())
     if json_path is not None:
         atomic.write_json(Path(json_path), doc)
     report.print_table(doc)

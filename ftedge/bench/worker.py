@@ -32,9 +32,10 @@ def open_backend(job: dict[str, Any]) -> Backend:
         from ftedge.backends.torch import TorchBackend
 
         return TorchBackend(job["path"], threads=threads, **load)
-    from ftedge.backends import load_backend
+    from ftedge.backends import load_backend, runtime_options
 
-    return load_backend(job["path"], threads=threads, n_ctx=int(job.get("n_ctx") or 2048), **load)
+    options = runtime_options(job["path"], job.get("runtime"))
+    return load_backend(job["path"], threads=threads, n_ctx=int(job.get("n_ctx") or 2048), **options, **load)
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -48,6 +49,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     n_ctx = int(job.get("n_ctx") or 2048)
     try:
         result["load_seconds"] = round(time.perf_counter() - started, 3)
+        result["runtime"] = backend.settings
         examples = job.get("examples") or []
         if examples:
             result.update(
@@ -55,7 +57,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                     backend,
                     examples,
                     task=job.get("task", "label_match"),
-                    max_new_tokens=int(job.get("max_new_tokens", 16)),
+                    max_new_tokens=job.get("max_new_tokens"),
                     n_ctx=int(job.get("n_ctx") or 2048),
                     reference_in=Path(job["reference_in"]) if job.get("reference_in") else None,
                     reference_out=Path(job["reference_out"]) if job.get("reference_out") else None,

@@ -4,8 +4,11 @@ For each ``target.gguf.quants`` (the f16 GGUF is built first: it is the source o
 quantization and recorded as ``gguf-f16``) and each ``target.onnx.precisions``: build the
 artifact atomically, gate it against the merged PyTorch model (``ftedge.export.gate``), and record it
 as ``gguf-<quant>`` / ``onnx-<precision>`` with ``format``, ``quant``, ``status`` and ``gate``
-{top1, kl, passed, thresholds, n_prompts, ...}. A failing artifact is kept on disk and recorded
-with ``status: failed`` and its figures; after every artifact is processed the stage raises
+{kl, kl_p99, top1_confident, top1 (raw), passed, reasons, thresholds, runtime, n_prompts, ...}. The gate
+prompts are validation rows; GPTQ calibrates on training rows only (``calibration_texts``), so no
+artifact is judged on the text it was fitted to, and the bench's test rows stay unseen by both.
+
+A failing artifact is kept on disk and recorded with ``status: failed`` and its figures; after every artifact is processed the stage raises
 ``GateFailedError`` naming the failures (exit code 3). An Ollama ``Modelfile`` is written beside
 the GGUFs. Finished artifacts are skipped unless ``force``.
 """
@@ -24,6 +27,19 @@ from ftedge.manifest import Run
 log = logging.getLogger(__name__)
 
 GATE_PROMPTS = 16
+CALIBRATION_TEXTS = 16
+
+
+def calibration_texts(recipe: Any, tokenizer: Any, n: int = CALIBRATION_TEXTS) -> list[str]:
+    """Chat-formatted training rows (prompt, answer and end-of-turn; raw text as is) for GPTQ: never validation or test rows."""
+    from ftedge.data import Prompt, training_examples
+    from ftedge.hf import end_of_turn_id
+
+    eot = end_of_turn_id(tokenizer)
+    eot_text = tokenizer.convert_ids_to_tokens(eot) if eot is not None else None
+    return [
+        ex.target if ex.raw else Prompt(list(ex.messages), ex.target).text(tokenizer, eot=eot_text) for ex in training_examples(recipe, n)
+    ]
 
 
 class _Exporter:
@@ -36,7 +52,8 @@ class _Exporter:
             raise FtedgeError(f"merged model {self.merged} is missing or incomplete", hint=f"run `ftedge merge {run.path} --force`")
         from ftedge.hf import end_of_turn_id, load_tokenizer
 
-        self.end_of_turn = end_of_turn_id(load_tokenizer(self.merged, trust_remote_code=run.recipe().trust_remote_code))
+        self.tokenizer = load_tokenizer(self.merged, trust_remote_code=run.recipe().trust_remote_code)
+        self.end_of_turn = end_of_turn_id(self.tokenizer)
         self._reference: Any = None
         self.summary: dict[str, dict[str, Any]] = {}
         self.failed: list[str] = []
@@ -66,12 +83,12 @@ class _Exporter:
         self._note(key, gate, status)
 
     def _note(self, key: str, gate: dict[str, Any], status: str) -> None:
-        self.summary[key] = {"status": status, "top1": gate.get("top1"), "kl": gate.get("kl")}
+        self.summary[key] = {"status": status, **{k: gate.get(k) for k in ("kl", "kl_p99", "top1_confident", "top1", "reasons")}}
         if status == "failed":
             self.failed.append(key)
             log.warning("%s FAILED its parity gate: %s", key, "; ".join(gate.get("reasons", [])))
         else:
-            log.info("%s passed: top-1 %.3f, KL %.4f", key, gate["top1"], gate["kl"])
+            log.info("%s passed: %s", key, gate_line(gate))
 
     def record_error(self, key: str, err: FtedgeError) -> None:
         self.summary[key] = {"status": "error", "error": err.one_line()}
@@ -145,13 +162,21 @@ class _Exporter:
             out = self.run.path / "onnx" / p
             t0 = time.time()
             try:
-                export_onnx(self.merged, out, p, calibration_texts=self.reference.calibration_texts)
+                texts = calibration_texts(self.run.recipe(), self.tokenizer)
+                export_onnx(self.merged, out, p, calibration_texts=texts)
             except DiskError:  # no space, read-only, no permission: the next artifact would fail too
                 raise
             except FtedgeError as err:
                 self.record_error(key, err)
                 continue
             self.gate_and_record(key, out, fmt="onnx", quant=p, build_seconds=time.time() - t0)
+
+
+def gate_line(gate: dict[str, Any]) -> str:
+    """A gate's figures in one line: mean / p99 KL, top-1 on confident positions, raw top-1."""
+    conf = gate.get("top1_confident")
+    conf_text = "n/a" if conf is None else f"{conf:.3f} on {gate.get('confident_positions')} confident positions"
+    return f"KL {gate.get('kl', 0):.4f} (p99 {gate.get('kl_p99', 0):.4f}), top-1 {conf_text} ({gate.get('top1', 0):.3f} raw)"
 
 
 def export_stage(run: Run, target: Any, *, force: bool = False) -> None:
@@ -169,7 +194,7 @@ def export_stage(run: Run, target: Any, *, force: bool = False) -> None:
             details = []
             for key in ex.failed:
                 s = ex.summary[key]
-                details.append(f"{key} ({s['error']})" if s["status"] == "error" else f"{key} (top-1 {s['top1']}, KL {s['kl']})")
+                details.append(f"{key} ({s['error']})" if s["status"] == "error" else f"{key} ({', '.join(s.get('reasons') or [])})")
             raise GateFailedError(
                 f"{len(ex.failed)} artifact(s) failed: {'; '.join(details)}",
                 hint=f"see the gate figures in {run.manifest_path}; artifacts that passed are usable",
