@@ -371,9 +371,10 @@ class Recorder:
             self.tb.close()
 
 
-def _progress(enabled: bool) -> Any:
+def _progress(enabled: bool, whole_run: bool = False) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    run = [TextColumn("{task.fields[run_eta]}")] if whole_run else []
     return Progress(
         TextColumn("train"),
         BarColumn(),
@@ -382,13 +383,25 @@ def _progress(enabled: bool) -> Any:
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        *run,
         disable=not enabled,
         transient=False,
     )
 
 
-def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
-    """Train to the last step (or early stop / Ctrl-C); returns the final state."""
+def run_eta(steps_left: int, wall_per_step: float | None, after: float) -> str:
+    """The whole run's ETA during training: the steps left at the measured wall time per step (eval
+    and checkpoints included) plus the stages after training."""
+    from ftedge.eta import clock
+
+    if wall_per_step is None:
+        return "run ETA -:--:--"
+    return f"run ETA {clock(steps_left * wall_per_step + after)}"
+
+
+def fit(trainer: Trainer, *, resume_from: Path | None = None, eta_after: float | None = None) -> State:
+    """Train to the last step (or early stop / Ctrl-C); returns the final state. ``eta_after`` (seconds
+    of the stages after training) shows the whole run's ETA on the progress bar."""
     cfg = trainer.cfg
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
@@ -397,8 +410,10 @@ def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
     rec = Recorder(trainer.out, enabled=main, resume_step=st.step)
     interrupt = Interrupt()
     try:
-        with interrupt.installed(), _progress(main) as bar:
-            task = bar.add_task("train", total=trainer.steps, completed=st.step, info="")
+        with interrupt.installed(), _progress(main, eta_after is not None) as bar:
+            after = eta_after or 0.0
+            task = bar.add_task("train", total=trainer.steps, completed=st.step, info="", run_eta=run_eta(trainer.steps, None, after))
+            first_step, started = st.step, time.perf_counter()
             while st.step < trainer.steps and not st.stopped_early:
                 t0 = time.perf_counter()
                 tokens_before = st.tokens
@@ -444,7 +459,8 @@ def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
                     + (f" eval {st.last_eval:.4f}" if st.last_eval is not None else "")
                     + f" {st.tokens / max(st.seconds, 1e-9):.0f} tok/s"
                 )
-                bar.update(task, completed=st.step, info=info)
+                pace = (time.perf_counter() - started) / (st.step - first_step)
+                bar.update(task, completed=st.step, info=info, run_eta=run_eta(trainer.steps - st.step, pace, after))
                 if st.step % cfg.save_every == 0 or st.step == trainer.steps or st.stopped_early or interrupt.requested:
                     trainer.save_checkpoint()
                 if interrupt.requested:

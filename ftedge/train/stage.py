@@ -41,13 +41,15 @@ def _threads() -> None:
         torch.set_num_threads(max(1, psutil.cpu_count(logical=False) or torch.get_num_threads()))
 
 
-def train_stage(run: Run, *, resume: bool = False) -> dict[str, Any]:
+def train_stage(run: Run, *, resume: bool = False, eta_after: float | None = None) -> dict[str, Any]:
     """Train the run's recipe; returns the stage metrics.
 
     Everything after the skip check runs inside the stage (rank 0), so a failure before the first
     step (data, base model, tokenizer) is recorded as ``failed`` with its error. Training resumes from
     the last checkpoint with ``resume``; without one (a new run, or one that failed before its first
     checkpoint) ``train/`` is emptied first, so metrics and TensorBoard events start cleanly.
+    ``eta_after`` (seconds the stages after training will take, from ``ftedge run``) adds a whole-run
+    ETA to the progress bar.
     """
     adapter = run.artifact("adapter")
     if run.is_done("train") and adapter is not None and adapter.path.exists():
@@ -58,10 +60,10 @@ def train_stage(run: Run, *, resume: bool = False) -> dict[str, Any]:
     accelerator = Accelerator(cpu=not _cuda())
     main = accelerator.is_main_process  # under `accelerate launch`, only rank 0 touches the manifest
     with run.stage("train") if main else contextlib.nullcontext({}) as metrics:
-        return _train(run, accelerator, metrics, resume=resume)
+        return _train(run, accelerator, metrics, resume=resume, eta_after=eta_after)
 
 
-def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool) -> dict[str, Any]:
+def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool, eta_after: float | None = None) -> dict[str, Any]:
     recipe = run.recipe()
     from ftedge.data import check_dataset, load_splits, tokenized_splits
 
@@ -113,7 +115,7 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool)
         cfg.max_length,
     )
     try:
-        st = fit(trainer, resume_from=checkpoint)
+        st = fit(trainer, resume_from=checkpoint, eta_after=eta_after)
     finally:
         metrics.update(_metrics(trainer.state, peak_rss_mb(), peak_gpu_mb()))
     if main:
