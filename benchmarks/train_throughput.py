@@ -466,7 +466,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     for name, x in doc["ratio"].items():
         gpu = f", {x['peak_gpu']:.2f}x peak GPU memory" if "peak_gpu" in x else ""
         rss, loss = x["peak_rss"], x["eval_loss_delta"]
-        print(f"{name}: {x['throughput']:.2f}x throughput{gpu}, {rss:.2f}x peak RSS, eval loss {loss:+.4f}")
+        label = name.replace("/trl-tuned", " / tuned TRL").replace("/trl", " / TRL")
+        print(f"{label}: {x['throughput']:.2f}x throughput{gpu}, {rss:.2f}x peak RSS, eval loss {loss:+.4f}")
     for kind, r in doc["results"].items():
         print(f"MFU {kind}: {100 * r['mfu']:.1f}%")
     return doc
