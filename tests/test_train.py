@@ -242,13 +242,14 @@ def _loss_and_grads(loss_module, model, batch):
     return float(total), int(n), grads
 
 
-def test_packed_attention_in_one_row_matches_rows_of_max_length(tiny_recipe, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_attention_in_one_row_matches_rows_of_max_length(tiny_recipe, checkpointing):
     """A micro-batch laid in one unpadded row with the packed attention gives the loss and gradients of
     the same examples in padded rows of max_length with transformers' block-diagonal SDPA mask."""
     from ftedge.data import Encoded, make_batch
     from ftedge.train.model import LabelOnlyLoss, load_model, packed_attention_index
 
-    recipe = load_recipe(tiny_recipe)
+    recipe = load_recipe(tiny_recipe, [f"train.gradient_checkpointing={str(checkpointing).lower()}"])
     torch.manual_seed(0)
     model = load_model(recipe, recipe.base_model, torch.device("cpu"), torch.float32)
     loss_module = LabelOnlyLoss(model)
