@@ -39,7 +39,8 @@ def _xfail(cases: dict[str, str]) -> list[Any]:
 STRFTIME = "ftedge/backends/llamacpp.py:_compiled_template defines raise_exception but not strftime_now, so Llama 3.x's date line renders its fallback '26 Jul 2024', not today's date as transformers does"
 GEMMA2_SYSTEM = (
     "Gemma 2's template raises 'System role not supported'; ftedge/data.py:_with_system puts data.system_prompt in a system message "
-    "(and ChatEncoder lets the jinja2 TemplateError out as a traceback): fold it into the first user turn for templates without a system role"
+    "(ChatEncoder lets the jinja2 TemplateError out: the CLI shows 'error: TemplateError: ...', no FtedgeError hint): fold it into the "
+    "first user turn for templates without a system role"
 )
 QWEN3_THINK = (
     "Qwen3's template renders an empty '<think>\\n\\n</think>\\n\\n' into the last assistant turn only (not into the generation prompt), "
@@ -62,8 +63,8 @@ GGUF_EOT = (
 GGUF_PREFLIGHT = "ftedge/preflight.py:base_architecture returns None for a .gguf base ('checked once the model is downloaded'): read general.architecture with gguf.GGUFReader and map it to the HF class"
 ORT_WINDOW = (
     "ftedge/backends/ortgenai.py:OrtGenAIBackend._generator sets max_length = prompt + new tokens; with a sliding-window model ORT GenAI "
-    "needs a KV cache of at least the window ('KV cache capacity (4) must be at least local_window_size (32)', a RuntimeError that escapes "
-    "export.onnx.check_folder as a traceback): use max(max_length, genai_config sliding_window.window_size)"
+    "needs a KV cache of at least the window ('KV cache capacity (4) must be at least local_window_size (32)', a RuntimeError, not an "
+    "FtedgeError, out of export.onnx.check_folder): use max(max_length, genai_config sliding_window.window_size)"
 )
 ORT_GEMMA3_ROPE = (
     "onnxruntime-genai 0.18's builder (builders/base.py:make_rope_init, builders/gemma.py reads rope_local_base_freq) expects a flat "
