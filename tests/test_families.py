@@ -1,0 +1,529 @@
+"""Bring-your-own-model diagnostics: Llama 3, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3/Phi-4-mini, stage by stage.
+
+Each check runs on a tiny random model of the family (``tests/families.py``: the family's own
+config class, real chat template and special tokens). What fails with today's code is marked
+``xfail(strict=True)`` with the cause; remove the marker with the fix. Fast checks (templates,
+end-of-turn, data encoding, LoRA targets, preflight) run in the default suite; GGUF / ONNX
+exports and training are ``slow`` (``make test-slow``). The ``family_model_dir`` fixture comes
+from ``tests/families.py`` through ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from conftest import write_text_label_csv
+from families import FAMILIES, FAMILY_SPECS, Family
+
+from ftedge.errors import FtedgeError
+
+SYSTEM = "Reply with the intent label."
+LONG = "my card has not arrived yet and i have been waiting for two weeks now, where is my new card and when will it come"
+
+
+def _xfail(cases: dict[str, str]) -> list[Any]:
+    """FAMILIES as params, with ``xfail(strict=True, reason=...)`` on the families in ``cases``."""
+    unknown = set(cases) - set(FAMILIES)
+    assert not unknown, unknown
+    return [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=cases[f])) if f in cases else f for f in FAMILIES]
+
+
+# ---------------------------------------------------------------------- causes (what the lead fixes)
+STRFTIME = "ftedge/backends/llamacpp.py:_compiled_template defines raise_exception but not strftime_now, so Llama 3.x's date line renders its fallback '26 Jul 2024', not today's date as transformers does"
+GEMMA2_SYSTEM = (
+    "Gemma 2's template raises 'System role not supported'; ftedge/data.py:_with_system puts data.system_prompt in a system message "
+    "(ChatEncoder lets the jinja2 TemplateError out: the CLI shows 'error: TemplateError: ...', no FtedgeError hint): fold it into the "
+    "first user turn for templates without a system role"
+)
+QWEN3_THINK = (
+    "Qwen3's template renders an empty '<think>\\n\\n</think>\\n\\n' into the last assistant turn only (not into the generation prompt), "
+    "so ftedge/data.py:ChatEncoder.pieces trains it as part of the answer and outputs start with it; render with enable_thinking=False "
+    "(the generation prompt then carries the empty block) or strip think blocks"
+)
+QWEN3_MULTITURN = (
+    "Qwen3's template renders earlier assistant turns without the think block it gave the last one, so a conversation is not a prefix "
+    "of its continuation: ftedge/data.py:ChatEncoder.pieces raises 'renders a conversation differently from its prefix'"
+)
+PHI_MULTITURN = (
+    "Phi-4-mini's template appends eos_token after the last turn when add_generation_prompt is false, so a conversation is not a prefix "
+    "of its continuation: ftedge/data.py:ChatEncoder.pieces raises 'renders a conversation differently from its prefix'"
+)
+GGUF_EOT = (
+    "ftedge/export/gguf.py:end_of_turn_id takes generation_config eos_token_id[0] (Llama 3.2: <|end_of_text|>, Gemma: <eos>), so build_f16 "
+    "of the base folder records the wrong end-of-turn; right only after merge._save rewrote generation_config. Use the template-probed "
+    "end-of-turn token (models._end_of_turn_id / ChatEncoder)"
+)
+GGUF_PREFLIGHT = "ftedge/preflight.py:base_architecture returns None for a .gguf base ('checked once the model is downloaded'): read general.architecture with gguf.GGUFReader and map it to the HF class"
+ORT_WINDOW = (
+    "ftedge/backends/ortgenai.py:OrtGenAIBackend._generator sets max_length = prompt + new tokens; with a sliding-window model ORT GenAI "
+    "needs a KV cache of at least the window ('KV cache capacity (4) must be at least local_window_size (32)', a RuntimeError, not an "
+    "FtedgeError, out of export.onnx.check_folder): use max(max_length, genai_config sliding_window.window_size)"
+)
+ORT_GEMMA3_ROPE = (
+    "onnxruntime-genai 0.18's builder (builders/base.py:make_rope_init, builders/gemma.py reads rope_local_base_freq) expects a flat "
+    "rope_parameters, but transformers 5 gives Gemma 3 per-layer-type rope_parameters: KeyError 'rope_type'. Fix in ftedge/export/onnx.py: "
+    "run the builder through a wrapper that flattens them (full_attention -> rope_parameters, sliding_attention theta -> rope_local_base_freq)"
+)
+MODELFILE_NOT_INCREMENTAL = (
+    "ftedge/modelfile.py:go_template cuts role prefixes/suffixes out of renders of growing chats; this template is not incremental "
+    "(Qwen3: think block only on the last assistant turn; Phi-4-mini: eos_token after the last turn; Gemma 3: system folded into the first "
+    "user turn; Gemma 2: raises on system), so no TEMPLATE is written and Ollama guesses"
+)
+MODELFILE_LLAMA3 = (
+    "ftedge/modelfile.py:go_template bakes the rendered date ('26 Jul 2024', no strftime_now) and <|begin_of_text|> into the system "
+    "branch; a chat without a system message then gets neither the Llama 3 system header nor the bos the Jinja template always renders"
+)
+MERGE_RESAVES_TOKENIZER = (
+    "ftedge/merge.py:_save re-saves the tokenizer with transformers 5, which drops tokenizer.model and added_tokens_decoder and rewrites "
+    "tokenizer_class (Phi-4-mini's GPT2Tokenizer -> TokenizersBackend); llama.cpp's converters read them: Gemma 2 needs tokenizer.model, "
+    "Gemma 3 without it falls back to a BPE hash it does not know, Phi3MiniModel.set_vocab takes the GPT-2 path only for GPT2Tokenizer "
+    "(else 'Missing tokenizer.model'). Copy the base's tokenizer files into merged/ (checked: then all three convert)"
+)
+
+
+# ---------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=16)
+def _tok(folder: Path) -> Any:
+    """The folder's tokenizer (cached: loading a 49k-token BPE takes ~1 s; do not mutate it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _conversations(fam: Family) -> list[list[dict[str, str]]]:
+    """Chats the family's template accepts: with a system message where it has a system role."""
+    head = [{"role": "system", "content": SYSTEM}] if fam.system_role and fam.name != "gemma2" else []
+    return [
+        [*head, {"role": "user", "content": "where is my new card"}],
+        [{"role": "user", "content": "i lost my card"}],
+        [*head, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "card_arrival"}, {"role": "user", "content": LONG}],
+    ]
+
+
+def _token_id(tok: Any, text: str) -> int:
+    tid = tok.convert_tokens_to_ids(text)
+    assert isinstance(tid, int) and tid != tok.unk_token_id, text
+    return tid
+
+
+def _prompts(fam: Family) -> list[Any]:
+    from ftedge.parity import Prompt
+
+    head = [{"role": "system", "content": SYSTEM}] if fam.system_role and fam.name != "gemma2" else []
+    rows = (("where is my new card", "card_arrival"), (LONG, "card_arrival"), ("i lost my card", "lost_or_stolen_card"))
+    return [Prompt([*head, {"role": "user", "content": u}], t) for u, t in rows]
+
+
+def _logit_parity(backend: Any, reference: Any) -> dict[str, float]:
+    from ftedge.parity import compare_logits
+
+    return compare_logits(reference.logprobs, [backend.logits(ids)[reference.start :] for ids in reference.ids])
+
+
+# ====================================================================== fast: the fixtures, templates, data
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fixture_is_the_family(family: str, family_model_dir: Callable[[str], Path]) -> None:
+    """The tiny model is the family's own class with its shapes, tied embeddings and special tokens."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fam = FAMILY_SPECS[family]
+    folder = family_model_dir(family)
+    config = AutoConfig.from_pretrained(folder)
+    assert config.model_type == fam.model_type and config.architectures == [fam.architecture] and config.tie_word_embeddings
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    tok = _tok(folder)
+    assert tok.chat_template == fam.template
+    assert tok.eos_token == fam.eos and tok.bos_token == fam.bos
+    special = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    assert {fam.end_of_turn, *fam.specials} <= special
+    assert (tok("hi")["input_ids"][0] == tok.bos_token_id) == fam.add_bos
+    names = {n for n, _ in model.named_modules()}
+    if family == "phi3":
+        assert any(n.endswith("self_attn.qkv_proj") for n in names) and any(n.endswith("mlp.gate_up_proj") for n in names)
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    if family == "gemma2":
+        assert config.final_logit_softcapping and config.attn_logit_softcapping and config.sliding_window < 64
+    if family == "gemma3_text":
+        assert "sliding_attention" in config.layer_types and "full_attention" in config.layer_types
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_renders_the_family_template(family: str, family_model_dir: Callable[[str], Path]) -> None:
+    """The real template's family traits, as transformers renders them."""
+    from datetime import datetime
+
+    import jinja2
+
+    fam = FAMILY_SPECS[family]
+    tok = _tok(family_model_dir(family))
+    system_chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
+    done = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "card_arrival"}]
+    answer = tok.apply_chat_template(done, tokenize=False)
+    assert fam.end_of_turn in answer.split("card_arrival", 1)[1]
+    if family == "gemma2":
+        with pytest.raises(jinja2.TemplateError, match="System role not supported"):
+            tok.apply_chat_template(system_chat, tokenize=False)
+        return
+    text = tok.apply_chat_template(system_chat, tokenize=False, add_generation_prompt=True)
+    if fam.bos and fam.add_bos:
+        assert text.startswith(fam.bos)
+    if family == "llama3":
+        assert "Cutting Knowledge Date: December 2023" in text and datetime.now().strftime("%d %b %Y") in text
+    if family == "gemma3_text":
+        assert text.endswith(f"<start_of_turn>user\n{SYSTEM}\n\nhi<end_of_turn>\n<start_of_turn>model\n")
+    if family == "qwen3":
+        off = tok.apply_chat_template(system_chat, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        assert off == text + "<think>\n\n</think>\n\n"
+    if family == "qwen2":
+        no_system = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert no_system.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+
+
+@pytest.mark.parametrize("family", _xfail({"llama3": STRFTIME}))
+def test_ftedge_renderer_matches_transformers(family: str, family_model_dir: Callable[[str], Path]) -> None:
+    """ftedge's own Jinja renderer (GGUF gate, Modelfile, chat) renders exactly as transformers."""
+    from ftedge.backends.llamacpp import render_chat_template
+
+    fam = FAMILY_SPECS[family]
+    tok = _tok(family_model_dir(family))
+    for messages in _conversations(fam):
+        for gen in (True, False):
+            want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            got = render_chat_template(fam.template, messages, add_generation_prompt=gen, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+            assert got == want
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_ftedge_renderer_raises_one_line_on_roles_the_template_refuses(family: str) -> None:
+    from ftedge.backends.llamacpp import render_chat_template
+
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]  # Gemma: roles must alternate
+    with pytest.raises(FtedgeError, match="alternate"):
+        render_chat_template(FAMILY_SPECS[family].template, bad, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_end_of_turn_token_is_the_family_one(family: str, family_model_dir: Callable[[str], Path]) -> None:
+    """models._end_of_turn_id (merge, .gguf bases) and ChatEncoder (training) agree on the family's end-of-turn token."""
+    from ftedge.data import ChatEncoder
+    from ftedge.models import _end_of_turn_id
+
+    fam = FAMILY_SPECS[family]
+    tok = _tok(family_model_dir(family))
+    assert _end_of_turn_id(tok) == _token_id(tok, fam.end_of_turn)
+    assert ChatEncoder(tok, 256).eot == fam.end_of_turn
+
+
+@pytest.mark.parametrize("family", _xfail({"gemma2": GEMMA2_SYSTEM, "qwen3": QWEN3_THINK}))
+def test_data_encoding_trains_the_answer_and_its_end_of_turn(family: str, family_model_dir: Callable[[str], Path]) -> None:
+    """A text_label row with data.system_prompt (as every shipped recipe has): only 'label<end-of-turn>' carries loss."""
+    from ftedge.data import IGNORE, ChatEncoder, row_to_example
+    from ftedge.recipe import DataConfig
+
+    fam = FAMILY_SPECS[family]
+    tok = _tok(family_model_dir(family))
+    cfg = DataConfig(train="x.csv", format="text_label", text_field="text", label_field="category", system_prompt=SYSTEM)
+    example = row_to_example({"text": "where is my new card", "category": "card_arrival"}, "x.csv:row 1", cfg)
+    enc = ChatEncoder(tok, 256).encode(example)
+    assert enc is not None
+    trained = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE]
+    assert tok.decode(trained) == "card_arrival" + fam.end_of_turn
+    prompt = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab == IGNORE])
+    assert SYSTEM in prompt  # the system prompt reaches the model, whatever the template does with it
+
+
+@pytest.mark.parametrize("family", _xfail({"qwen3": QWEN3_MULTITURN, "phi3": PHI_MULTITURN}))
+def test_data_encoding_of_a_multi_turn_conversation(family: str, family_model_dir: Callable[[str], Path]) -> None:
+    """A ``messages`` row with two assistant turns: both answers (with their end-of-turn) carry loss."""
+    from ftedge.data import IGNORE, ChatEncoder, row_to_example
+    from ftedge.recipe import DataConfig
+
+    fam = FAMILY_SPECS[family]
+    tok = _tok(family_model_dir(family))
+    turns = [
+        {"role": "user", "content": "i lost my card"},
+        {"role": "assistant", "content": "lost_or_stolen_card"},
+        {"role": "user", "content": "and the rate for pounds?"},
+        {"role": "assistant", "content": "exchange_rate"},
+    ]
+    cfg = DataConfig(train="x.jsonl", format="messages")
+    enc = ChatEncoder(tok, 256).encode(row_to_example({"messages": turns}, "x.jsonl:line 1", cfg))
+    assert enc is not None
+    runs: list[list[int]] = []
+    for t, lab in zip(enc.input_ids, enc.labels, strict=True):
+        if lab == IGNORE:
+            if runs and runs[-1]:
+                runs.append([])
+            continue
+        if not runs:
+            runs.append([])
+        runs[-1].append(t)
+    answers = [tok.decode(r) for r in runs if r]
+    assert answers == ["lost_or_stolen_card" + fam.end_of_turn, "exchange_rate" + fam.end_of_turn]
+
+
+EXPECTED_LORA = {
+    "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_all_linear_targets_the_family_projections(family: str, family_model_dir: Callable[[str], Path]) -> None:
+    """peft's all-linear (the recipes' default) adapts every projection, fused ones included, and not the tied head."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(family_model_dir(family), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+    expected = EXPECTED_LORA.get(family, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    assert adapted == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preflight_knows_the_architecture_of_an_hf_folder(family: str, family_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    from ftedge.preflight import base_architecture, check_export_support, gguf_converter_architectures, onnx_builder_architectures
+    from ftedge.recipe import load_recipe
+    from ftedge.targets import load_target
+
+    fam = FAMILY_SPECS[family]
+    assert fam.architecture in gguf_converter_architectures() and fam.architecture in onnx_builder_architectures()
+    recipe = _recipe(tmp_path, family_model_dir(family), family)
+    assert base_architecture(load_recipe(recipe)) == fam.architecture
+    notes = check_export_support(fam.architecture, load_target("laptop-cpu"), str(recipe))
+    assert notes == [f"architecture {fam.architecture}: exportable to GGUF and ONNX"]
+
+
+def _render_go(template: str, default_system: str | None, messages: list[dict[str, str]]) -> str:
+    """Render the one Go-template shape ftedge.modelfile.go_template writes, as Ollama would (SYSTEM as the default system message)."""
+    import re
+
+    m = re.fullmatch(
+        r'\{\{- range \.Messages \}\}\{\{ if eq \.Role "system" \}\}(.*)\{\{ \.Content \}\}(.*)'
+        r'\{\{ else if eq \.Role "user" \}\}(.*)\{\{ \.Content \}\}(.*)'
+        r'\{\{ else if eq \.Role "assistant" \}\}(.*)\{\{ \.Content \}\}(.*)\{\{ end \}\}\{\{ end \}\}(.*)',
+        template,
+        flags=re.S,
+    )
+    assert m, template
+    parts = {"system": m.group(1, 2), "user": m.group(3, 4), "assistant": m.group(5, 6)}
+    if default_system and not any(x["role"] == "system" for x in messages):
+        messages = [{"role": "system", "content": default_system}, *messages]
+    return "".join(parts[x["role"]][0] + x["content"] + parts[x["role"]][1] for x in messages) + m.group(7)
+
+
+@pytest.mark.parametrize(
+    "family",
+    _xfail({"llama3": MODELFILE_LLAMA3, **dict.fromkeys(("qwen3", "phi3", "gemma2", "gemma3_text"), MODELFILE_NOT_INCREMENTAL)}),
+)
+def test_modelfile_template_renders_like_transformers(family: str, family_model_dir: Callable[[str], Path]) -> None:
+    """The Ollama TEMPLATE ftedge derives from the GGUF's Jinja template renders chats as transformers does."""
+    from ftedge.modelfile import go_template
+
+    fam = FAMILY_SPECS[family]
+    tok = _tok(family_model_dir(family))
+    template, default_system = go_template(fam.template, bos=tok.bos_token or "", eos=tok.eos_token or "")
+    for messages in _conversations(fam):
+        assert _render_go(template, default_system, messages) == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _recipe(tmp_path: Path, base: Path, family: str, *, steps: int = 4) -> Path:
+    """conftest's tiny_recipe on a family model (Gemma 2: no system prompt, its template has no system role)."""
+    data = write_text_label_csv(tmp_path / "train.csv")
+    system = None if family == "gemma2" else SYSTEM
+    recipe = {
+        "name": f"tiny-{family}",
+        "base_model": str(base),
+        "data": {"train": data.name, "format": "text_label", "text_field": "text", "label_field": "category", "system_prompt": system, "val_fraction": 0.25},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "quant": {"bits": 32, "compute_dtype": "float32"},
+        "train": {"method": "lora", "max_steps": steps, "batch_size": 4, "lr": 1.0e-3, "max_length": 96, "eval_every": 2, "save_every": 2, "seed": 0},
+        "export": {"target": "laptop-cpu"},
+        "eval": {"task": "label_match", "max_examples": 8},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+# ====================================================================== slow: GGUF
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory: pytest.TempPathFactory, family_model_dir: Callable[[str], Path]) -> Callable[[str], dict[str, Any]]:
+    """``gguf_files(family)`` -> f16 and q8_0 GGUFs of the base folder (ftedge.export.gguf), built once."""
+    from ftedge.export.gguf import build_f16, quantize_gguf
+
+    built: dict[str, dict[str, Any]] = {}
+
+    def build(family: str) -> dict[str, Any]:
+        if family not in built:
+            out = tmp_path_factory.mktemp(f"gguf-{family}")
+            f16, meta = build_f16(family_model_dir(family), out / "model-f16.gguf")
+            report = quantize_gguf(f16, out / "model-q8_0.gguf", "q8_0", threads=2)
+            built[family] = {"f16": f16, "q8_0": out / "model-q8_0.gguf", "meta": meta, "report": report}
+        return built[family]
+
+    return build
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_export_keeps_template_specials_and_tied_head(family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]) -> None:
+    from ftedge.backends.llamacpp import inspect_gguf
+
+    fam = FAMILY_SPECS[family]
+    tok = _tok(family_model_dir(family))
+    files = gguf_files(family)
+    for kind in ("f16", "q8_0"):
+        info = inspect_gguf(files[kind])
+        assert info.chat_template == fam.template
+        assert info.special_texts["eos"] == fam.eos
+        if fam.bos:
+            assert info.special_texts["bos"] == fam.bos
+        assert info.metadata["tokenizer.ggml.add_bos_token"] == fam.add_bos
+    from gguf import GGUFReader
+
+    names = {t.name for t in GGUFReader(files["q8_0"]).tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names  # tied: no second vocab x hidden matrix
+    assert files["meta"]["bos"] == (tok.convert_tokens_to_ids(fam.config_bos) if fam.config_bos else None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", _xfail({"llama3": GGUF_EOT, "gemma2": GGUF_EOT, "gemma3_text": GGUF_EOT}))
+def test_gguf_export_records_the_family_end_of_turn(family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]) -> None:
+    fam = FAMILY_SPECS[family]
+    tok = _tok(family_model_dir(family))
+    assert gguf_files(family)["meta"]["eot"] == _token_id(tok, fam.end_of_turn)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llamacpp_runs_the_gguf_like_transformers(family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]) -> None:
+    """llama.cpp loads f16 and q8_0, tokenizes as HF, stops on the family's end-of-turn, and f16 logits match transformers."""
+    from ftedge.backends.llamacpp import LlamaCppBackend
+    from ftedge.parity import build_reference
+
+    fam = FAMILY_SPECS[family]
+    folder = family_model_dir(family)
+    tok = _tok(folder)
+    reference = build_reference(folder, _prompts(fam), threads=2)
+    # q8_0 bound is loose: random weights with peaked attention amplify 8-bit rounding (KL ~0.08 measured);
+    # a broken conversion (tensor layout, norm offset, soft-cap) gives several nats.
+    for kind, (min_top1, max_kl) in (("f16", (0.9, 0.01)), ("q8_0", (0.7, 0.25))):
+        with LlamaCppBackend(gguf_files(family)[kind], threads=2, n_ctx=512) as backend:
+            for text in reference.texts:
+                assert backend.tokenize(text) == tok(text, add_special_tokens=False)["input_ids"]
+            assert _token_id(tok, fam.end_of_turn) in backend.stop_ids
+            figures = _logit_parity(backend, reference)
+            assert figures["top1"] >= min_top1 and figures["kl"] <= max_kl, (kind, figures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", _xfail({"llama3": STRFTIME}))
+def test_llamacpp_backend_renders_the_template_exactly(family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]) -> None:
+    from ftedge.backends.llamacpp import LlamaCppBackend
+
+    fam = FAMILY_SPECS[family]
+    tok = _tok(family_model_dir(family))
+    with LlamaCppBackend(gguf_files(family)["q8_0"], threads=2, n_ctx=256) as backend:
+        for messages in _conversations(fam):
+            assert backend.apply_chat_template(messages) == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", _xfail(dict.fromkeys(FAMILIES, GGUF_PREFLIGHT)))
+def test_preflight_reads_the_architecture_of_a_gguf_base(family: str, gguf_files: Callable[[str], dict[str, Any]], tmp_path: Path) -> None:
+    from ftedge.preflight import base_architecture
+    from ftedge.recipe import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, gguf_files(family)["q8_0"], family))
+    assert base_architecture(recipe) == FAMILY_SPECS[family].architecture
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_gguf_base_dequantizes_to_the_family_model(family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]) -> None:
+    """models.gguf_to_hf (a .gguf as base_model): same architecture, template, tokens, and the end-of-turn as eos."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from ftedge.models import gguf_to_hf
+
+    fam = FAMILY_SPECS[family]
+    tok0 = _tok(family_model_dir(family))
+    out = gguf_to_hf(gguf_files(family)["f16"])
+    assert AutoConfig.from_pretrained(out).architectures == [fam.architecture]
+    tok = _tok(out)
+    for messages in _conversations(fam):
+        text = tok0.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+        assert tok(text, add_special_tokens=False)["input_ids"] == tok0(text, add_special_tokens=False)["input_ids"]
+    assert GenerationConfig.from_pretrained(out).eos_token_id == _token_id(tok0, fam.end_of_turn)
+
+
+# ====================================================================== slow: ONNX
+@pytest.mark.slow
+@pytest.mark.parametrize("family", _xfail({"gemma2": ORT_WINDOW, "gemma3_text": ORT_GEMMA3_ROPE}))
+def test_onnx_fp32_export_runs_like_transformers(family: str, family_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    """export_onnx fp32 builds and checks the folder; ORT GenAI renders the template and tokenizes exactly, logits match."""
+    from ftedge.backends.ortgenai import OrtGenAIBackend
+    from ftedge.export.onnx import export_onnx
+    from ftedge.parity import build_reference
+
+    fam = FAMILY_SPECS[family]
+    folder = family_model_dir(family)
+    tok = _tok(folder)
+    out = export_onnx(folder, tmp_path / "onnx-fp32", "fp32")
+    reference = build_reference(folder, _prompts(fam), threads=2)
+    with OrtGenAIBackend(out, threads=2) as backend:
+        for messages in _conversations(fam):
+            assert backend.apply_chat_template(messages) == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        for text in reference.texts:
+            assert backend.tokenize(text) == tok(text, add_special_tokens=False)["input_ids"]
+        assert _token_id(tok, fam.end_of_turn) in backend.stop_ids
+        figures = _logit_parity(backend, reference)
+        assert figures["top1"] >= 0.99 and figures["kl"] <= 0.001, figures
+
+
+# ====================================================================== slow: train + merge
+@pytest.mark.slow
+@pytest.mark.parametrize("family", _xfail(dict.fromkeys(("gemma2", "gemma3_text", "phi3"), MERGE_RESAVES_TOKENIZER)))
+def test_lora_train_and_merge_keep_what_export_needs(family: str, family_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    """``ftedge train`` (LoRA all-linear, a few steps) and ``ftedge merge``; the merged folder keeps the tied head,
+    the template and the tokenizer files, and converts to GGUF."""
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    from ftedge.cli import main
+    from ftedge.export.gguf import build_f16
+
+    fam = FAMILY_SPECS[family]
+    base = family_model_dir(family)
+    recipe = _recipe(tmp_path, base, family)
+    run_dir = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", str(recipe), "--run-dir", str(run_dir)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    losses = [json.loads(line)["loss"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    res = runner.invoke(main, ["merge", str(run_dir)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    merged = run_dir / "merged"
+    with safe_open(str(next(merged.glob("*.safetensors"))), framework="pt") as fh:
+        keys = set(fh.keys())
+    assert "lm_head.weight" not in keys and json.loads((merged / "config.json").read_text())["tie_word_embeddings"]
+    assert _tok(merged).chat_template == fam.template
+    if (base / "tokenizer.model").is_file():  # SentencePiece: llama.cpp's converter reads it and added_tokens_decoder
+        assert (merged / "tokenizer.model").is_file()
+        assert json.loads((merged / "tokenizer_config.json").read_text()).get("added_tokens_decoder")
+    _, meta = build_f16(merged, tmp_path / "merged-f16.gguf")
+    assert meta["eot"] == _token_id(_tok(base), fam.end_of_turn)
