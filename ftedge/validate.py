@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
 
 from ftedge.data import check_dataset
 from ftedge.errors import FtedgeError
-from ftedge.hf import EMBEDDED, embedded_gguf, is_hf_folder
+from ftedge.hf import base_architecture as hf_base_architecture
+from ftedge.hf import base_has_chat_template, builtin_chat_templates, lora_target_problem, read_chat_template
 from ftedge.recipe import Recipe, load_recipe
 from ftedge.targets import Target, load_target
-
-# Embedded aliases are GGUF files whose architecture we know without reading them.
-EMBEDDED_ARCH = {"smollm2-135m-instruct": "LlamaForCausalLM"}
 
 
 @lru_cache(maxsize=1)
@@ -39,23 +36,13 @@ def onnx_builder_architectures() -> frozenset[str]:
 
 def base_architecture(recipe: Recipe) -> str | None:
     """The base model's HF architecture if it can be known without loading or downloading it."""
-    spec = recipe.base_model
-    if spec in EMBEDDED:
-        embedded_gguf(spec)  # raises a clear error when the package is missing
-        return EMBEDDED_ARCH.get(spec)
-    path = Path(spec).expanduser()
-    if is_hf_folder(path):
-        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-        return archs[0] if archs else None
-    if path.suffix == ".gguf" and not path.is_file():
-        raise FtedgeError(f"base_model: file {path} not found", hint="give an existing .gguf path")
-    return None
+    return hf_base_architecture(recipe.base_model).name
 
 
 def check_export_support(arch: str | None, target: Target, source: str) -> list[str]:
     notes: list[str] = []
     if arch is None:
-        return ["architecture: checked once the model is downloaded"]
+        return ["architecture: not known before the download; checked once the model is downloaded"]
     if target.gguf and target.gguf.quants and arch not in gguf_converter_architectures():
         raise FtedgeError(
             f"{source}: base model architecture {arch} is not supported by the GGUF converter",
@@ -73,6 +60,27 @@ def check_export_support(arch: str | None, target: Target, source: str) -> list[
     return notes
 
 
+def check_architecture(recipe: Recipe, target: Target, source: str) -> list[str]:
+    """The base's architecture (HF folder, ``.gguf`` header, known hub id or hub config), checked against
+    both exporters of the target, the chat template it trains with, and a list of LoRA target modules."""
+    arch = hf_base_architecture(recipe.base_model)
+    notes = check_export_support(arch.name, target, source)
+    if arch.name is not None:
+        notes[-1] += f" (from the {arch.source})"
+    if recipe.chat_template is not None:
+        read_chat_template(recipe.chat_template)  # a one-line error when it is neither built in nor a file
+        notes.append(f"chat template: {recipe.chat_template} (recipe)")
+    elif recipe.data.format != "completion" and base_has_chat_template(recipe.base_model) is False:
+        raise FtedgeError(
+            f"{source}: base model {recipe.base_model} has no chat template (a base/pretrained model?)",
+            hint="add chat_template: to the recipe: one of " + ", ".join(builtin_chat_templates()) + " or a path to a .jinja file",
+        )
+    problem = lora_target_problem(recipe.base_model, recipe.lora.target_modules) if recipe.train.method != "full" else None
+    if problem:
+        raise FtedgeError(f"{source}: {problem}", hint="use target_modules: all-linear, or the names of the model's linear layers")
+    return notes
+
+
 def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> list[str]:
     """Validate everything checkable without loading a model; return what was checked."""
     recipe = load_recipe(recipe_path, overrides)
@@ -81,6 +89,6 @@ def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> li
     lines.append(
         f"target {target.name}: gguf={target.gguf.quants if target.gguf else []} onnx={target.onnx.precisions if target.onnx else []}"
     )
-    lines.extend(check_export_support(base_architecture(recipe), target, str(recipe_path)))
+    lines.extend(check_architecture(recipe, target, str(recipe_path)))
     lines.append(check_dataset(recipe))
     return lines

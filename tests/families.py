@@ -43,7 +43,9 @@ import pytest
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 CONVERTER_SHIM = Path(__file__).parent / "gguf_shim"  # convert_hf_to_gguf taught the fixtures' BPE vocabularies
 PRE_ENV = "FTEDGE_TEST_GGUF_PRE"
-HIDDEN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+HIDDEN = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512
+)
 GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # ids 0..4, as in Gemma's vocabulary
 
 
@@ -97,7 +99,15 @@ FAMILY_SPECS: dict[str, Family] = {
             model_class="LlamaForCausalLM",
             source="meta-llama/Llama-3.2-1B-Instruct",
             licence="Llama 3.2 Community License",
-            specials=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"),
+            specials=(
+                "<|begin_of_text|>",
+                "<|end_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eom_id|>",
+                "<|eot_id|>",
+                "<|python_tag|>",
+            ),
             bos="<|begin_of_text|>",
             eos="<|eot_id|>",
             pad=None,
@@ -112,7 +122,9 @@ FAMILY_SPECS: dict[str, Family] = {
             config=dict(
                 tie_word_embeddings=True,
                 rope_theta=500000.0,
-                rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=256),
+                rope_scaling=dict(
+                    rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=256
+                ),
                 rms_norm_eps=1e-5,
                 head_dim=16,
             ),
@@ -167,7 +179,9 @@ FAMILY_SPECS: dict[str, Family] = {
             add_bos=False,
             tokenizer_class="PreTrainedTokenizerFast",
             system_role=True,
-            config=dict(tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6, head_dim=128, use_sliding_window=False),  # heads x head_dim != hidden, as in Qwen3
+            config=dict(
+                tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6, head_dim=128, use_sliding_window=False
+            ),  # heads x head_dim != hidden, as in Qwen3
             pad_vocab_to=64,
             deviations=("vocabulary and tokenizer_class as qwen2",),
         ),
@@ -325,7 +339,9 @@ def _bpe_tokenizer(family: Family, base_tokenizer_dir: Path) -> Any:
         )
     else:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=family.bos, eos_token=family.eos, pad_token=family.pad, unk_token=family.unk)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=family.bos, eos_token=family.eos, pad_token=family.pad, unk_token=family.unk
+    )
 
 
 SP_CORPUS_WORDS = (
@@ -384,7 +400,12 @@ def _sentencepiece_tokenizer(family: Family, sp_model: Path) -> Any:
 
     cls = getattr(transformers, family.tokenizer_class)
     return cls.from_pretrained(
-        str(sp_model.parent), bos_token=family.bos, eos_token=family.eos, pad_token=family.pad, unk_token=family.unk, add_bos_token=family.add_bos
+        str(sp_model.parent),
+        bos_token=family.bos,
+        eos_token=family.eos,
+        pad_token=family.pad,
+        unk_token=family.unk,
+        add_bos_token=family.add_bos,
     )
 
 
@@ -430,7 +451,9 @@ def converter_chktxt() -> str:
 
     source = inspect.getsource(base.TextModel.get_vocab_base_pre)
     tree = ast.parse(source.strip().replace("\n    ", "\n"))
-    return next(ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "chktxt")
+    return next(
+        ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "chktxt"
+    )
 
 
 def register_pre_tokenizer(folder: Path, pre: str) -> str:
@@ -497,7 +520,9 @@ def make_family_model(family: str | Family, out: Path, base_tokenizer_dir: Path,
     model = model_cls(config)
     _spread_weights(model, fam.embed_std)
     eos_list = [ids[t] for t in fam.generation_eos]
-    model.generation_config = GenerationConfig(bos_token_id=special["bos_token_id"], eos_token_id=eos_list, pad_token_id=special["pad_token_id"])
+    model.generation_config = GenerationConfig(
+        bos_token_id=special["bos_token_id"], eos_token_id=eos_list, pad_token_id=special["pad_token_id"]
+    )
     model.save_pretrained(out, safe_serialization=True)
     if fam.gguf_pre:
         register_pre_tokenizer(out, fam.gguf_pre)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import write_text_label_csv
 from families import FAMILIES, FAMILY_SPECS, Family
+from helpers import write_text_label_csv
 
 from ftedge.errors import FtedgeError
 
@@ -35,42 +35,7 @@ def _xfail(cases: dict[str, str]) -> list[Any]:
     return [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=cases[f])) if f in cases else f for f in FAMILIES]
 
 
-# ---------------------------------------------------------------------- causes (what the lead fixes)
-STRFTIME = "ftedge/backends/llamacpp.py:_compiled_template defines raise_exception but not strftime_now, so Llama 3.x's date line renders its fallback '26 Jul 2024', not today's date as transformers does"
-GEMMA2_SYSTEM = (
-    "Gemma 2's template raises 'System role not supported'; ftedge/data.py:_with_system puts data.system_prompt in a system message "
-    "(ChatEncoder lets the jinja2 TemplateError out: the CLI shows 'error: TemplateError: ...', no FtedgeError hint): fold it into the "
-    "first user turn for templates without a system role"
-)
-QWEN3_THINK = (
-    "Qwen3's template renders an empty '<think>\\n\\n</think>\\n\\n' into the last assistant turn only (not into the generation prompt), "
-    "so ftedge/data.py:ChatEncoder.pieces trains it as part of the answer and outputs start with it; render with enable_thinking=False "
-    "(the generation prompt then carries the empty block) or strip think blocks"
-)
-QWEN3_MULTITURN = (
-    "Qwen3's template renders earlier assistant turns without the think block it gave the last one, so a conversation is not a prefix "
-    "of its continuation: ftedge/data.py:ChatEncoder.pieces raises 'renders a conversation differently from its prefix'"
-)
-PHI_MULTITURN = (
-    "Phi-4-mini's template appends eos_token after the last turn when add_generation_prompt is false, so a conversation is not a prefix "
-    "of its continuation: ftedge/data.py:ChatEncoder.pieces raises 'renders a conversation differently from its prefix'"
-)
-GGUF_EOT = (
-    "ftedge/export/gguf.py:end_of_turn_id takes generation_config eos_token_id[0] (Llama 3.2: <|end_of_text|>, Gemma: <eos>), so build_f16 "
-    "of the base folder records the wrong end-of-turn; right only after merge._save rewrote generation_config. Use the template-probed "
-    "end-of-turn token (models._end_of_turn_id / ChatEncoder)"
-)
-GGUF_PREFLIGHT = "ftedge/preflight.py:base_architecture returns None for a .gguf base ('checked once the model is downloaded'): read general.architecture with gguf.GGUFReader and map it to the HF class"
-ORT_WINDOW = (
-    "ftedge/backends/ortgenai.py:OrtGenAIBackend._generator sets max_length = prompt + new tokens; with a sliding-window model ORT GenAI "
-    "needs a KV cache of at least the window ('KV cache capacity (4) must be at least local_window_size (32)', a RuntimeError, not an "
-    "FtedgeError, out of export.onnx.check_folder): use max(max_length, genai_config sliding_window.window_size)"
-)
-ORT_GEMMA3_ROPE = (
-    "onnxruntime-genai 0.18's builder (builders/base.py:make_rope_init, builders/gemma.py reads rope_local_base_freq) expects a flat "
-    "rope_parameters, but transformers 5 gives Gemma 3 per-layer-type rope_parameters: KeyError 'rope_type'. Fix in ftedge/export/onnx.py: "
-    "run the builder through a wrapper that flattens them (full_attention -> rope_parameters, sliding_attention theta -> rope_local_base_freq)"
-)
+# ---------------------------------------------------------------------- causes (what is still open)
 MODELFILE_NOT_INCREMENTAL = (
     "ftedge/modelfile.py:go_template cuts role prefixes/suffixes out of renders of growing chats; this template is not incremental "
     "(Qwen3: think block only on the last assistant turn; Phi-4-mini: eos_token after the last turn; Gemma 3: system folded into the first "
@@ -79,12 +44,6 @@ MODELFILE_NOT_INCREMENTAL = (
 MODELFILE_LLAMA3 = (
     "ftedge/modelfile.py:go_template bakes the rendered date ('26 Jul 2024', no strftime_now) and <|begin_of_text|> into the system "
     "branch; a chat without a system message then gets neither the Llama 3 system header nor the bos the Jinja template always renders"
-)
-MERGE_RESAVES_TOKENIZER = (
-    "ftedge/merge.py:_save re-saves the tokenizer with transformers 5, which drops tokenizer.model and added_tokens_decoder and rewrites "
-    "tokenizer_class (Phi-4-mini's GPT2Tokenizer -> TokenizersBackend); llama.cpp's converters read them: Gemma 2 needs tokenizer.model, "
-    "Gemma 3 without it falls back to a BPE hash it does not know, Phi3MiniModel.set_vocab takes the GPT-2 path only for GPT2Tokenizer "
-    "(else 'Missing tokenizer.model'). Copy the base's tokenizer files into merged/ (checked: then all three convert)"
 )
 
 
@@ -114,7 +73,7 @@ def _token_id(tok: Any, text: str) -> int:
 
 
 def _prompts(fam: Family) -> list[Any]:
-    from ftedge.parity import Prompt
+    from ftedge.data import Prompt
 
     head = [{"role": "system", "content": SYSTEM}] if fam.system_role and fam.name != "gemma2" else []
     rows = (("where is my new card", "card_arrival"), (LONG, "card_arrival"), ("i lost my card", "lost_or_stolen_card"))
@@ -122,7 +81,7 @@ def _prompts(fam: Family) -> list[Any]:
 
 
 def _logit_parity(backend: Any, reference: Any) -> dict[str, float]:
-    from ftedge.parity import compare_logits
+    from ftedge.logits import compare_logits
 
     return compare_logits(reference.logprobs, [backend.logits(ids)[reference.start :] for ids in reference.ids])
 
@@ -189,23 +148,25 @@ def test_transformers_renders_the_family_template(family: str, family_model_dir:
         assert no_system.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
 
 
-@pytest.mark.parametrize("family", _xfail({"llama3": STRFTIME}))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_ftedge_renderer_matches_transformers(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """ftedge's own Jinja renderer (GGUF gate, Modelfile, chat) renders exactly as transformers."""
-    from ftedge.backends.llamacpp import render_chat_template
+    from ftedge.formats.chat_template import render_chat_template
 
     fam = FAMILY_SPECS[family]
     tok = _tok(family_model_dir(family))
     for messages in _conversations(fam):
         for gen in (True, False):
             want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-            got = render_chat_template(fam.template, messages, add_generation_prompt=gen, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+            got = render_chat_template(
+                fam.template, messages, add_generation_prompt=gen, bos_token=tok.bos_token or "", eos_token=tok.eos_token or ""
+            )
             assert got == want
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
 def test_ftedge_renderer_raises_one_line_on_roles_the_template_refuses(family: str) -> None:
-    from ftedge.backends.llamacpp import render_chat_template
+    from ftedge.formats.chat_template import render_chat_template
 
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]  # Gemma: roles must alternate
     with pytest.raises(FtedgeError, match="alternate"):
@@ -216,15 +177,15 @@ def test_ftedge_renderer_raises_one_line_on_roles_the_template_refuses(family: s
 def test_end_of_turn_token_is_the_family_one(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """models._end_of_turn_id (merge, .gguf bases) and ChatEncoder (training) agree on the family's end-of-turn token."""
     from ftedge.data import ChatEncoder
-    from ftedge.models import _end_of_turn_id
+    from ftedge.hf import end_of_turn_id
 
     fam = FAMILY_SPECS[family]
     tok = _tok(family_model_dir(family))
-    assert _end_of_turn_id(tok) == _token_id(tok, fam.end_of_turn)
+    assert end_of_turn_id(tok) == _token_id(tok, fam.end_of_turn)
     assert ChatEncoder(tok, 256).eot == fam.end_of_turn
 
 
-@pytest.mark.parametrize("family", _xfail({"gemma2": GEMMA2_SYSTEM, "qwen3": QWEN3_THINK}))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_data_encoding_trains_the_answer_and_its_end_of_turn(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """A text_label row with data.system_prompt (as every shipped recipe has): only 'label<end-of-turn>' carries loss."""
     from ftedge.data import IGNORE, ChatEncoder, row_to_example
@@ -242,7 +203,7 @@ def test_data_encoding_trains_the_answer_and_its_end_of_turn(family: str, family
     assert SYSTEM in prompt  # the system prompt reaches the model, whatever the template does with it
 
 
-@pytest.mark.parametrize("family", _xfail({"qwen3": QWEN3_MULTITURN, "phi3": PHI_MULTITURN}))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_data_encoding_of_a_multi_turn_conversation(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """A ``messages`` row with two assistant turns: both answers (with their end-of-turn) carry loss."""
     from ftedge.data import IGNORE, ChatEncoder, row_to_example
@@ -293,9 +254,9 @@ def test_lora_all_linear_targets_the_family_projections(family: str, family_mode
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_preflight_knows_the_architecture_of_an_hf_folder(family: str, family_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
-    from ftedge.preflight import base_architecture, check_export_support, gguf_converter_architectures, onnx_builder_architectures
     from ftedge.recipe import load_recipe
     from ftedge.targets import load_target
+    from ftedge.validate import base_architecture, check_export_support, gguf_converter_architectures, onnx_builder_architectures
 
     fam = FAMILY_SPECS[family]
     assert fam.architecture in gguf_converter_architectures() and fam.architecture in onnx_builder_architectures()
@@ -329,13 +290,15 @@ def _render_go(template: str, default_system: str | None, messages: list[dict[st
 )
 def test_modelfile_template_renders_like_transformers(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """The Ollama TEMPLATE ftedge derives from the GGUF's Jinja template renders chats as transformers does."""
-    from ftedge.modelfile import go_template
+    from ftedge.formats.modelfile import go_template
 
     fam = FAMILY_SPECS[family]
     tok = _tok(family_model_dir(family))
     template, default_system = go_template(fam.template, bos=tok.bos_token or "", eos=tok.eos_token or "")
     for messages in _conversations(fam):
-        assert _render_go(template, default_system, messages) == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert _render_go(template, default_system, messages) == tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
 
 
 def _recipe(tmp_path: Path, base: Path, family: str, *, steps: int = 4) -> Path:
@@ -345,10 +308,26 @@ def _recipe(tmp_path: Path, base: Path, family: str, *, steps: int = 4) -> Path:
     recipe = {
         "name": f"tiny-{family}",
         "base_model": str(base),
-        "data": {"train": data.name, "format": "text_label", "text_field": "text", "label_field": "category", "system_prompt": system, "val_fraction": 0.25},
+        "data": {
+            "train": data.name,
+            "format": "text_label",
+            "text_field": "text",
+            "label_field": "category",
+            "system_prompt": system,
+            "val_fraction": 0.25,
+        },
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
         "quant": {"bits": 32, "compute_dtype": "float32"},
-        "train": {"method": "lora", "max_steps": steps, "batch_size": 4, "lr": 1.0e-3, "max_length": 96, "eval_every": 2, "save_every": 2, "seed": 0},
+        "train": {
+            "method": "lora",
+            "max_steps": steps,
+            "batch_size": 4,
+            "lr": 1.0e-3,
+            "max_length": 96,
+            "eval_every": 2,
+            "save_every": 2,
+            "seed": 0,
+        },
         "export": {"target": "laptop-cpu"},
         "eval": {"task": "label_match", "max_examples": 8},
     }
@@ -378,8 +357,10 @@ def gguf_files(tmp_path_factory: pytest.TempPathFactory, family_model_dir: Calla
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gguf_export_keeps_template_specials_and_tied_head(family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]) -> None:
-    from ftedge.backends.llamacpp import inspect_gguf
+def test_gguf_export_keeps_template_specials_and_tied_head(
+    family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]
+) -> None:
+    from ftedge.formats.gguf import inspect_gguf
 
     fam = FAMILY_SPECS[family]
     tok = _tok(family_model_dir(family))
@@ -399,8 +380,10 @@ def test_gguf_export_keeps_template_specials_and_tied_head(family: str, family_m
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", _xfail({"llama3": GGUF_EOT, "gemma2": GGUF_EOT, "gemma3_text": GGUF_EOT}))
-def test_gguf_export_records_the_family_end_of_turn(family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_export_records_the_family_end_of_turn(
+    family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]
+) -> None:
     fam = FAMILY_SPECS[family]
     tok = _tok(family_model_dir(family))
     assert gguf_files(family)["meta"]["eot"] == _token_id(tok, fam.end_of_turn)
@@ -408,10 +391,12 @@ def test_gguf_export_records_the_family_end_of_turn(family: str, family_model_di
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_llamacpp_runs_the_gguf_like_transformers(family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]) -> None:
+def test_llamacpp_runs_the_gguf_like_transformers(
+    family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]
+) -> None:
     """llama.cpp loads f16 and q8_0, tokenizes as HF, stops on the family's end-of-turn, and f16 logits match transformers."""
     from ftedge.backends.llamacpp import LlamaCppBackend
-    from ftedge.parity import build_reference
+    from ftedge.export.gate import build_reference
 
     fam = FAMILY_SPECS[family]
     folder = family_model_dir(family)
@@ -429,8 +414,10 @@ def test_llamacpp_runs_the_gguf_like_transformers(family: str, family_model_dir:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", _xfail({"llama3": STRFTIME}))
-def test_llamacpp_backend_renders_the_template_exactly(family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llamacpp_backend_renders_the_template_exactly(
+    family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]
+) -> None:
     from ftedge.backends.llamacpp import LlamaCppBackend
 
     fam = FAMILY_SPECS[family]
@@ -441,10 +428,10 @@ def test_llamacpp_backend_renders_the_template_exactly(family: str, family_model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", _xfail(dict.fromkeys(FAMILIES, GGUF_PREFLIGHT)))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_preflight_reads_the_architecture_of_a_gguf_base(family: str, gguf_files: Callable[[str], dict[str, Any]], tmp_path: Path) -> None:
-    from ftedge.preflight import base_architecture
     from ftedge.recipe import load_recipe
+    from ftedge.validate import base_architecture
 
     recipe = load_recipe(_recipe(tmp_path, gguf_files(family)["q8_0"], family))
     assert base_architecture(recipe) == FAMILY_SPECS[family].architecture
@@ -452,11 +439,13 @@ def test_preflight_reads_the_architecture_of_a_gguf_base(family: str, gguf_files
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_gguf_base_dequantizes_to_the_family_model(family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]) -> None:
+def test_a_gguf_base_dequantizes_to_the_family_model(
+    family: str, family_model_dir: Callable[[str], Path], gguf_files: Callable[[str], dict[str, Any]]
+) -> None:
     """models.gguf_to_hf (a .gguf as base_model): same architecture, template, tokens, and the end-of-turn as eos."""
     from transformers import AutoConfig, GenerationConfig
 
-    from ftedge.models import gguf_to_hf
+    from ftedge.hf import gguf_to_hf
 
     fam = FAMILY_SPECS[family]
     tok0 = _tok(family_model_dir(family))
@@ -472,12 +461,12 @@ def test_a_gguf_base_dequantizes_to_the_family_model(family: str, family_model_d
 
 # ====================================================================== slow: ONNX
 @pytest.mark.slow
-@pytest.mark.parametrize("family", _xfail({"gemma2": ORT_WINDOW, "gemma3_text": ORT_GEMMA3_ROPE}))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_onnx_fp32_export_runs_like_transformers(family: str, family_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
     """export_onnx fp32 builds and checks the folder; ORT GenAI renders the template and tokenizes exactly, logits match."""
     from ftedge.backends.ortgenai import OrtGenAIBackend
+    from ftedge.export.gate import build_reference
     from ftedge.export.onnx import export_onnx
-    from ftedge.parity import build_reference
 
     fam = FAMILY_SPECS[family]
     folder = family_model_dir(family)
@@ -496,7 +485,7 @@ def test_onnx_fp32_export_runs_like_transformers(family: str, family_model_dir: 
 
 # ====================================================================== slow: train + merge
 @pytest.mark.slow
-@pytest.mark.parametrize("family", _xfail(dict.fromkeys(("gemma2", "gemma3_text", "phi3"), MERGE_RESAVES_TOKENIZER)))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_lora_train_and_merge_keep_what_export_needs(family: str, family_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
     """``ftedge train`` (LoRA all-linear, a few steps) and ``ftedge merge``; the merged folder keeps the tied head,
     the template and the tokenizer files, and converts to GGUF."""
@@ -513,7 +502,9 @@ def test_lora_train_and_merge_keep_what_export_needs(family: str, family_model_d
     runner = CliRunner()
     res = runner.invoke(main, ["train", str(recipe), "--run-dir", str(run_dir)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    losses = [json.loads(line)["loss"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)
+    ]
     assert len(losses) == 4 and all(np.isfinite(losses))
     res = runner.invoke(main, ["merge", str(run_dir)], catch_exceptions=False)
     assert res.exit_code == 0, res.output

@@ -9,18 +9,11 @@ import pytest
 import yaml
 
 from ftedge.errors import FtedgeError
+from ftedge.hf import HUB_ARCHITECTURES
 from ftedge.targets import load_target
 from ftedge.validate import check_export_support, gguf_converter_architectures, onnx_builder_architectures, preflight
 
 REPO = Path(__file__).resolve().parents[1]
-# Architectures of the hub models our recipes name (from their config.json on the hub).
-HUB_RECIPE_ARCH = {
-    "Qwen/Qwen2.5-0.5B-Instruct": "Qwen2ForCausalLM",
-    "meta-llama/Llama-3.2-1B-Instruct": "LlamaForCausalLM",
-    "HuggingFaceTB/SmolLM2-360M-Instruct": "LlamaForCausalLM",
-    "HuggingFaceTB/SmolLM2-1.7B-Instruct": "LlamaForCausalLM",
-}
-
 
 def test_registries_are_read_from_installed_tools() -> None:
     assert {"LlamaForCausalLM", "Qwen2ForCausalLM"} <= gguf_converter_architectures()
@@ -36,8 +29,8 @@ def test_hub_recipes_name_exportable_models() -> None:
             hub[path.name] = base
     assert len(hub) >= 4
     for name, base in hub.items():
-        assert base in HUB_RECIPE_ARCH, f"{name}: add {base}'s architecture to this test"
-        check_export_support(HUB_RECIPE_ARCH[base], target, name)
+        assert base in HUB_ARCHITECTURES, f"{name}: add {base}'s architecture to ftedge.hf.HUB_ARCHITECTURES"
+        check_export_support(HUB_ARCHITECTURES[base], target, name)
 
 
 def test_unsupported_architecture_fails_before_training(tiny_recipe: Path, tmp_path: Path, tiny_model_dir: Path) -> None:

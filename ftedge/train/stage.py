@@ -52,7 +52,7 @@ def train_stage(run: Run, *, resume: bool = False) -> dict[str, Any]:
     check_dataset(recipe)  # cheap one-line errors before any model loads
     from accelerate import Accelerator
 
-    from ftedge.hf import compute_dtype, load_tokenizer, pick_device, resolve_base_model
+    from ftedge.hf import compute_dtype, pick_device, resolve_base_model, training_tokenizer
     from ftedge.memory import peak_rss_mb
     from ftedge.train.loop import Trainer, fit, total_steps
     from ftedge.train.model import load_model
@@ -65,7 +65,7 @@ def train_stage(run: Run, *, resume: bool = False) -> dict[str, Any]:
         _threads()
     dtype = compute_dtype(recipe.quant.compute_dtype, device)
     cfg = recipe.train
-    tokenizer = load_tokenizer(base, trust_remote_code=recipe.trust_remote_code)
+    tokenizer = training_tokenizer(base, recipe.chat_template, trust_remote_code=recipe.trust_remote_code)
     splits = load_splits(recipe)
     steps = total_steps(cfg, len(splits.train), accelerator.num_processes)
     needed = steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes

@@ -31,7 +31,9 @@ def _patch() -> None:
     known: dict[str, str] = json.loads(os.environ.get("FTEDGE_TEST_GGUF_PRE") or "{}")
     original = base.TextModel.get_vocab_base_pre
     tree = ast.parse(inspect.getsource(original).strip().replace("\n    ", "\n"))
-    chktxt = next(ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "chktxt")
+    chktxt = next(
+        ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "chktxt"
+    )
 
     def get_vocab_base_pre(self, tokenizer) -> str:  # type: ignore[no-untyped-def]
         chkhsh = sha256(str(tokenizer.encode(chktxt)).encode()).hexdigest()
