@@ -35,18 +35,6 @@ def _xfail(cases: dict[str, str]) -> list[Any]:
     return [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=cases[f])) if f in cases else f for f in FAMILIES]
 
 
-# ---------------------------------------------------------------------- causes (what is still open)
-MODELFILE_NOT_INCREMENTAL = (
-    "ftedge/modelfile.py:go_template cuts role prefixes/suffixes out of renders of growing chats; this template is not incremental "
-    "(Qwen3: think block only on the last assistant turn; Phi-4-mini: eos_token after the last turn; Gemma 3: system folded into the first "
-    "user turn; Gemma 2: raises on system), so no TEMPLATE is written and Ollama guesses"
-)
-MODELFILE_LLAMA3 = (
-    "ftedge/modelfile.py:go_template bakes the rendered date ('26 Jul 2024', no strftime_now) and <|begin_of_text|> into the system "
-    "branch; a chat without a system message then gets neither the Llama 3 system header nor the bos the Jinja template always renders"
-)
-
-
 # ---------------------------------------------------------------------- helpers
 @functools.lru_cache(maxsize=16)
 def _tok(folder: Path) -> Any:
@@ -267,44 +255,127 @@ def test_preflight_knows_the_architecture_of_an_hf_folder(family: str, family_mo
 
 
 def _render_go(template: str, default_system: str | None, messages: list[dict[str, str]]) -> str:
-    """Render the one Go-template shape ftedge.modelfile.go_template writes, as Ollama would (SYSTEM as the default system message)."""
+    """Render a Go template as Ollama would (SYSTEM as the default system message): a small interpreter of the
+    text/template subset ftedge writes (range .Messages, if / else if / else / end, eq, not, and, index,
+    $variables), independent of how ftedge.formats.modelfile builds the template."""
     import re
 
-    m = re.fullmatch(
-        r'\{\{- range \.Messages \}\}\{\{ if eq \.Role "system" \}\}(.*)\{\{ \.Content \}\}(.*)'
-        r'\{\{ else if eq \.Role "user" \}\}(.*)\{\{ \.Content \}\}(.*)'
-        r'\{\{ else if eq \.Role "assistant" \}\}(.*)\{\{ \.Content \}\}(.*)\{\{ end \}\}\{\{ end \}\}(.*)',
-        template,
-        flags=re.S,
-    )
-    assert m, template
-    parts = {"system": m.group(1, 2), "user": m.group(3, 4), "assistant": m.group(5, 6)}
     if default_system and not any(x["role"] == "system" for x in messages):
         messages = [{"role": "system", "content": default_system}, *messages]
-    return "".join(parts[x["role"]][0] + x["content"] + parts[x["role"]][1] for x in messages) + m.group(7)
+    parts = re.split(r"({{.*?}})", template, flags=re.S)
+    assert not any(p.startswith("{{-") or p.endswith("-}}") for p in parts), "whitespace trimming next to literal text"
+    pos = 0
+
+    def action(i: int) -> str:
+        return parts[i][2:-2].strip() if parts[i].startswith("{{") else ""
+
+    def block() -> list[Any]:
+        nonlocal pos
+        nodes: list[Any] = []
+        while pos < len(parts):
+            act = action(pos)
+            if act == "end" or act.startswith("else"):
+                return nodes
+            pos += 1
+            if not parts[pos - 1].startswith("{{"):
+                nodes.append(("text", parts[pos - 1]))
+            elif act.startswith(("if ", "range ")):
+                branches = [(act, block())]
+                while action(pos) != "end":
+                    pos += 1
+                    branches.append((action(pos - 1), block()))
+                pos += 1
+                nodes.append(("branches", branches))
+            else:
+                nodes.append(("action", act))
+        return nodes
+
+    tree = block()
+    assert pos == len(parts), template
+    env: dict[str, Any] = {}
+
+    def value(expr: str, dot: Any) -> Any:
+        expr = expr.strip()
+        while expr.startswith("(") and expr.endswith(")"):
+            expr = expr[1:-1].strip()
+        if expr.startswith('"'):
+            return json.loads(expr)
+        if expr == ".Messages":
+            return messages
+        if expr.startswith("$"):
+            return env[expr]
+        m = re.fullmatch(r"\(index \.Messages (\d+)\)\.Role", expr)
+        if m:
+            return messages[int(m.group(1))]["role"]
+        if expr in (".Role", ".Content"):
+            return dot[expr[1:].lower()]
+        fn, args = expr.split(" ", 1)
+        items, depth, quoted, cur = [], 0, False, ""  # arguments: split on spaces outside parentheses and quotes
+        for ch in args + " ":
+            if ch == " " and not depth and not quoted:
+                items, cur = items + [cur] if cur else items, ""
+                continue
+            depth += (ch == "(") - (ch == ")") if not quoted else 0
+            quoted ^= ch == '"'
+            cur += ch
+        if fn == "eq":
+            return value(items[0], dot) == value(items[1], dot)
+        if fn == "not":
+            return not value(items[0], dot)
+        if fn == "and":
+            return all(value(i, dot) for i in items)  # short-circuits, as Go >= 1.18
+        raise AssertionError(f"unknown function {fn}")
+
+    def run(nodes: list[Any], dot: Any) -> str:
+        out = []
+        for kind, node in nodes:
+            if kind == "text":
+                out.append(node)
+            elif kind == "action":
+                m = re.fullmatch(r"(\$\w+) :?= (.+)", node)
+                if m:
+                    env[m.group(1)] = value(m.group(2), dot)
+                else:
+                    out.append(str(value(node, dot)))
+            elif node[0][0].startswith("range "):
+                out.extend(run(node[0][1], item) for item in value(node[0][0][len("range ") :], dot))
+            else:
+                for head, body in node:
+                    cond = head.removeprefix("else").strip().removeprefix("if ").strip()
+                    if not cond or value(cond, dot):
+                        out.append(run(body, dot))
+                        break
+        return "".join(out)
+
+    return run(tree, None)
 
 
-@pytest.mark.parametrize(
-    "family",
-    _xfail({"llama3": MODELFILE_LLAMA3, **dict.fromkeys(("qwen3", "phi3", "gemma2", "gemma3_text"), MODELFILE_NOT_INCREMENTAL)}),
-)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_modelfile_template_renders_like_transformers(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """The Ollama TEMPLATE ftedge derives from the GGUF's Jinja template renders chats as transformers does."""
     from ftedge.formats.modelfile import go_template
+    from ftedge.hf import fit_messages, trained_chat_template
 
     fam = FAMILY_SPECS[family]
     tok = _tok(family_model_dir(family))
-    template, default_system = go_template(fam.template, bos=tok.bos_token or "", eos=tok.eos_token or "")
-    for messages in _conversations(fam):
-        assert _render_go(template, default_system, messages) == tok.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+    jinja = trained_chat_template(fam.template)  # what ftedge ships: Qwen3 with thinking off
+
+    def want(messages: list[dict[str, str]]) -> str:  # as every ftedge runtime renders it
+        return tok.apply_chat_template(fit_messages(messages, jinja), chat_template=jinja, tokenize=False, add_generation_prompt=True)
+
+    template, default_system = go_template(jinja, bos=tok.bos_token or "", eos=tok.eos_token or "", end_of_turn=fam.end_of_turn)
+    system = [{"role": "system", "content": SYSTEM}]
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}, {"role": "user", "content": LONG}]
+    for messages in [*_conversations(fam), [*system, *turns]]:
+        assert _render_go(template, default_system, messages) == want(messages)
+    # Ollama prepends the Modelfile's SYSTEM as a system message
+    assert _render_go(template, SYSTEM, turns) == want([*system, *turns])
 
 
 def _recipe(tmp_path: Path, base: Path, family: str, *, steps: int = 4) -> Path:
-    """conftest's tiny_recipe on a family model (Gemma 2: no system prompt, its template has no system role)."""
+    """conftest's tiny_recipe on a family model (Gemma 2 too: ftedge folds the system prompt into the first user turn)."""
     data = write_text_label_csv(tmp_path / "train.csv")
-    system = None if family == "gemma2" else SYSTEM
+    system = SYSTEM
     recipe = {
         "name": f"tiny-{family}",
         "base_model": str(base),
@@ -483,38 +554,80 @@ def test_onnx_fp32_export_runs_like_transformers(family: str, family_model_dir: 
         assert figures["top1"] >= 0.99 and figures["kl"] <= 0.001, figures
 
 
-# ====================================================================== slow: train + merge
+# ====================================================================== slow: ftedge run, every stage
+def _family_target(tmp_path: Path, *, gguf: bool = True, onnx: bool = True) -> Path:
+    """f16 GGUF and fp32 ONNX: exact formats, so the gates hold a 4-step random tiny model to float tolerance."""
+    target = {
+        "name": "tiny-family",
+        "gguf": {"quants": ["f16"]} if gguf else None,
+        "onnx": {"precisions": ["fp32"]} if onnx else None,
+        "n_ctx": 512,
+        "threads": 2,
+        "ship": "f16" if gguf else None,
+        "gates": {"f16": {"min_top1": 0.9, "max_kl": 0.01}, "fp32": {"min_top1": 0.99, "max_kl": 0.001}},
+    }
+    path = tmp_path / "tiny-family.yaml"
+    path.write_text(yaml.safe_dump(target, sort_keys=False))
+    return path
+
+
+def _vocab_matrices(onnx_dir: Path, vocab: int) -> int:
+    """Initializers of the ONNX graph with a vocabulary-sized dimension (embedding table, LM head)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    return sum(1 for t in proto.graph.initializer if len(t.dims) == 2 and vocab in t.dims)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_train_and_merge_keep_what_export_needs(family: str, family_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
-    """``ftedge train`` (LoRA all-linear, a few steps) and ``ftedge merge``; the merged folder keeps the tied head,
-    the template and the tokenizer files, and converts to GGUF."""
+def test_ftedge_run_takes_the_family_through_every_stage(family: str, family_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    """``ftedge run`` (LoRA all-linear, system prompt, 4 steps) -> merge -> GGUF f16 + ONNX fp32 -> bench -> ship.
+
+    Every gate passes with the tokenizer and template checks exact; the trained template (the family's,
+    Qwen3's with thinking off) is in the merged tokenizer, the GGUF, the ORT GenAI folder and the shipped
+    GGUF; the tied head stays one matrix in the merged weights, the GGUF and the ONNX graph."""
     from click.testing import CliRunner
     from safetensors import safe_open
 
     from ftedge.cli import main
-    from ftedge.export.gguf import build_f16
+    from ftedge.formats.gguf import inspect_gguf
+    from ftedge.hf import trained_chat_template
+    from ftedge.manifest import Run
 
     fam = FAMILY_SPECS[family]
     base = family_model_dir(family)
     recipe = _recipe(tmp_path, base, family)
     run_dir = tmp_path / "run"
-    runner = CliRunner()
-    res = runner.invoke(main, ["train", str(recipe), "--run-dir", str(run_dir)], catch_exceptions=False)
+    overrides = ["-o", f"export.target={_family_target(tmp_path)}", "-o", "eval.max_examples=4"]
+    res = CliRunner().invoke(main, ["run", str(recipe), *overrides, "--run-dir", str(run_dir)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    losses = [
-        json.loads(line)["loss"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)
-    ]
+    run = Run.open(run_dir)
+    losses = [json.loads(x)["loss"] for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
     assert len(losses) == 4 and all(np.isfinite(losses))
-    res = runner.invoke(main, ["merge", str(run_dir)], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    merged = run_dir / "merged"
+    template = trained_chat_template(fam.template)
+    assert (template != fam.template) == (family == "qwen3")
+
+    merged = run.artifact_path("merged")
     with safe_open(str(next(merged.glob("*.safetensors"))), framework="pt") as fh:
-        keys = set(fh.keys())
-    assert "lm_head.weight" not in keys and json.loads((merged / "config.json").read_text())["tie_word_embeddings"]
-    assert _tok(merged).chat_template == fam.template
+        assert "lm_head.weight" not in set(fh.keys())
+    assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"]
+    assert _tok(merged).chat_template == template
     if (base / "tokenizer.model").is_file():  # SentencePiece: llama.cpp's converter reads it and added_tokens_decoder
         assert (merged / "tokenizer.model").is_file()
         assert json.loads((merged / "tokenizer_config.json").read_text()).get("added_tokens_decoder")
-    _, meta = build_f16(merged, tmp_path / "merged-f16.gguf")
-    assert meta["eot"] == _token_id(_tok(base), fam.end_of_turn)
+
+    for key in ("gguf-f16", "onnx-fp32"):
+        gate = run.artifact(key).gate
+        assert gate["passed"], (key, gate)
+        assert gate["tokenizer"]["mismatches"] == 0 and gate["tokenizer"]["chat_template_mismatches"] == 0, (key, gate["tokenizer"])
+    info = inspect_gguf(run.artifact_path("gguf-f16"))
+    assert info.chat_template == template
+    assert info.token_id("eot") == _token_id(_tok(base), fam.end_of_turn) or info.token_id("eos") == _token_id(_tok(base), fam.end_of_turn)
+    assert "token_embd.weight" in info.tensor_names and "output.weight" not in info.tensor_names  # tied: one vocab x hidden matrix
+    onnx_dir = run.artifact_path("onnx-fp32")
+    assert (onnx_dir / "chat_template.jinja").read_text() == template
+    assert _vocab_matrices(onnx_dir, json.loads((merged / "config.json").read_text())["vocab_size"]) == 1  # embedding = LM head
+
+    shipped = [p for p in (run_dir / "ship").iterdir() if p.suffix == ".gguf"]
+    assert len(shipped) == 1 and inspect_gguf(shipped[0]).chat_template == template
