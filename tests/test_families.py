@@ -631,3 +631,31 @@ def test_ftedge_run_takes_the_family_through_every_stage(family: str, family_mod
 
     shipped = [p for p in (run_dir / "ship").iterdir() if p.suffix == ".gguf"]
     assert len(shipped) == 1 and inspect_gguf(shipped[0]).chat_template == template
+
+
+# ====================================================================== fast: built-in chat templates (recipe key chat_template)
+@pytest.mark.parametrize("name", ["chatml", "gemma", "llama3", "phi3"])
+def test_builtin_chat_templates_train_and_stop(name: str, family_model_dir: Callable[[str], Path]) -> None:
+    """Each built-in template, on a vocabulary with its turn tokens: system role, end-of-turn found, only the answer trained."""
+    from ftedge.data import IGNORE, ChatEncoder, row_to_example
+    from ftedge.hf import end_of_turn_token, read_chat_template, system_role_supported, training_tokenizer
+    from ftedge.recipe import DataConfig
+
+    family = {"chatml": "qwen2", "gemma": "gemma3_text", "llama3": "llama3", "phi3": "phi3"}[name]
+    template = read_chat_template(name)
+    assert system_role_supported(template)
+    tok = training_tokenizer(family_model_dir(family), name)
+    assert tok.chat_template == template
+    eot = end_of_turn_token(tok)
+    assert eot == FAMILY_SPECS[family].end_of_turn
+    cfg = DataConfig(train="x.csv", format="text_label", text_field="text", label_field="category", system_prompt=SYSTEM)
+    enc = ChatEncoder(tok, 256).encode(row_to_example({"text": "where is my new card", "category": "card_arrival"}, "x.csv:row 1", cfg))
+    assert enc is not None
+    assert tok.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE]) == "card_arrival" + eot
+
+
+def test_a_builtin_template_whose_turn_tokens_the_vocabulary_lacks_is_one_line(family_model_dir: Callable[[str], Path]) -> None:
+    from ftedge.hf import training_tokenizer
+
+    with pytest.raises(FtedgeError, match=r"chat_template 'gemma' ends a turn with '<end_of_turn>', which is not one token"):
+        training_tokenizer(family_model_dir("llama3"), "gemma")
