@@ -609,6 +609,8 @@ def test_ftedge_run_takes_the_family_through_every_stage(family: str, family_mod
     assert (template != fam.template) == (family == "qwen3")
 
     merged = run.artifact_path("merged")
+    drift = run.artifact("merged").entry["drift"]  # merged weights vs base + adapter (fused projections included)
+    assert drift["top1"] == 1.0 and drift["kl"] <= 1e-6, drift
     with safe_open(str(next(merged.glob("*.safetensors"))), framework="pt") as fh:
         assert "lm_head.weight" not in set(fh.keys())
     assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"]
