@@ -62,7 +62,9 @@ SHAPES: dict[str, dict] = {
         vocab_size=128256,
         max_position_embeddings=131072,
         rope_theta=500000.0,
-        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
+        rope_scaling=dict(
+            rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+        ),
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         architectures=["LlamaForCausalLM"],

@@ -125,3 +125,15 @@ def test_a_gguf_of_an_architecture_transformers_cannot_read_is_refused(tiny_reci
     writer.close()
     with pytest.raises(FtedgeError, match="transformers cannot read a GGUF of architecture 'madeup'"):
         preflight(tiny_recipe, [f"base_model={path}"])
+
+
+def test_general_prompts_are_checked_before_training(tiny_recipe: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "general.jsonl"
+    mine.write_text('{"prompt": "Name a colour."}\n{"text": "Some text of my own."}\n')
+    lines = preflight(tiny_recipe, ["eval.general_prompts=general.jsonl"])  # relative to the recipe's folder
+    assert "eval.general_prompts: 1 prompts, 1 texts for the drift check" in lines
+    mine.write_text('{"prompt": "Name a colour."}\n{"answer": "red"}\n')
+    with pytest.raises(FtedgeError, match="general.jsonl:2: no 'prompt', 'messages' or 'text'"):
+        preflight(tiny_recipe, ["eval.general_prompts=general.jsonl"])
+    with pytest.raises(FtedgeError, match="eval.general_prompts: file .*missing.jsonl not found"):
+        preflight(tiny_recipe, ["eval.general_prompts=missing.jsonl"])
