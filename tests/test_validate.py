@@ -137,3 +137,12 @@ def test_general_prompts_are_checked_before_training(tiny_recipe: Path, tmp_path
         preflight(tiny_recipe, ["eval.general_prompts=general.jsonl"])
     with pytest.raises(FtedgeError, match="eval.general_prompts: file .*missing.jsonl not found"):
         preflight(tiny_recipe, ["eval.general_prompts=missing.jsonl"])
+
+
+def test_shipped_chat_recipes_validate_offline() -> None:
+    """The chat recipes name hub models; their architecture is known without a download (ftedge.hf.HUB_ARCHITECTURES)."""
+    recipes = [p for p in (REPO / "recipes").glob("*-chat.yaml") if "/" in yaml.safe_load(p.read_text())["base_model"]]
+    assert len(recipes) >= 4
+    for path in recipes:
+        lines = preflight(path)
+        assert any(line.endswith("(from the known hub id)") for line in lines), (path.name, lines)
