@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ftedge.errors import FtedgeError, from_os_error
-from ftedge.hf import end_of_turn_token
+from ftedge.hf import end_of_turn_token, fit_messages, trained_chat_template
 from ftedge.recipe import DataConfig, Recipe
 
 log = logging.getLogger(__name__)
@@ -444,7 +444,9 @@ class Prompt:
 
     def text(self, tokenizer: Any, *, eot: str | None = None) -> str:
         """The prompt rendered with the HF chat template, followed by its answer (and ``eot``) when known."""
-        text = tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            fit_messages(self.messages, tokenizer.chat_template), tokenize=False, add_generation_prompt=True
+        )
         if self.target:
             text += self.target + (eot or "")
         return text
@@ -463,12 +465,23 @@ def gate_prompts(recipe: Recipe, n: int = 16) -> list[Prompt]:
 
 
 # --------------------------------------------------------------------------- tokenization
+class _NotIncremental(Exception):
+    """The template renders a conversation differently from its prefix (Qwen3, Phi-4-mini)."""
+
+
 class ChatEncoder:
-    """Applies a tokenizer's chat template and masks everything but the assistant's tokens."""
+    """Applies a tokenizer's chat template and masks everything but the assistant's tokens.
+
+    The template is the trained one (``ftedge.hf.trained_chat_template``: Qwen3's thinking off) and
+    a system prompt is folded into the first user turn where the template has no system role
+    (``ftedge.hf.fit_messages``, Gemma 2).
+    """
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tok = tokenizer
         self.max_length = max_length
+        template = getattr(tokenizer, "chat_template", None)
+        self.template = trained_chat_template(template) if isinstance(template, str) else template
         self.eot = end_of_turn_token(tokenizer)
         self.truncated = 0
         self.dropped = 0
@@ -480,7 +493,17 @@ class ChatEncoder:
         return len(self._ids(text.split("\x00END\x00", 1)[-1]))
 
     def _render(self, messages: Sequence[dict[str, str]], *, generation: bool = False) -> str:
-        return self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(
+                fit_messages(messages, self.template), chat_template=self.template, tokenize=False, add_generation_prompt=generation
+            )
+        except TemplateError as err:
+            raise FtedgeError(
+                f"the base model's chat template refuses a training conversation ({err})",
+                hint="check the roles of the data's messages (many templates need user/assistant turns to alternate)",
+            ) from None
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
@@ -490,11 +513,31 @@ class ChatEncoder:
         return self._ids(self._render(messages, generation=True))
 
     def pieces(self, example: Example) -> list[tuple[str, bool]]:
-        """The rendered conversation as ``(text, trained)`` pieces."""
+        """The rendered conversation as ``(text, trained)`` pieces.
+
+        Each assistant turn is found as the text between the generation prompt before it and the
+        conversation up to it, when the template renders every conversation as a prefix of its
+        continuation (ChatML, Llama 3, Gemma); otherwise (Qwen3 drops earlier think blocks,
+        Phi-4-mini ends a finished conversation with eos) each answer is located in order in the
+        rendered whole conversation.
+        """
         if example.raw:
             eos = getattr(self.tok, "eos_token", None) or ""
             return [(example.target + eos, True)]
         conv = example.conversation()
+        try:
+            return self._incremental_pieces(conv)
+        except _NotIncremental:
+            return self._located_pieces(conv)
+
+    def _trained_part(self, answer: str, content: str) -> tuple[str, str]:
+        """``answer`` split after its end-of-turn token (the part trained, the rest)."""
+        cut = answer.find(self.eot, len(content.rstrip()) // 2) if self.eot else -1
+        if cut >= 0:
+            return answer[: cut + len(self.eot or "")], answer[cut + len(self.eot or "") :]
+        return answer + (getattr(self.tok, "eos_token", None) or ""), ""
+
+    def _incremental_pieces(self, conv: list[dict[str, str]]) -> list[tuple[str, bool]]:
         out: list[tuple[str, bool]] = []
         done = ""
         for i, msg in enumerate(conv):
@@ -503,21 +546,35 @@ class ChatEncoder:
             before = self._render(conv[:i], generation=True)
             full = self._render(conv[: i + 1])
             if not before.startswith(done) or not full.startswith(before):
-                raise FtedgeError(
-                    "the base model's chat template renders a conversation differently from its prefix, so assistant "
-                    "tokens cannot be located",
-                    hint="use a base model with a standard chat template (e.g. ChatML or Llama-3)",
-                )
-            answer = full[len(before) :]
-            cut = answer.find(self.eot, len(msg["content"].rstrip()) // 2) if self.eot else -1
-            if cut >= 0:
-                trained, rest = answer[: cut + len(self.eot or "")], answer[cut + len(self.eot or "") :]
-            else:
-                trained, rest = answer + (getattr(self.tok, "eos_token", None) or ""), ""
+                raise _NotIncremental
+            trained, rest = self._trained_part(full[len(before) :], msg["content"])
             out += [(before[len(done) :], False), (trained, True)]
             if i < len(conv) - 1:
                 out.append((rest, False))
             done = full
+        return [(t, flag) for t, flag in out if t]
+
+    def _located_pieces(self, conv: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        text = self._render(conv)
+        out: list[tuple[str, bool]] = []
+        cursor = emitted = 0
+        for msg in fit_messages(conv, self.template):
+            content = str(msg["content"]).strip()
+            at = text.find(content + (self.eot or ""), cursor) if msg["role"] == "assistant" and self.eot else -1
+            if at < 0:
+                at = text.find(content, cursor)
+            if at < 0:
+                raise FtedgeError(
+                    "the base model's chat template does not render a message's text as given, so assistant tokens cannot be located",
+                    hint="use a base model with a standard chat template (e.g. ChatML or Llama-3), or set the recipe's chat_template",
+                )
+            cursor = at + len(content)
+            if msg["role"] == "assistant":
+                end = text.find(self.eot, cursor) if self.eot else -1
+                if end >= 0 and not text[cursor:end].strip():  # the end-of-turn token right after the answer
+                    cursor = end + len(self.eot or "")
+                out += [(text[emitted:at], False), (text[at:cursor], True)]
+                emitted = cursor
         return [(t, flag) for t, flag in out if t]
 
     def encode(self, example: Example) -> Encoded | None:

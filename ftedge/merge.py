@@ -130,11 +130,19 @@ def _logits(model: Any, ids: list[list[int]], start: int) -> list[Any]:
     return out
 
 
-def _save(model: Any, tokenizer: Any, base: Path, out: Path) -> None:
+def _save(model: Any, tokenizer: Any, base: Path, out: Path, tokenizer_source: Path | None = None) -> None:
+    """Weights, the tokenizer files of ``tokenizer_source`` as they are (a transformers re-save drops
+    ``tokenizer.model`` and ``added_tokens_decoder``, which llama.cpp's converter reads) with the trained
+    chat template, and a generation config ending on the end-of-turn token."""
     from transformers import GenerationConfig
 
+    from ftedge.hf import copy_tokenizer_files, write_chat_template
+
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    if tokenizer_source is None or not copy_tokenizer_files(tokenizer_source, out):
+        tokenizer.save_pretrained(out)
+    if tokenizer.chat_template:
+        write_chat_template(out, tokenizer.chat_template)
     try:
         gen = GenerationConfig.from_pretrained(base)
     except OSError:
@@ -150,11 +158,15 @@ def _save(model: Any, tokenizer: Any, base: Path, out: Path) -> None:
         raise FtedgeError(f"merged weights were not written to {out}")
 
 
-def _tokenizer(base: Path, adapter: Path, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
+def _tokenizer_source(base: Path, adapter: Path) -> Path:
+    return adapter if (adapter / "tokenizer_config.json").is_file() else base
 
-    source = adapter if (adapter / "tokenizer_config.json").is_file() else base
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+def _tokenizer(base: Path, adapter: Path, trust_remote_code: bool, chat_template: str | None = None) -> Any:
+    """The tokenizer the model was trained with (``ftedge.hf.training_tokenizer``: the trained chat template)."""
+    from ftedge.hf import training_tokenizer
+
+    return training_tokenizer(_tokenizer_source(base, adapter), chat_template, trust_remote_code=trust_remote_code)
 
 
 def measure_drift(
@@ -222,7 +234,7 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
         import torch
 
         torch.manual_seed(0)
-        tokenizer = _tokenizer(base, adapter, trust)
+        tokenizer = _tokenizer(base, adapter, trust, recipe.chat_template)
         eot = end_of_turn_id(tokenizer)
         eot_text = tokenizer.convert_ids_to_tokens(eot) if eot is not None else ""
         prompts = gate_prompts(recipe, N_PROMPTS)
@@ -241,7 +253,7 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
             log.warning("merge mode %s drifts more than %s here (KL %.4f vs %.4f)", mode, best, drift[mode]["kl"], drift[best]["kl"])
         with atomic_path(out) as tmp:
             tmp.mkdir()
-            _save(model, tokenizer, base, tmp)
+            _save(model, tokenizer, base, tmp, _tokenizer_source(base, adapter))
         del model
         gc.collect()
         run.record_artifact("merged", out, stage="merge", format="hf", mode=mode, drift=drift[mode])

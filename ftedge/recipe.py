@@ -204,6 +204,14 @@ class Recipe(_Strict):
         ),
     )
     trust_remote_code: bool = Field(False, description="Allow the base model's own Python code to run. Off unless you trust it.")
+    chat_template: str | None = Field(
+        None,
+        description=(
+            "Chat template to train and ship with, for a base model without one (a base-model .gguf, a pretrained-only HF "
+            "folder) or to replace its own: a built-in (`chatml`, `gemma`, `llama3`, `phi3`; its turn tokens must be in the "
+            "base's vocabulary) or a path to a .jinja file. Null: the base's own template."
+        ),
+    )
     data: DataConfig = Field(description="Training data: file, format, field mapping, system prompt, validation split.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter shape.")
     quant: QuantConfig = Field(
@@ -294,6 +302,9 @@ def parse_recipe(raw: dict[str, Any], *, source: str = "recipe", base_dir: Path 
             data.val = (base_dir / data.val).resolve()
         if data.test is not None and not data.test.is_absolute():
             data.test = (base_dir / data.test).resolve()
+        template = recipe.chat_template
+        if template is not None and template.endswith(".jinja") and not Path(template).expanduser().is_absolute():
+            recipe.chat_template = str((base_dir / template).resolve())
         general = recipe.eval.general_prompts
         if general is not None and not general.is_absolute():
             recipe.eval.general_prompts = (base_dir / general).resolve()

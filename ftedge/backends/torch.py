@@ -23,8 +23,10 @@ class TorchBackend(Backend):
         dtype: str = "float32",
         four_bit: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        chat_template: str | None = None,
     ) -> None:
-        """An HF folder in ``dtype``, or 4-bit as training held it (``four_bit``: a recipe's ``quant`` section)."""
+        """An HF folder in ``dtype``, or 4-bit as training held it (``four_bit``: a recipe's ``quant`` section);
+        ``chat_template`` (text) replaces the folder's own (a base + adapter is rendered with the trained template)."""
         import torch
 
         from ftedge.hf import compute_dtype, load_causal_lm, load_tokenizer
@@ -38,7 +40,9 @@ class TorchBackend(Backend):
             model = load_causal_lm(self.path, dtype=compute_dtype(quant.compute_dtype), four_bit=quant, trust_remote_code=trust_remote_code)
         else:
             model = load_causal_lm(self.path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-        self.tokenizer = load_tokenizer(self.path, trust_remote_code=trust_remote_code, require_chat_template=False)
+        self.tokenizer = load_tokenizer(
+            self.path, trust_remote_code=trust_remote_code, require_chat_template=False, chat_template=chat_template
+        )
         if adapter is not None:
             from peft import PeftModel
 
@@ -73,7 +77,10 @@ class TorchBackend(Backend):
         return int(self.model.config.vocab_size)
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        from ftedge.hf import fit_messages
+
+        chat = fit_messages(messages, self.tokenizer.chat_template)
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

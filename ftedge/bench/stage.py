@@ -121,11 +121,13 @@ def run_specs(run: Run) -> list[ArtifactSpec]:
     specs: list[ArtifactSpec] = []
     adapter = run.artifact("adapter")
     if adapter is not None:
-        from ftedge.hf import resolve_base_model
+        from ftedge.hf import resolve_base_model, training_tokenizer
 
         base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
         four_bit = recipe.quant.bits == 4
         load: dict[str, Any] = {"kind": "torch", "adapter": str(adapter.path), "trust_remote_code": recipe.trust_remote_code}
+        # the base rendered with the template the adapter was trained with (the recipe's, or thinking off)
+        load["chat_template"] = training_tokenizer(base, recipe.chat_template, trust_remote_code=recipe.trust_remote_code).chat_template
         if four_bit:
             load["four_bit"] = recipe.quant.model_dump()
         quant = recipe.quant.type if four_bit else _hf_dtype(base)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ftedge.data import IGNORE
 from ftedge.errors import FtedgeError
-from ftedge.hf import load_causal_lm
+from ftedge.hf import check_lora_targets, load_causal_lm
 from ftedge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def load_model(recipe: Recipe, base: Path, device: torch.device, dtype: torch.dt
     from peft import LoraConfig, get_peft_model
 
     lora = recipe.lora
+    check_lora_targets(model, lora.target_modules)  # one line naming modules the model lacks, before any step
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
     )

@@ -66,7 +66,7 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool)
     from ftedge.data import check_dataset, load_splits, tokenized_splits
 
     check_dataset(recipe)  # cheap one-line errors before any model loads
-    from ftedge.hf import compute_dtype, load_tokenizer, pick_device, resolve_base_model
+    from ftedge.hf import compute_dtype, pick_device, resolve_base_model, training_tokenizer
     from ftedge.memory import peak_gpu_mb, peak_rss_mb
     from ftedge.train.loop import Trainer, fit, total_steps
     from ftedge.train.model import load_model
@@ -79,7 +79,7 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool)
         _threads()
     dtype = compute_dtype(recipe.quant.compute_dtype, device)
     cfg = recipe.train
-    tokenizer = load_tokenizer(base, trust_remote_code=recipe.trust_remote_code)
+    tokenizer = training_tokenizer(base, recipe.chat_template, trust_remote_code=recipe.trust_remote_code)
     splits = load_splits(recipe)
     steps = total_steps(cfg, len(splits.train), accelerator.num_processes)
     needed = steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
