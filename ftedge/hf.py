@@ -318,3 +318,23 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
         return None
     tid = tokenizer.convert_tokens_to_ids(tok)
     return int(tid) if isinstance(tid, int) and tid >= 0 else getattr(tokenizer, "eos_token_id", None)
+
+
+def attach_adapter(model: Any, adapter: Path | str) -> Any:
+    """A PEFT adapter folder (LoRA, DoRA, IA3, prefix tuning) on a loaded base model, for inference.
+
+    peft 0.21's IA3 layer on a 4-bit base returns fp32 outside autocast (it upcasts the input and
+    keeps that dtype), so the adapted k/v projections would disagree in dtype with q in attention:
+    their outputs are cast back to the input's dtype, as every other layer of the model returns.
+    """
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    try:
+        from peft.tuners.ia3.bnb import Linear4bit as IA3Linear4bit
+    except ImportError:  # peft without bitsandbytes support
+        return peft_model
+    for module in peft_model.modules():
+        if isinstance(module, IA3Linear4bit):
+            module.register_forward_hook(lambda mod, args, out: out.to(args[0].dtype) if args and hasattr(args[0], "dtype") else out)
+    return peft_model

@@ -18,6 +18,7 @@ from ftedge.errors import FtedgeError
 from ftedge.formats.modelfile import write_modelfile
 from ftedge.launch import launch_section
 from ftedge.manifest import Artifact, Run
+from ftedge.recipe import require_mergeable
 from ftedge.targets import Target
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
     if run.is_done("ship") and not force and run.artifact("ship") is not None and out.is_dir():
         log.info("ship: already done (%s); use --force to rebuild it", out)
         return out
-    chosen = choose_gguf(run, target)
     recipe = run.recipe()
+    require_mergeable(recipe, "ship")
+    chosen = choose_gguf(run, target)
     model_name = recipe.name.lower()
     model_file = f"{model_name}.{chosen.quant or 'gguf'}.gguf"
     with run.stage("ship") as metrics:

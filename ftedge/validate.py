@@ -11,7 +11,7 @@ from pathlib import Path
 from ftedge.data import check_dataset
 from ftedge.errors import FtedgeError
 from ftedge.hf import EMBEDDED, embedded_gguf, is_hf_folder
-from ftedge.recipe import Recipe, load_recipe
+from ftedge.recipe import Recipe, load_recipe, unmergeable_reason
 from ftedge.targets import Target, load_target
 
 # Embedded aliases are GGUF files whose architecture we know without reading them.
@@ -82,5 +82,34 @@ def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> li
         f"target {target.name}: gguf={target.gguf.quants if target.gguf else []} onnx={target.onnx.precisions if target.onnx else []}"
     )
     lines.extend(check_export_support(base_architecture(recipe), target, str(recipe_path)))
+    lines.extend(check_method(recipe))
     lines.append(check_dataset(recipe))
+    return lines
+
+
+def check_method(recipe: Recipe) -> list[str]:
+    """The adapter method, objective and starting point, and in one line why a result cannot be exported."""
+    train = recipe.train
+    what = "full fine-tuning" if train.method == "full" else f"{train.method} with a {recipe.adapter.method} adapter"
+    if train.objective == "dpo":
+        what += f", objective dpo (beta {train.beta:g}; reference: the model with the adapter disabled)"
+    if train.unfreeze is not None or train.layer_lr_decay != 1.0:
+        what += (f", unfreezing a layer every {train.unfreeze.every} steps" if train.unfreeze else "") + (
+            f", layer lr decay {train.layer_lr_decay:g}" if train.layer_lr_decay != 1.0 else ""
+        )
+    lines = [f"train: {what}"]
+    if train.init_from is not None:
+        from ftedge.manifest import Run, init_source
+
+        source = init_source(train.init_from)
+        if isinstance(source, Run):
+            merged = source.artifact("merged")
+            lines.append(
+                f"init_from: run {source.path}" + ("" if merged is not None else " (not merged yet: `ftedge run`/`train` merges it first)")
+            )
+        else:
+            lines.append(f"init_from: model folder {source}")
+    reason = unmergeable_reason(recipe)
+    if reason is not None:
+        lines.append(f"export: none -- {reason}")
     return lines
