@@ -81,7 +81,8 @@ def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> li
     lines.append(
         f"target {target.name}: gguf={target.gguf.quants if target.gguf else []} onnx={target.onnx.precisions if target.onnx else []}"
     )
-    lines.extend(check_export_support(base_architecture(recipe), target, str(recipe_path)))
+    if unmergeable_reason(recipe) is None:  # nothing is exported otherwise
+        lines.extend(check_export_support(base_architecture(recipe), target, str(recipe_path)))
     lines.extend(check_method(recipe))
     lines.append(check_dataset(recipe))
     return lines

@@ -164,3 +164,30 @@ def test_old_lora_section_still_reads(tiny_recipe: Path, tmp_path: Path) -> None
     assert load_recipe(new, ["lora.r=8"]).adapter.r == 8 and load_recipe(new, ["lora.r=8"]).adapter.method == "dora"
     dumped = yaml.safe_load((Run.create(old, run_dir=tmp_path / "r").path / "recipe.yaml").read_text())
     assert "adapter" in dumped and "lora" not in dumped
+
+
+def test_prefix_training_loss_is_peft_forward(tiny_model_dir: Path) -> None:
+    """The loss's prefix path (decoder + peft's key/value prefix + extended mask) gives peft's own logits."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftedge.train.model import LabelOnlyLoss
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+        PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"),
+    )
+    ids = torch.randint(0, 1000, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[1, 9:] = -100
+    logits, _, keep = LabelOnlyLoss(model).labelled_logits(ids, labels, attention_mask=mask)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
+        with model.disable_adapter():
+            without = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
+    torch.testing.assert_close(logits.detach(), expected, rtol=1e-5, atol=1e-5)
+    assert (logits.detach() - without).abs().max() > 1e-2  # the prefix counts

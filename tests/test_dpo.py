@@ -251,3 +251,22 @@ def test_init_from_a_missing_run_is_one_line(tiny_recipe: Path, tmp_path: Path) 
     tiny_recipe.write_text(yaml.safe_dump(raw))
     with pytest.raises(FtedgeError, match="train.init_from: .*no-such-run not found"):
         preflight(tiny_recipe)
+
+
+def test_packed_pairs_give_each_row_its_own_sum(tiny_model_dir: Path) -> None:
+    """make_batch's segments: packed or padded, each row's summed answer log-probability is the same."""
+    from ftedge.data import make_batch
+    from ftedge.train.dpo import PreferenceLoss
+
+    _, pairs, tok = _pairs_and_tokenizer(tiny_model_dir)
+    rows = [r for p in pairs for r in (p.chosen, p.rejected)]
+    model, _ = _policy(tiny_model_dir)
+    loss = PreferenceLoss(model, 0.1)
+    out = []
+    for packing in (True, False):
+        batch = make_batch(rows, max_length=64, packing=packing, pad_id=tok.pad_token_id, segments=True)
+        batch.pop("n_tokens")
+        with torch.no_grad():
+            out.append(loss.sequence_logps(batch, len(rows)))
+    assert out[0].shape == (len(rows),) and bool((out[0] < 0).all())
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-4)

@@ -79,12 +79,19 @@ def peft_config(recipe: Recipe, model_config: object) -> object:
             task_type="CAUSAL_LM",
         )
     if a.method == "ia3":
-        if a.target_modules == "all-linear":  # peft's per-architecture IA3 default (k, v, down for Llama)
-            return IA3Config(task_type="CAUSAL_LM")
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
 
+        model_type = getattr(model_config, "model_type", "")
+        if a.target_modules == "all-linear":  # peft's per-architecture IA3 default (k, v, down for Llama)
+            if model_type not in TARGETS:
+                raise FtedgeError(
+                    f"adapter.method=ia3: peft has no default IA3 modules for model type {model_type!r}",
+                    hint="set adapter.target_modules to the key/value and MLP output projections, e.g. [k_proj, v_proj, down_proj]",
+                )
+            return IA3Config(task_type="CAUSAL_LM")
         targets = list(a.target_modules) if isinstance(a.target_modules, list) else [a.target_modules]
-        ff = FEEDFORWARD.get(getattr(model_config, "model_type", ""), [])
+        ff = FEEDFORWARD.get(model_type, [])
         return IA3Config(target_modules=targets, feedforward_modules=[m for m in targets if m in ff], task_type="CAUSAL_LM")
     if a.method == "prefix":
         return PrefixTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type="CAUSAL_LM")
