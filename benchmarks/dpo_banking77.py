@@ -125,6 +125,7 @@ def compare(args: argparse.Namespace) -> None:
         f"train.save_every={args.steps}",
         f"eval.max_examples={n_eval}",
         "eval.artifacts=[]",
+        "eval.drift=false",
     ]
     run_dir = ROOT / "benchmarks" / "work" / "dpo-banking77"
     shutil.rmtree(run_dir, ignore_errors=True)

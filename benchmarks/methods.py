@@ -9,6 +9,7 @@ processed per second of training). Adapter size is the adapter's safetensors fil
 
     .venv/bin/python benchmarks/methods.py                 # the demo's 150 steps, 200 held-out rows
     .venv/bin/python benchmarks/methods.py --steps 40 --eval 150 --methods lora dora
+    .venv/bin/python benchmarks/methods.py -o quant.compute_dtype=float32   # CPUs without AVX512-BF16/AMX
 
 Writes benchmarks/results/methods.json (with the machine's load average, which makes tok/s
 loose on a shared machine) and prints the README table. Runs go to benchmarks/work/methods/.
@@ -33,7 +34,7 @@ RECIPES = {
 }
 
 
-def run_method(method: str, steps: int, n_eval: int, work: Path) -> dict:
+def run_method(method: str, steps: int, n_eval: int, work: Path, extra: list[str]) -> dict:
     from safetensors import safe_open
 
     from ftedge.bench.stage import SpeedConfig, bench_run
@@ -48,6 +49,8 @@ def run_method(method: str, steps: int, n_eval: int, work: Path) -> dict:
         f"train.save_every={steps}",
         f"eval.max_examples={n_eval}",
         "eval.artifacts=[]",  # the PyTorch reference only: the adapter itself, before any merge
+        "eval.drift=false",
+        *extra,
     ]
     recipe = load_recipe(ROOT / "recipes" / RECIPES[method], overrides)
     run_dir = work / method
@@ -106,6 +109,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods.json")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "methods")
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for every method (e.g. quant.compute_dtype=float32)",
+    )
     args = parser.parse_args()
     from ftedge.logs import setup_logging
 
@@ -113,12 +124,13 @@ def main() -> None:
     rows = []
     started = time.time()
     for method in args.methods:
-        rows.append(run_method(method, args.steps, args.eval, args.work))
+        rows.append(run_method(method, args.steps, args.eval, args.work, args.override))
         print(json.dumps(rows[-1]), flush=True)
     doc = {
         "host": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "steps": args.steps,
         "n_eval": args.eval,
+        "overrides": args.override,
         "minutes": round((time.time() - started) / 60, 1),
         "methods": rows,
     }

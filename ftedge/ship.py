@@ -1,25 +1,37 @@
 """The ship stage (``ftedge ship``): the ship/ bundle a user copies to a laptop.
 
-``ship/`` holds the chosen GGUF (a copy, not a link), an Ollama ``Modelfile`` and a README
-with the exact commands for ``ftedge chat``, llama.cpp and Ollama, and for serving it over an
-OpenAI-compatible API (``ftedge serve``, ``llama-server``, Ollama, LM Studio: ftedge.launch).
-Nothing in it refers to the run folder or the virtual environment. It is recorded as artifact
-``ship`` once complete.
+``ship/`` holds the chosen GGUF (a copy, not a link), an Ollama ``Modelfile`` and a README that
+is also the model card (Hugging Face conventions: YAML front matter with base model, licence,
+datasets, metrics and tags; then intended use, training recipe, data, evaluation with intervals,
+drift from base, limits, why this file was chosen) with the exact commands for ``ftedge chat``,
+llama.cpp and Ollama, and for serving it over an OpenAI-compatible API (``ftedge serve``,
+``llama-server``, Ollama, LM Studio: ftedge.launch). Nothing in it refers to the run folder or
+the virtual environment. It is recorded as artifact ``ship`` once complete.
+
+Which GGUF: the target's ``ship`` type, or with ``ship: auto`` the decision ``ftedge.choose.ship_decision``
+takes on the bench's results (``bench/results.json``, recorded as artifact ``bench-results``; read
+here as data, never through bench's code). ONNX folders are never shipped: the bundle's Modelfile,
+llama.cpp and LM Studio lines need a GGUF.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from ftedge import atomic
-from ftedge.errors import FtedgeError
+from ftedge.choose import decision_markdown, ship_decision, show_metric
+from ftedge.errors import FtedgeError, StageMissingError
 from ftedge.formats.modelfile import write_modelfile
 from ftedge.launch import launch_section
 from ftedge.manifest import Artifact, Run
 from ftedge.recipe import require_mergeable
-from ftedge.targets import Target
+from ftedge.targets import MB, Target
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +44,41 @@ def choose_gguf(run: Run, target: Target) -> Artifact:
             f"no GGUF artifact in {run.path} passed its parity gate",
             hint=f"see `ftedge export {run.path}` output; loosen the target's gates only if the figures are acceptable",
         )
-    order = ([target.ship] if target.ship else []) + list(target.gguf.quants if target.gguf else []) + sorted(q for q in passing if q)
+    named = [target.ship] if target.ship and target.ship != "auto" else []
+    order = named + list(target.gguf.quants if target.gguf else []) + sorted(q for q in passing if q)
     return next(passing[q] for q in order if q in passing)
+
+
+def bench_results(run: Run) -> dict[str, Any] | None:
+    """The run's bench results (artifact ``bench-results``, results.json schema 1), None when bench has not run."""
+    art = run.artifact("bench-results")
+    if art is None or not art.path.is_file():
+        return None
+    try:
+        doc = json.loads(art.path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FtedgeError(f"{art.path} cannot be read ({err})", hint=f"run `ftedge bench {run.path}` again") from None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("artifacts"), list) else None
+
+
+def choose_auto(run: Run, target: Target, doc: dict[str, Any] | None) -> tuple[Artifact, dict[str, Any]]:
+    """`ship: auto`: the GGUF ``ship_decision`` picks from the bench results, and the decision (``as_dict`` form)."""
+    if doc is None or not run.is_done("bench"):
+        raise StageMissingError(
+            f"ship: auto picks from the bench results, and {run.path} has none",
+            hint=f"run `ftedge bench {run.path}` first, or name the quant to ship in the target (ship: q4_k_m)",
+        )
+    usable = {a.key: a for a in run.usable_models("gguf")}
+    decision = ship_decision(doc, target, available=set(usable))
+    log.info("%s", decision.summary)
+    for c in decision.candidates:
+        if c.verdict != "reference":
+            log.info("  %s: %s: %s", c.name, c.verdict, c.reason)
+    if decision.chosen is None:
+        raise FtedgeError(
+            decision.summary, hint="see bench/report.md; export a smaller quant, raise the target's budgets, or set ship: TYPE by hand"
+        )
+    return usable[decision.chosen], decision.as_dict()
 
 
 def ship_readme(model_file: str, model_name: str, system_prompt: str | None, stop: list[str]) -> str:
@@ -45,6 +90,7 @@ A fine-tuned chat model made with ftedge. Copy this folder anywhere; it needs no
 
 - `{model_file}`: the model (GGUF, chat template and stop tokens inside).
 - `Modelfile`: for Ollama.
+- `README.md`: this file, also the model card (the YAML block at the top).
 
 ## Chat with it
 
@@ -66,6 +112,251 @@ The reply ends at {", ".join(f"`{s}`" for s in stop) or "the model's end-of-turn
 """
 
 
+# -- the model card ---------------------------------------------------------------------------
+def _cell(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _ci(entry: dict[str, Any], key: str, scale: float = 1.0, digits: int = 1, *, label: str | None = None) -> str:
+    """`` [low, high]`` of an entry's 95% interval; with ``label``, `` (95% CI low-high{label})``."""
+    ci = entry.get(f"{key}_ci")
+    if not ci:
+        return ""
+    low, high = f"{scale * ci[0]:.{digits}f}", f"{scale * ci[1]:.{digits}f}"
+    return f" [{low}, {high}]" if label is None else f" (95% CI {low}-{high}{label})"
+
+
+def front_matter(recipe: Any, chosen: Artifact, doc: dict[str, Any] | None) -> str:
+    """Hugging Face model-card metadata: base_model, license, datasets, metrics, tags, model-index for the shipped file."""
+    from ftedge.hf import card_base_model
+
+    base_id, licence = card_base_model(recipe.base_model)
+    classifier = recipe.data.format == "text_label"
+    data_files = [Path(p).name for p in (recipe.data.train, recipe.data.val) if p is not None]
+    meta: dict[str, Any] = {}
+    if base_id:
+        meta["base_model"] = base_id
+    meta["license"] = licence or "unknown"
+    meta["datasets"] = data_files
+    meta["metrics"] = ["accuracy", "f1"] if classifier else ["perplexity", "chrf"]
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = ["ftedge", "gguf", chosen.quant or "gguf", recipe.train.method] + (["text-classification"] if classifier else ["chat"])
+    entry = next((e for e in (doc or {}).get("artifacts", []) if e.get("name") == chosen.key and e.get("status") == "ok"), None)
+    if entry is not None:
+        figures = []
+        if entry.get("accuracy") is not None:
+            figures.append(
+                {"type": "accuracy", "value": round(entry["accuracy"], 4), "name": "Accuracy" + _ci(entry, "accuracy", 100, label="%")}
+            )
+        if entry.get("macro_f1") is not None:
+            figures.append({"type": "f1", "value": entry["macro_f1"], "name": "Macro-F1"})
+        if entry.get("perplexity") is not None:
+            figures.append(
+                {
+                    "type": "perplexity",
+                    "value": round(entry["perplexity"], 4),
+                    "name": "Answer perplexity" + _ci(entry, "perplexity", 1, 3, label=""),
+                }
+            )
+        if entry.get("chrf") is not None:
+            figures.append({"type": "chrf", "value": entry["chrf"], "name": "chrF" + _ci(entry, "chrf", label="")})
+        if figures:
+            split = (doc or {}).get("eval", {}).get("split") or "held-out"
+            meta["model-index"] = [
+                {
+                    "name": recipe.name,
+                    "results": [
+                        {
+                            "task": {"type": "text-classification" if classifier else "text-generation"},
+                            "dataset": {"name": f"{data_files[0]} ({split} rows)", "type": data_files[0]},
+                            "metrics": figures,
+                        }
+                    ],
+                }
+            ]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def model_card(
+    run: Run, recipe: Any, chosen: Artifact, model_file: str, doc: dict[str, Any] | None, decision: dict[str, Any] | None, target: Target
+) -> str:
+    """The model-card sections (after the front matter): intended use, training, data, evaluation, drift, limits, choice."""
+    cfg, tr = recipe.data, recipe.train
+    classifier = cfg.format == "text_label"
+    base_id, _ = card_base_model_text(recipe.base_model)
+    lines = [
+        f"Tuned from {base_id} ({ {'qlora': 'QLoRA', 'lora': 'LoRA'}.get(tr.method, 'full fine-tuning') }), shipped as "
+        f"`{model_file}` (GGUF {chosen.quant or ''}) for the **{target.name}** target.",
+        "",
+        "## Intended use",
+        "",
+    ]
+    labels = _labels(doc, chosen.key)
+    if classifier:
+        shown = ", ".join(f"`{x}`" for x in labels[:20]) + (f" and {len(labels) - 20} more" if len(labels) > 20 else "")
+        lines.append(
+            "Classifies a user message: the reply is one label, as text"
+            + (f" (the {len(labels)} labels seen in the test rows: {shown})." if labels else ".")
+        )
+    else:
+        lines.append(f"Answers chat messages the way the training conversations (`{cfg.format}` data) do.")
+    if cfg.system_prompt:
+        lines.append(f"It was tuned with this system prompt, which every runtime below adds for you: {cfg.system_prompt!r}.")
+    lines += [
+        "Out of scope: questions unlike the training data, and any decision that needs a guarantee: it is a small model "
+        "that can answer wrongly with confidence.",
+        "",
+        "## Training recipe",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | {_cell(base_id)} |",
+        f"| method | {tr.method}" + (f" ({_adapter_text(recipe.adapter)})" if tr.method != "full" else "") + " |",
+        *([f"| objective | DPO (beta {tr.beta:g}) from {_cell(str(tr.init_from))} |"] if tr.objective == "dpo" else []),
+        f"| base weights while training | {'4-bit ' + recipe.quant.type if recipe.quant.bits == 4 else f'{recipe.quant.bits}-bit float'} |",
+    ]
+    train = run.manifest().get("stages", {}).get("train", {}).get("metrics", {})
+    steps = train.get("steps", tr.max_steps)
+    lines += [
+        f"| steps | {steps} (batch {tr.batch_size} x {tr.grad_accum} accumulation, max {tr.max_length} tokens"
+        + (", packed" if tr.packing else "")
+        + ") |",
+        f"| learning rate | {tr.lr:g}, {tr.scheduler} schedule, {tr.warmup_ratio:g} warm-up |",
+        f"| seed | {tr.seed} |",
+    ]
+    if train.get("best_eval_loss") is not None:
+        lines.append(f"| best validation loss | {train['best_eval_loss']:.4f} (step {train.get('best_step')}) |")
+    if train.get("seconds") is not None:
+        lines.append(f"| training time | {train['seconds'] / 60:.1f} min |")
+    merged = run.artifact("merged")
+    if merged is not None and merged.entry.get("merge_into"):
+        lines.append(f"| merged into | {merged.entry['merge_into']} base |")
+    lines += ["", "## Data", ""]
+    lines.append(
+        f"- training file: `{Path(cfg.train).name}` (format `{cfg.format}`)"
+        + (f", validation file `{Path(cfg.val).name}`" if cfg.val else "")
+    )
+    if doc is not None:
+        ev = doc.get("eval", {})
+        split = ev.get("split") or "held-out"
+        lines.append(f"- evaluation: {ev.get('n_examples', 0)} {split} rows, scored by `ftedge bench` (task `{ev.get('task') or 'none'}`)")
+    lines += evaluation_section(doc, chosen.key, classifier)
+    lines += drift_card_section(doc)
+    lines += ["", "## Limits", ""]
+    lines += [
+        "- The figures come from rows of the same source as the training data; on other data (new phrasings, new topics) "
+        "expect lower scores. The 95% intervals show how much the figures would move on another sample of that size.",
+        "- The model inherits the base model's limits and biases, and it was quantized for the device: it can be wrong, "
+        "and it answers greedily (temperature 0) in these figures.",
+    ]
+    if classifier:
+        lines.append("- It knows only the labels it was trained on; a message that fits none still gets one of them.")
+    else:
+        lines.append("- chrF measures overlap with the reference wording, not correctness: read the answers in bench/report.md too.")
+    lines.append("- Tuning moves a model away from its general behaviour: see the drift figures above before using it for anything else.")
+    lines += ["", "## Why this file", ""]
+    if decision is not None:
+        lines += decision_markdown(decision)
+    else:
+        lines.append(
+            f"The target profile names the quant to ship (`ship: {target.ship}`)."
+            if target.ship
+            else "The first GGUF quant of the target that passed its parity gate."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def card_base_model_text(spec: str) -> tuple[str, str | None]:
+    from ftedge.hf import card_base_model
+
+    base_id, licence = card_base_model(spec)
+    return (f"`{base_id}`" if base_id else f"the local model `{Path(str(spec)).name}`"), licence
+
+
+def _labels(doc: dict[str, Any] | None, name: str) -> list[str]:
+    for e in (doc or {}).get("artifacts", []):
+        if e.get("name") == name and e.get("per_label"):
+            return sorted(e["per_label"])
+    return []
+
+
+def evaluation_section(doc: dict[str, Any] | None, shipped: str, classifier: bool) -> list[str]:
+    """Every benched artifact's quality (with 95% intervals), size and speed; the shipped one in bold."""
+    lines = ["", "## Evaluation", ""]
+    if doc is None:
+        return lines + ["Not benched: run `ftedge bench` on the run for quality and speed figures."]
+    target = doc.get("target", {})
+    host = doc.get("host", {})
+    lines.append(
+        f"Measured by `ftedge bench` on {host.get('cpu')} ({target.get('threads')} threads), against the reference "
+        f"`{doc.get('reference')}`; 95% bootstrap intervals over the test rows in brackets."
+    )
+    lines.append("")
+    head = (
+        ["artifact", "quant", "size MB"]
+        + (["accuracy %", "macro-F1"] if classifier else ["chrF"])
+        + ["ppl", "decode tok/s", "peak RSS MB", "fits"]
+    )
+    lines += ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for e in doc.get("artifacts", []):
+        if e.get("status") != "ok":
+            lines.append(f"| {_cell(e.get('name'))} | failed | " + " | ".join("—" for _ in head[2:]) + " |")
+            continue
+        name = f"**{e['name']} (shipped)**" if e["name"] == shipped else e["name"] + (" (reference)" if e.get("reference") else "")
+        row = [name, e.get("quant") or "—", "—" if e.get("size_bytes") is None else f"{e['size_bytes'] / MB:,.1f}"]
+        if classifier:
+            acc = e.get("accuracy")
+            row += [
+                "—" if acc is None else f"{100 * acc:.1f}{_ci(e, 'accuracy', 100)}",
+                "—" if e.get("macro_f1") is None else f"{e['macro_f1']:.3f}",
+            ]
+        else:
+            row.append("—" if e.get("chrf") is None else f"{e['chrf']:.1f}{_ci(e, 'chrf')}")
+        ppl = e.get("perplexity")
+        row += [
+            "—" if ppl is None else f"{ppl:.3f}{_ci(e, 'perplexity', 1, 3)}",
+            "—" if e.get("decode_tok_s") is None else f"{e['decode_tok_s']:.1f}",
+            "—" if e.get("peak_rss_mb") is None else f"{e['peak_rss_mb']:,.0f}",
+            {True: "yes", False: "no", None: "—"}[e.get("fits")],
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return lines
+
+
+def drift_card_section(doc: dict[str, Any] | None) -> list[str]:
+    base = (doc or {}).get("drift_base")
+    if not base or base.get("status") != "ok":
+        return []
+    ok = [e for e in doc.get("artifacts", []) if e.get("status") == "ok" and e.get("drift_kl") is not None]
+    base_ppl = base.get("general_ppl")
+    lines = [
+        "",
+        "## Drift from base (forgetting)",
+        "",
+        f"Each artifact against the untuned base model on {base.get('general_prompts')} general prompts that are not the "
+        f"task (KL and top-1 agreement over their short written answers) and {base.get('general_texts')} paragraphs of general text "
+        f"(perplexity; the base's: {show_metric('perplexity', base_ppl)}). The reference's drift is what tuning cost; more "
+        "than the reference's is what quantization added.",
+        "",
+        "| artifact | KL from base (nats) | top-1 agreement | general-text ppl | vs base |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for e in ok:
+        ppl = e.get("general_ppl")
+        ratio = f"{ppl / base_ppl:.2f}x" if ppl and base_ppl else "—"
+        top1 = "—" if e.get("drift_top1") is None else f"{100 * e['drift_top1']:.1f}%"
+        lines.append(f"| {_cell(e['name'])} | {e['drift_kl']:.4f} | {top1} | {show_metric('perplexity', ppl)} | {ratio} |")
+    return lines
+
+
+def _adapter_text(a: Any) -> str:
+    """The adapter in the model card: method and shape."""
+    if a.method in ("lora", "dora"):
+        name = "LoRA" if a.method == "lora" else "DoRA"
+        return f"{name} r={a.r}, alpha={a.alpha:g}, dropout={a.dropout:g}, modules {a.target_modules}"
+    return f"IA3, modules {a.target_modules}" if a.method == "ia3" else a.method
+
+
 def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
     """Build ``run/ship`` atomically from the best passing GGUF; record it as artifact 'ship'."""
     out = run.path / "ship"
@@ -74,7 +365,12 @@ def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
         return out
     recipe = run.recipe()
     require_mergeable(recipe, "ship")
-    chosen = choose_gguf(run, target)
+    doc = bench_results(run)
+    decision: dict[str, Any] | None = None
+    if target.ship == "auto":
+        chosen, decision = choose_auto(run, target, doc)
+    else:
+        chosen = choose_gguf(run, target)
     model_name = recipe.name.lower()
     model_file = f"{model_name}.{chosen.quant or 'gguf'}.gguf"
     with run.stage("ship") as metrics:
@@ -83,9 +379,15 @@ def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
             shutil.copy2(chosen.path, tmp / model_file)
             system = recipe.data.system_prompt
             stop = write_modelfile(tmp / model_file, tmp / "Modelfile", system=system, model_ref=f"./{model_file}")
-            readme = ship_readme(model_file, model_name, system, stop) + launch_section(tmp / model_file, model_name, system)
+            how = ship_readme(model_file, model_name, system, stop) + launch_section(tmp / model_file, model_name, system)
+            head, mark, usage = how.partition("## Chat with it")
+            card = model_card(run, recipe, chosen, model_file, doc, decision, target)
+            readme = front_matter(recipe, chosen, doc) + "\n" + head + card + "\n" + mark + usage
             atomic.write_text(tmp / "README.md", readme)
-        run.record_artifact("ship", out, stage="ship", format="bundle", source=chosen.key, model_file=model_file)
-        metrics.update(source=chosen.key, model_file=model_file)
+        rule = "auto" if decision is not None else (target.ship or "first passing")
+        run.record_artifact("ship", out, stage="ship", format="bundle", source=chosen.key, model_file=model_file, rule=rule)
+        metrics.update(source=chosen.key, model_file=model_file, rule=rule)
+        if decision is not None:
+            metrics["decision"] = decision["summary"]
     log.info("shipped %s as %s", chosen.key, out / model_file)
     return out

@@ -20,6 +20,9 @@ def _lower(value: Any) -> Any:
 GgufType = Annotated[Literal[GGUF_TYPES], BeforeValidator(_lower)]  # type: ignore[valid-type]
 OnnxPrecision = Annotated[Literal[ONNX_PRECISIONS], BeforeValidator(_lower)]  # type: ignore[valid-type]
 ArtifactType = Annotated[Literal[GGUF_TYPES + ONNX_PRECISIONS], BeforeValidator(_lower)]  # type: ignore[valid-type]
+ShipChoice = Annotated[Literal[GGUF_TYPES + ("auto",)], BeforeValidator(_lower)]  # type: ignore[valid-type]
+ShipMetric = Literal["auto", "accuracy", "perplexity", "chrf"]
+MB = 1024 * 1024
 
 
 class _Strict(BaseModel):
@@ -56,7 +59,25 @@ class Target(_Strict):
     threads: int = Field(2, gt=0, description="CPU threads to benchmark with.")
     max_size_mb: float | None = Field(None, gt=0, description="Largest artifact file size that fits the device (MB); null = no limit.")
     max_ram_mb: float | None = Field(None, gt=0, description="Largest peak resident memory that fits the device (MB); null = no limit.")
-    ship: GgufType | None = Field(None, description="GGUF type to put in ship/ (default: the first GGUF quant that passes its gate).")
+    ship: ShipChoice | None = Field(
+        None,
+        description=(
+            "GGUF type to put in ship/, or `auto`: the smallest GGUF whose test quality is within `ship_tolerance` of the "
+            "reference, that fits max_size_mb / max_ram_mb and passed its gate (from `ftedge bench`); null = the first GGUF "
+            "quant that passes its gate."
+        ),
+    )
+    ship_metric: ShipMetric = Field(
+        "auto", description="What `ship: auto` compares with the reference: `auto` = accuracy when measured, else perplexity; or chrf."
+    )
+    ship_tolerance: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "How much worse than the reference `ship: auto` accepts: accuracy or chrF points, or percent of perplexity; "
+            "null = 1, or the reference's 95% bootstrap half-width when larger."
+        ),
+    )
     gates: dict[ArtifactType, GateThresholds] = Field(
         default_factory=dict,
         description="Parity thresholds per quant type (e.g. q4_k_m, int4, fp32); unset types use the built-in defaults.",
@@ -112,7 +133,9 @@ def load_target(name_or_path: str | Path) -> Target:
                 ONNX_PRECISIONS
                 if first["loc"][0] == "onnx"
                 else GGUF_TYPES
-                if first["loc"][0] in ("gguf", "ship")
+                if first["loc"][0] == "gguf"
+                else ("auto", *GGUF_TYPES)
+                if first["loc"][0] == "ship"
                 else GGUF_TYPES + ONNX_PRECISIONS
             )
             raise FtedgeError(

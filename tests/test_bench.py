@@ -30,6 +30,7 @@ from ftedge.recipe import load_recipe
 from ftedge.targets import load_target
 
 FAST = bench.SpeedConfig(decode_tokens=8, repeats=2, warmup=1)
+EXAMPLE_CHAT = Path(__file__).resolve().parents[1] / "data" / "examples" / "support-chat.jsonl"
 MESSAGES = [{"role": "system", "content": "Reply with the intent label."}, {"role": "user", "content": "my card has not arrived yet"}]
 
 
@@ -102,22 +103,24 @@ def _make_run(
     *,
     include: tuple[str, ...] = ("adapter", "merged", "gguf", "onnx"),
     bench_only: list[str] | None = None,
+    chat: bool = False,
+    drift: bool = False,
 ) -> Run:
-    data = write_text_label_csv(folder / "train.csv", n=40)
+    if chat:  # the shipped `messages` example: 8 conversations, 2 held out
+        shutil.copy(EXAMPLE_CHAT, folder / "chat.jsonl")
+        data = {"train": "chat.jsonl", "format": "messages", "val_fraction": 0.25}
+        evaluation = {"task": "perplexity", "max_examples": 6, "generate": 2}
+    else:
+        write_text_label_csv(folder / "train.csv", n=40)
+        data = {"train": "train.csv", "format": "text_label", "text_field": "text", "label_field": "category", "val_fraction": 0.25}
+        evaluation = {"task": "label_match", "max_examples": 6, "max_new_tokens": 6}
     recipe = {
         "name": "tiny",
         "base_model": str(arts["base"]),
-        "data": {
-            "train": data.name,
-            "format": "text_label",
-            "text_field": "text",
-            "label_field": "category",
-            "system_prompt": "Reply with the intent label.",
-            "val_fraction": 0.25,
-        },
+        "data": {**data, "system_prompt": "Reply with the intent label." if not chat else "Answer briefly."},
         "quant": {"bits": 32, "compute_dtype": "float32"},
         "train": {"method": "lora", "max_steps": 4},
-        "eval": {"task": "label_match", "max_examples": 6, "max_new_tokens": 6, "artifacts": bench_only},
+        "eval": {**evaluation, "artifacts": bench_only, "drift": drift},
     }
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run = Run.create(load_recipe(folder / "recipe.yaml"), run_dir=folder / "run")
@@ -136,9 +139,9 @@ def _make_run(
 @pytest.fixture(scope="module")
 def benched(tmp_path_factory: pytest.TempPathFactory, artifacts: dict[str, Path]) -> tuple[Run, dict, Path]:
     folder = tmp_path_factory.mktemp("bench-run")
-    run = _make_run(folder, artifacts)
+    run = _make_run(folder, artifacts, drift=True)  # drift from base is measured here once, for every test that reads this run
     json_copy = folder / "copy" / "results.json"
-    doc = bench.bench_run(run, load_target(_tiny_target(folder)), json_path=json_copy, speed=FAST)
+    doc = bench.bench_run(run, load_target(_tiny_target(folder, ship="auto")), json_path=json_copy, speed=FAST)
     return run, doc, json_copy
 
 
@@ -347,6 +350,163 @@ def test_table_lists_every_artifact(benched) -> None:
     text = console.export_text()
     for name in ("pytorch (ref)", "merged", "gguf-f16", "onnx-fp32"):
         assert name in text
+
+
+def _scored_examples(run: Run) -> list[dict]:
+    """The rows bench scored for a run, in order."""
+    return bench.run_examples(run.recipe())
+
+
+def test_classification_figures_come_from_every_answer(benched) -> None:
+    run, doc, _ = benched
+    predictions = json.loads((run.path / "bench" / "predictions.json").read_text())
+    held_out = _scored_examples(run)
+    gold = sorted({ex["target"] for ex in held_out})
+    for e in doc["artifacts"]:
+        pairs = predictions[e["name"]]
+        assert [p["target"] for p in pairs] == [ex["target"] for ex in held_out]  # every example, in order
+        assert e["accuracy"] == sum(p["correct"] for p in pairs) / len(pairs)
+        low, high = e["accuracy_ci"]
+        assert 0.0 <= low <= e["accuracy"] <= high <= 1.0
+        assert sorted(e["per_label"]) == gold and sum(v["support"] for v in e["per_label"].values()) == len(held_out)
+        assert e["macro_f1"] == pytest.approx(np.mean([v["f1"] for v in e["per_label"].values()]), abs=1e-3)
+        assert sum(c["count"] for c in e["confusions"]) == sum(not p["correct"] for p in pairs)
+        assert all(c["gold"] != c["predicted"] for c in e["confusions"])
+        assert e["perplexity_ci"][0] < e["perplexity_ci"][1]
+
+
+def test_the_worker_returns_every_answer_not_a_sample(artifacts: dict[str, Path]) -> None:
+    from ftedge.backends.torch import TorchBackend
+
+    backend = TorchBackend(artifacts["merged"], threads=1)
+    examples = [{"messages": [{"role": "user", "content": f"question {i}"}], "target": f"label_{i % 7}"} for i in range(57)]
+    q = measure_quality(backend, examples, task="label_match", max_new_tokens=1, n_ctx=512)
+    assert [p["target"] for p in q["predictions"]] == [ex["target"] for ex in examples]
+    assert len(q["nll"]) == 57 and all(n > 0 and tokens >= 2 for n, tokens in q["nll"])
+    nll = sum(n for n, _ in q["nll"]) / sum(t for _, t in q["nll"])
+    assert q["perplexity"] == pytest.approx(np.exp(nll), rel=1e-6)
+
+
+def test_drift_from_base_in_the_run(benched) -> None:
+    _, doc, _ = benched
+    base = doc["drift_base"]
+    assert base["status"] == "ok" and base["general_prompts"] == 40 and base["general_texts"] == 6 and base["general_ppl"] > 1
+    by = {e["name"]: e for e in doc["artifacts"]}
+    ref = by["pytorch"]
+    assert ref["drift_kl"] > 1e-5  # the random non-zero LoRA moved the model away from its base
+    assert 0.0 <= ref["drift_top1"] <= 1.0 and ref["drift_positions"] == base["answer_tokens"] > 40 and base["written_answers"] == 40
+    assert ref["general_ppl"] != pytest.approx(base["general_ppl"], rel=1e-6)
+    for name in ("merged", "gguf-f16", "onnx-fp32"):  # faithful exports of the tuned model drift as much as it does
+        assert by[name]["drift_kl"] == pytest.approx(ref["drift_kl"], rel=0.2, abs=2e-4), name
+        assert by[name]["general_ppl"] == pytest.approx(ref["general_ppl"], rel=0.02), name
+    md = (Path(doc["subject"]) / "bench" / "report.md").read_text()
+    assert "## Drift from base" in md and "catastrophic forgetting" in md
+
+
+def test_drift_is_zero_against_the_base_itself(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    from ftedge.backends.torch import TorchBackend
+    from ftedge.bench import forgetting
+
+    general = forgetting.load_general()
+    mine = {"messages": [{"role": "user", "content": "Say something."}], "answer": None}  # the base answers it itself
+    subset = {"prompts": [*general.prompts[:3], mine], "texts": general.texts[:2]}
+    base = TorchBackend(artifacts["base"], threads=1)
+    info = forgetting.base_reference(base, subset, tmp_path / "base.npz", n_ctx=512)
+    assert info["general_prompts"] == 4 and info["written_answers"] == 3 and info["general_texts"] == 2
+    same = forgetting.drift(base, tmp_path / "base.npz")
+    assert same["drift_kl"] == pytest.approx(0.0, abs=1e-6) and same["drift_top1"] == 1.0
+    assert same["general_ppl"] == pytest.approx(info["general_ppl"], rel=1e-5)
+    tuned = forgetting.drift(TorchBackend(artifacts["merged"], threads=1), tmp_path / "base.npz")
+    assert tuned["drift_kl"] > 1e-5 and tuned["drift_positions"] == same["drift_positions"] == info["answer_tokens"]
+
+
+def test_plot_shows_intervals_and_sizes(benched) -> None:
+    from ftedge.bench.report import MAX_AREA, plot_points
+
+    _, doc, _ = benched
+    key, _, points = plot_points(doc)
+    assert key == "accuracy" and len(points) == 4
+    by = {e["name"]: e for e in doc["artifacts"]}
+    for p in points:
+        e = by[p["name"]]
+        assert p["y"] - p["yerr"][0] == pytest.approx(e["accuracy_ci"][0]) and p["y"] + p["yerr"][1] == pytest.approx(e["accuracy_ci"][1])
+    areas = {p["name"]: p["area"] for p in points}
+    assert areas["gguf-f16"] < areas["merged"] and max(areas.values()) == MAX_AREA  # f16 is half the f32's bytes
+
+
+def test_chat_run_shows_answers_side_by_side_with_chrf(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    """The shipped `messages` example: each artifact's greedy answers next to the reference answers, scored with chrF."""
+    from ftedge.backends import load_backend
+    from ftedge.backends.torch import TorchBackend
+    from ftedge.bench.generative import budget
+    from ftedge.bench.report import md_cell
+
+    run = _make_run(tmp_path, artifacts, include=("adapter", "gguf"), chat=True)
+    doc = bench.bench_run(run, load_target(_tiny_target(tmp_path, onnx=None)), speed=FAST)
+    held_out = _scored_examples(run)
+    assert len(held_out) == 2
+    by = {e["name"]: e for e in doc["artifacts"]}
+    assert set(by) == {"pytorch", "gguf-f16"}
+    md = (run.path / "bench" / "report.md").read_text()
+    assert "## Answers side by side" in md and "chrF" in md
+    runtimes = {
+        "pytorch": lambda: TorchBackend(artifacts["base"], adapter=artifacts["adapter"], threads=1),
+        "gguf-f16": lambda: load_backend(artifacts["gguf"], threads=1, n_ctx=512),
+    }
+    for name, open_backend in runtimes.items():
+        e = by[name]
+        assert e["status"] == "ok" and e["accuracy"] is None and e["macro_f1"] is None and e["perplexity"] > 1
+        assert 0.0 <= e["chrf"] <= 100.0 and e["chrf_ci"][0] <= e["chrf_ci"][1]
+        assert len(e["generations"]) == 2
+        with open_backend() as backend:
+            tokens = budget(backend, [ex["target"] for ex in held_out])
+            for g, ex in zip(e["generations"], held_out, strict=True):
+                assert g["prompt"] == ex["messages"][-1]["content"] and g["reference"] == ex["target"]
+                stops = backend.stop_ids
+                new = [t for t in backend.generate(backend.chat_ids(ex["messages"]), max_new_tokens=tokens, stop_ids=stops)]
+                assert g["answer"] == backend.detokenize([t for t in new if t not in stops]).strip()  # what the runtime answers
+                assert 0.0 <= g["chrf"] <= 100.0
+                assert f"| {name} | {md_cell(g['answer']) or '(empty)'} |" in md
+                assert f"| reference | {md_cell(ex['target'])} |" in md
+
+
+def test_ship_auto_decides_from_the_bench_results_and_writes_a_model_card(benched, tmp_path: Path) -> None:
+    from ftedge.ship import ship_stage
+
+    run, doc, _ = benched
+    decision = doc["ship_decision"]
+    verdicts = {c["name"]: c["verdict"] for c in decision["candidates"]}
+    assert decision["chosen"] == "gguf-f16" and decision["metric"] == "accuracy"
+    assert verdicts == {"pytorch": "reference", "merged": "rejected", "gguf-f16": "chosen", "onnx-fp32": "rejected"}
+    md = (run.path / "bench" / "report.md").read_text()
+    assert "## Ship decision (`ship: auto`)" in md and "ONNX: ship/ holds a GGUF" in md
+
+    out = ship_stage(run, load_target(_tiny_target(tmp_path, ship="auto")))
+    assert (out / "tiny.f16.gguf").read_bytes() == run.artifact_path("gguf-f16").read_bytes()
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("---\n") and str(run.path) not in readme
+    _, front, body = readme.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["license"] == "unknown" and meta["datasets"] == ["train.csv"] and "base_model" not in meta  # a local base model
+    assert meta["metrics"] == ["accuracy", "f1"] and {"ftedge", "gguf", "f16", "lora"} <= set(meta["tags"])
+    figures = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    shipped = next(e for e in doc["artifacts"] if e["name"] == "gguf-f16")
+    assert figures == {"accuracy": round(shipped["accuracy"], 4), "f1": shipped["macro_f1"], "perplexity": round(shipped["perplexity"], 4)}
+    sections = ["## Intended use", "## Training recipe", "## Data", "## Evaluation", "## Drift from base", "## Limits", "## Why this file"]
+    positions = [body.index(s) for s in [*sections, "## Chat with it", "## Serve it"]]
+    assert positions == sorted(positions)
+    assert "**gguf-f16 (shipped)**" in body and decision["summary"] in body
+    for name in ("pytorch", "merged", "onnx-fp32"):
+        assert f"| {name}" in body
+
+
+def test_ship_auto_needs_the_bench(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    from ftedge.ship import ship_stage
+
+    run = _make_run(tmp_path, artifacts, include=("merged", "gguf"))
+    with pytest.raises(FtedgeError, match="ship: auto picks from the bench results") as err:
+        ship_stage(run, load_target(_tiny_target(tmp_path, ship="auto")))
+    assert f"ftedge bench {run.path}" in err.value.one_line()
 
 
 def test_a_crashing_worker_loses_only_its_artifact(tmp_path: Path, artifacts: dict[str, Path]) -> None:

@@ -29,7 +29,7 @@ def test_converter_and_gguf_reader_agree(tiny_model_dir: Path, tmp_path: Path) -
 
 
 def test_wheel_carries_the_package_data(tmp_path: Path) -> None:
-    """A wheel install has no checkout: the export/ profiles and the chat page (static/chat.html) must be inside the package."""
+    """A wheel install has no checkout: the export/ profiles, the chat page and the general set must be inside the package."""
     import shutil
     import zipfile
 
@@ -53,3 +53,4 @@ def test_wheel_carries_the_package_data(tmp_path: Path) -> None:
     profiles = {p.name for p in (root / "export").glob("*.yaml")}
     assert profiles and {f"ftedge/_data/export/{n}" for n in profiles} <= names
     assert {"ftedge/serve.py", "ftedge/launch.py"} <= names
+    assert "ftedge/bench/general.jsonl" in names  # the drift check's general prompts

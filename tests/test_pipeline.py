@@ -33,7 +33,20 @@ def test_run_end_to_end_then_resume(tiny_recipe: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "e2e"
     cli = CliRunner()
     res = cli.invoke(
-        main, ["run", str(tiny_recipe), "-o", f"export.target={target}", "-o", "eval.max_examples=4", "--run-dir", str(run_dir)]
+        main,
+        # drift from base is tested on the bench's own run (tests/test_bench.py); here it would only add a worker
+        [
+            "run",
+            str(tiny_recipe),
+            "-o",
+            f"export.target={target}",
+            "-o",
+            "eval.max_examples=4",
+            "-o",
+            "eval.drift=false",
+            "--run-dir",
+            str(run_dir),
+        ],
     )
     assert res.exit_code == 0, res.output
     run = Run.open(run_dir)
@@ -48,6 +61,9 @@ def test_run_end_to_end_then_resume(tiny_recipe: Path, tmp_path: Path) -> None:
     bundle_text = (ship / "README.md").read_text() + (ship / "Modelfile").read_text()
     assert str(run_dir) not in bundle_text and ".venv" not in bundle_text  # the bundle stands alone
     assert "FROM ./tiny.q8_0.gguf" in (ship / "Modelfile").read_text()
+    card = (ship / "README.md").read_text()
+    assert card.startswith("---\nlicense: unknown\n") and "## Evaluation" in card and "**gguf-q8_0 (shipped)**" in card
+    assert "The target profile names the quant to ship (`ship: q8_0`)." in card
 
     results = json.loads((run_dir / "bench" / "results.json").read_text())
     assert results["schema"] == 1 and {"merged", "gguf-q8_0"} <= {e["name"] for e in results["artifacts"]}

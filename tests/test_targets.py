@@ -70,3 +70,86 @@ def test_quant_vocabulary_is_gguf_pys_and_llama_cpps() -> None:
         assert gguf_type_name(number) == q
     assert set(DEFAULT_GATES) == set(GGUF_TYPES) | set(ONNX_PRECISIONS)
     assert gguf_type_name(9999) is None
+
+
+# -- ship: auto --------------------------------------------------------------------------------
+MB = 1024 * 1024
+
+
+def _entry(name: str, fmt: str, size_mb: float, *, reference: bool = False, **figures) -> dict:
+    quant = name.split("-", 1)[-1]
+    return {"name": name, "format": fmt, "quant": quant, "size_bytes": int(size_mb * MB), "status": "ok", "reference": reference, **figures}
+
+
+def _target(tmp_path: Path, **extra) -> object:
+    import yaml
+
+    p = tmp_path / "t.yaml"
+    p.write_text(yaml.safe_dump({"name": "edge", "max_size_mb": 200, "max_ram_mb": 400, "ship": "auto", **extra}))
+    return load_target(p)
+
+
+def _doc(*entries: dict) -> dict:
+    return {"schema": 1, "reference": next(e["name"] for e in entries if e.get("reference")), "artifacts": list(entries)}
+
+
+def test_ship_auto_takes_the_smallest_gguf_within_tolerance_that_fits_and_passed(tmp_path: Path) -> None:
+    from ftedge.choose import ship_decision
+
+    doc = _doc(
+        _entry("pytorch", "torch", 300, reference=True, accuracy=0.80, accuracy_ci=[0.76, 0.84]),  # +-4 points
+        _entry("merged", "hf", 260, accuracy=0.80),
+        _entry("gguf-f16", "gguf", 250, accuracy=0.80, peak_rss_mb=300),  # too large for 200 MB
+        _entry("gguf-q8_0", "gguf", 140, accuracy=0.79, peak_rss_mb=250),
+        _entry("gguf-q5_k_m", "gguf", 110, accuracy=0.772, peak_rss_mb=230),  # 2.8 points down: within 4
+        _entry("gguf-q4_k_m", "gguf", 100, accuracy=0.75, peak_rss_mb=220),  # 5 points down
+        _entry("gguf-q4_0", "gguf", 90, accuracy=0.79, peak_rss_mb=210, gate_passed=False),
+        _entry("gguf-q3_k_m", "gguf", 80, accuracy=0.79, peak_rss_mb=500),  # over max_ram_mb
+        _entry("onnx-int4", "onnx", 70, accuracy=0.80),
+    )
+    d = ship_decision(doc, _target(tmp_path))
+    verdicts = {c.name: (c.verdict, c.reason) for c in d.candidates}
+    assert d.chosen == "gguf-q5_k_m" and d.within_tolerance and d.metric == "accuracy" and d.tolerance == pytest.approx(4.0)
+    assert verdicts["gguf-q8_0"][0] == "qualifies" and "larger than gguf-q5_k_m" in verdicts["gguf-q8_0"][1]
+    assert verdicts["gguf-q4_k_m"] == ("rejected", "accuracy 75.0%: 5.00 points worse than the reference (tolerance 4.00 points)")
+    assert verdicts["gguf-f16"][1].startswith("too large for edge: 250.0 MB > max_size_mb 200")
+    assert verdicts["gguf-q4_0"][1] == "failed its parity gate at export"
+    assert "peak RSS 500 MB > max_ram_mb 400" in verdicts["gguf-q3_k_m"][1]
+    assert verdicts["onnx-int4"][0] == "rejected" and "ONNX" in verdicts["onnx-int4"][1]
+    assert verdicts["pytorch"][0] == "reference" and verdicts["merged"][0] == "rejected"
+    assert "gguf-q5_k_m" in d.summary and "4.00 points" in d.summary
+    # a narrow interval: the tolerance is 1 point, so 2.8 points down is too much
+    doc["artifacts"][0]["accuracy_ci"] = [0.795, 0.805]
+    narrow = ship_decision(doc, _target(tmp_path))
+    assert narrow.chosen == "gguf-q8_0" and narrow.within_tolerance and narrow.tolerance == 1.0  # exactly 1 point down
+    # the target's own tolerance wins; an artifact the run no longer has is skipped
+    assert ship_decision(doc, _target(tmp_path, ship_tolerance=6)).chosen == "gguf-q4_k_m"
+    assert ship_decision(doc, _target(tmp_path, ship_tolerance=6), available={"gguf-q8_0"}).chosen == "gguf-q8_0"
+
+
+def test_ship_auto_on_perplexity_and_when_nothing_is_close_enough(tmp_path: Path) -> None:
+    from ftedge.choose import decision_markdown, ship_decision
+
+    doc = _doc(
+        _entry("pytorch", "torch", 300, reference=True, perplexity=10.0, perplexity_ci=[9.95, 10.05], chrf=40.0),
+        _entry("gguf-q8_0", "gguf", 140, perplexity=10.05, chrf=39.0),
+        _entry("gguf-q4_k_m", "gguf", 100, perplexity=10.6, chrf=41.0),
+    )
+    d = ship_decision(doc, _target(tmp_path))
+    assert d.metric == "perplexity" and d.unit == "%" and d.tolerance == 1.0 and d.chosen == "gguf-q8_0"
+    assert ship_decision(doc, _target(tmp_path, ship_metric="chrf")).chosen == "gguf-q4_k_m"  # 1 point better
+    doc["artifacts"][1]["perplexity"] = 11.0
+    d = ship_decision(doc, _target(tmp_path))
+    assert d.chosen == "gguf-q4_k_m" and not d.within_tolerance and "no GGUF within 1.00%" in d.summary
+    lines = decision_markdown(d.as_dict())
+    assert lines[0] == d.summary + "." and sum(line.startswith("| gguf-") for line in lines) == 2
+    nothing = ship_decision(_doc(_entry("pytorch", "torch", 300, reference=True, perplexity=10.0)), _target(tmp_path))
+    assert nothing.chosen is None and "no GGUF" in nothing.summary
+
+
+def test_shipped_profiles_ship_auto_and_bad_ship_values_list_auto(tmp_path: Path) -> None:
+    assert load_target("laptop-cpu").ship == "auto" and load_target("raspberry-pi-5").ship == "auto"
+    p = tmp_path / "t.yaml"
+    p.write_text("name: t\nship: smallest\n")
+    with pytest.raises(FtedgeError, match="unknown quant type 'smallest'.*auto"):
+        load_target(p)

@@ -55,3 +55,15 @@ def test_onnx_only_checked_when_target_wants_onnx() -> None:
     assert "GGUF" in check_export_support("LlamaForCausalLM", pi, "x")[0]
     with pytest.raises(FtedgeError, match="GGUF converter"):
         check_export_support("MadeUpForCausalLM", pi, "x")
+
+
+def test_general_prompts_are_checked_before_training(tiny_recipe: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "general.jsonl"
+    mine.write_text('{"prompt": "Name a colour."}\n{"text": "Some text of my own."}\n')
+    lines = preflight(tiny_recipe, ["eval.general_prompts=general.jsonl"])  # relative to the recipe's folder
+    assert "eval.general_prompts: 1 prompts, 1 texts for the drift check" in lines
+    mine.write_text('{"prompt": "Name a colour."}\n{"answer": "red"}\n')
+    with pytest.raises(FtedgeError, match="general.jsonl:2: no 'prompt', 'messages' or 'text'"):
+        preflight(tiny_recipe, ["eval.general_prompts=general.jsonl"])
+    with pytest.raises(FtedgeError, match="eval.general_prompts: file .*missing.jsonl not found"):
+        preflight(tiny_recipe, ["eval.general_prompts=missing.jsonl"])

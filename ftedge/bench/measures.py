@@ -90,6 +90,9 @@ def measure_quality(
 ) -> dict[str, Any]:
     """Accuracy (label_match), answer perplexity, and top-1 agreement / KL against a reference file.
 
+    Returns every scored (target, answer) pair as ``predictions`` and each example's answer NLL as
+    ``nll``: the bench's parent computes F1 and bootstrap intervals from them (``ftedge.bench.metrics``).
+
     ``reference_out`` saves this backend's top-k log-probs as the reference for other artifacts.
     ``reuse_teacher_forcing`` scores answers with ``greedy_answer`` (decodes only where the
     model leaves the gold answer); off, every answer is decoded from its prompt.
@@ -103,7 +106,8 @@ def measure_quality(
     nll_count = 0
     agree = kl_sum = 0.0
     compared = 0
-    predictions: list[dict[str, str | bool]] = []
+    predictions: list[dict[str, str | bool]] = []  # every scored example: metrics are computed from all of them
+    nll_rows: list[tuple[float, int]] = []  # each example's answer (sum of NLL, tokens): the perplexity's bootstrap
     save_ids: list[np.ndarray] = []
     save_top_ids: list[np.ndarray] = []
     save_top_logp: list[np.ndarray] = []
@@ -131,10 +135,11 @@ def measure_quality(
             ok = answer == str(ex["target"]).strip()
             correct += ok
             scored += 1
-            if len(predictions) < 50:
-                predictions.append({"target": str(ex["target"]), "answer": answer, "correct": ok})
+            predictions.append({"target": str(ex["target"]), "answer": answer, "correct": ok})
         answer_rows = np.arange(len(prompt) - 1, len(full) - 1)
-        nll_sum += float(-logp[answer_rows, np.asarray(full[len(prompt) :])].sum())
+        nll = float(-logp[answer_rows, np.asarray(full[len(prompt) :])].sum())
+        nll_rows.append((nll, len(answer_rows)))
+        nll_sum += nll
         nll_count += len(answer_rows)
         if reference_out is not None:
             ids_k, logp_k = top_k(logp)
@@ -181,6 +186,7 @@ def measure_quality(
         "tokenization_mismatches": mismatched,
         "decoded_tokens": decoded,
         "predictions": predictions,
+        "nll": nll_rows,
     }
 
 

@@ -36,15 +36,25 @@ def _kl(v: Any) -> str:
     return "—" if v is None else f"{v:.4f}"
 
 
+def _ci_pct(v: Any) -> str:
+    return "—" if not v else f"{100 * v[0]:.1f}–{100 * v[1]:.1f}"
+
+
 # (key, header, formatter, right-aligned)
 COLUMNS: list[tuple[str, str, Callable[[Any], str], bool]] = [
     ("name", "artifact", str, False),
     ("quant", "quant", lambda v: v or "—", False),
     ("size_bytes", "size MB", _size, True),
     ("accuracy", "accuracy", _pct, True),
+    ("accuracy_ci", "95% CI", _ci_pct, True),
+    ("macro_f1", "macro-F1", _num(3), True),
     ("perplexity", "ppl", _num(3), True),
+    ("chrf", "chrF", _num(1), True),
     ("top1_agreement", "top-1", _pct, True),
     ("kl", "KL", _kl, True),
+    ("drift_kl", "drift KL", _kl, True),
+    ("drift_top1", "drift top-1", _pct, True),
+    ("general_ppl", "gen. ppl", _num(2), True),
     ("ttft_ms", "TTFT ms", _num(1), True),
     ("prefill_tok_s", "prefill tok/s", _num(1), True),
     ("decode_tok_s", "decode tok/s", _num(1), True),
@@ -53,8 +63,17 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str], bool]] = [
     ("fits", "fits", _fits, False),
 ]
 
+# Shown only when some artifact has a value (a chat run has no accuracy, a standalone file no drift).
+OPTIONAL = {"accuracy_ci", "macro_f1", "chrf", "drift_kl", "drift_top1", "general_ppl"}
+REPORT_ONLY = {"accuracy_ci", "general_ppl"}  # the terminal table stays within 180-200 columns
+
 NOTES = [
-    "accuracy: the generated answer equals the label after trimming (greedy, `max_new_tokens` from the recipe).",
+    "accuracy: the generated answer equals the label after trimming (greedy, `max_new_tokens` from the recipe); "
+    "95% CI: percentile bootstrap over the test examples (2,000 resamples, fixed seed).",
+    "macro-F1: the F1 of each gold label (scikit-learn), averaged with equal weight; an answer that is no label counts "
+    "against its gold label's recall.",
+    "chrF: character n-gram F-score (sacrebleu, 0-100) of the greedy answers to the first test prompts against their "
+    "reference answers (chat data); wording-sensitive, read it next to the answers below.",
     "ppl: perplexity of the held-out answers (and end-of-turn token) given their prompts.",
     "top-1 / KL: next-token agreement and KL(reference || artifact) in nats over every position of the held-out "
     "conversations after the prefix they all share (system prompt, template header; scored once it would "
@@ -67,10 +86,21 @@ NOTES = [
 ]
 
 
-def cells(entry: dict[str, Any]) -> list[str]:
-    row = [fmt(entry.get(key)) for key, _, fmt, _ in COLUMNS]
+def columns(doc: dict[str, Any], *, terminal: bool = False) -> list[tuple[str, str, Callable[[Any], str], bool]]:
+    """COLUMNS, without the optional ones no artifact has a value for (nor, in the terminal, the report-only ones)."""
+    entries = doc.get("artifacts", [])
+    return [
+        c
+        for c in COLUMNS
+        if (c[0] not in OPTIONAL or any(e.get(c[0]) is not None for e in entries)) and not (terminal and c[0] in REPORT_ONLY)
+    ]
+
+
+def cells(entry: dict[str, Any], cols: list[tuple[str, str, Callable[[Any], str], bool]] | None = None) -> list[str]:
+    cols = COLUMNS if cols is None else cols
+    row = [fmt(entry.get(key)) for key, _, fmt, _ in cols]
     if entry.get("status") == "failed":
-        row[1:] = ["failed"] + ["—"] * (len(COLUMNS) - 2)
+        row[1:] = ["failed"] + ["—"] * (len(cols) - 2)
     elif entry.get("reference"):
         row[0] += " (ref)"
     if entry.get("gate_passed") is False:
@@ -83,12 +113,28 @@ def table(doc: dict[str, Any]) -> Any:
 
     target = doc.get("target", {})
     tab = Table(title=f"ftedge bench — target {target.get('name')} ({target.get('threads')} threads)", title_justify="left")
-    for _, header, _, right in COLUMNS:
+    cols = columns(doc, terminal=True)
+    for _, header, _, right in cols:
         tab.add_column(header, justify="right" if right else "left", no_wrap=True)
     for entry in doc["artifacts"]:
         style = "red" if entry.get("status") == "failed" else ("yellow" if entry.get("fits") is False else None)
-        tab.add_row(*cells(entry), style=style)
+        tab.add_row(*cells(entry, cols), style=style)
     return tab
+
+
+def drift_line(doc: dict[str, Any]) -> str | None:
+    """One line on the drift-from-base figures: the base, its general-text perplexity, or why there are none."""
+    base = doc.get("drift_base")
+    if not base:
+        return None
+    if base.get("status") != "ok":
+        return f"drift from base: not measured ({base.get('error')})"
+    ppl = base.get("general_ppl")
+    return (
+        f"drift from base: against the untuned base `{base.get('model')}` on {base.get('general_prompts')} general prompts "
+        f"({base.get('answer_tokens')} answer tokens) and {base.get('general_texts')} texts; the base's general-text perplexity "
+        + ("—" if ppl is None else f"{ppl:.2f}")
+    )
 
 
 def print_table(doc: dict[str, Any], console: Any | None = None) -> None:
@@ -99,6 +145,15 @@ def print_table(doc: dict[str, Any], console: Any | None = None) -> None:
         if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
             console = Console(width=180)
     console.print(table(doc))
+    line = drift_line(doc)
+    if line:
+        console.print(line, markup=False, highlight=False)
+    decision = doc.get("ship_decision")
+    if decision:
+        console.print(decision["summary"], markup=False, highlight=False)
+        for c in decision["candidates"]:
+            if c["verdict"] != "reference":
+                console.print(f"  {c['name']}: {c['verdict']}: {c['reason']}", markup=False, highlight=False)
     for entry in doc["artifacts"]:
         if entry.get("status") == "failed":
             console.print(f"[red]{entry['name']} failed:[/red] {entry.get('error')}", markup=True, highlight=False)
@@ -106,6 +161,7 @@ def print_table(doc: dict[str, Any], console: Any | None = None) -> None:
 
 def markdown(doc: dict[str, Any]) -> str:
     target, ev, speed, host = doc.get("target", {}), doc.get("eval", {}), doc.get("speed", {}), doc.get("host", {})
+    cols = columns(doc)
     lines = [
         "# ftedge bench report",
         "",
@@ -119,11 +175,11 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- host: {host.get('cpu')} ({host.get('cpus')} CPUs), {host.get('platform')}",
         f"- ftedge {doc.get('ftedge_version')}, {doc.get('created')}",
         "",
-        "| " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",
-        "|" + "|".join("---:" if right else "---" for _, _, _, right in COLUMNS) + "|",
+        "| " + " | ".join(h for _, h, _, _ in cols) + " |",
+        "|" + "|".join("---:" if right else "---" for _, _, _, right in cols) + "|",
     ]
     for entry in doc["artifacts"]:
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells(entry)) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells(entry, cols)) + " |")
     failed = [e for e in doc["artifacts"] if e.get("status") == "failed"]
     if failed:
         lines += ["", "## Failed", ""]
@@ -135,8 +191,99 @@ def markdown(doc: dict[str, Any]) -> str:
             f"- {e['name']}: {e['tokenization_mismatches']} examples tokenized differently from the reference (left out of top-1/KL)"
             for e in mismatched
         ]
+    lines += classification_section(doc) + drift_section(doc) + generations_section(doc)
+    if doc.get("ship_decision"):
+        from ftedge.choose import decision_markdown
+
+        lines += ["", "## Ship decision (`ship: auto`)", ""] + decision_markdown(doc["ship_decision"])
     lines += ["", "## How to read it", ""] + [f"- {n}" for n in NOTES] + ["", "![accuracy vs decode speed](plot.png)", ""]
     return "\n".join(lines)
+
+
+def md_cell(text: Any) -> str:
+    """Text for a markdown table cell: pipes escaped, newlines as <br>."""
+    return str(text).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def classification_section(doc: dict[str, Any], movers: int = 5, pairs: int = 5) -> list[str]:
+    """Labels whose F1 moved most against the reference, and the most confused label pairs, per artifact."""
+    from ftedge.bench.metrics import f1_movers
+
+    ok = [e for e in doc["artifacts"] if e.get("status") == "ok" and e.get("per_label")]
+    if not ok:
+        return []
+    ref = next((e for e in ok if e.get("reference")), None)
+    lines = ["", "## Per label", ""]
+    if ref is not None:
+        lines += [f"### Labels whose F1 moved most against the reference ({ref['name']})", ""]
+        for e in ok:
+            if e is ref:
+                continue
+            moved = f1_movers(ref["per_label"], e["per_label"], movers)
+            if not moved:
+                lines += [f"- **{e['name']}**: no label's F1 changed.", ""]
+                continue
+            lines += [f"**{e['name']}**", "", "| label | reference F1 | F1 | change | support |", "|---|---:|---:|---:|---:|"]
+            lines += [
+                f"| {md_cell(m['label'])} | {m['reference_f1']:.3f} | {m['f1']:.3f} | {m['delta']:+.3f} | {m['support']} |" for m in moved
+            ]
+            lines.append("")
+    lines += ["### Most confused label pairs (gold → answer, count)", ""]
+    for e in ok:
+        conf = (e.get("confusions") or [])[:pairs]
+        shown = ", ".join(f"`{md_cell(c['gold'])}` → `{md_cell(c['predicted'] or '(empty)')}` ({c['count']})" for c in conf) or "none"
+        lines.append(f"- **{e['name']}**: {shown}")
+    return lines
+
+
+def drift_section(doc: dict[str, Any]) -> list[str]:
+    from ftedge.bench.forgetting import NOTE
+
+    line = drift_line(doc)
+    if not line:
+        return []
+    lines = ["", "## Drift from base", "", line + ".", ""]
+    ok = [e for e in doc["artifacts"] if e.get("status") == "ok" and e.get("drift_kl") is not None]
+    if ok:
+        base_ppl = doc["drift_base"].get("general_ppl")
+        lines += ["| artifact | drift KL | drift top-1 | gen. ppl | vs base |", "|---|---:|---:|---:|---:|"]
+        for e in ok:
+            ppl = e.get("general_ppl")
+            ratio = f"{ppl / base_ppl:.2f}x" if ppl and base_ppl else "—"
+            lines.append(f"| {e['name']} | {_kl(e['drift_kl'])} | {_pct(e.get('drift_top1'))} | {_num(2)(ppl)} | {ratio} |")
+        lines.append("")
+    return lines + [NOTE]
+
+
+def generations_section(doc: dict[str, Any]) -> list[str]:
+    """Each test prompt with its reference answer and every artifact's greedy answer, side by side."""
+    ok = [e for e in doc["artifacts"] if e.get("status") == "ok" and e.get("generations")]
+    if not ok:
+        return []
+    lines = ["", "## Answers side by side", ""]
+    lines.append(
+        "chrF against the reference answers (95% bootstrap interval): "
+        + "; ".join(
+            f"**{e['name']}** {e['chrf']:.1f}" + (f" [{e['chrf_ci'][0]:.1f}, {e['chrf_ci'][1]:.1f}]" if e.get("chrf_ci") else "")
+            for e in ok
+        )
+        + "."
+    )
+    first = ok[0]["generations"]
+    for i, g in enumerate(first):
+        lines += [
+            "",
+            f"### {i + 1}. {md_cell(g['prompt'])}",
+            "",
+            "| | answer | chrF |",
+            "|---|---|---:|",
+            f"| reference | {md_cell(g['reference'])} | |",
+        ]
+        for e in ok:
+            gens = e["generations"]
+            if i < len(gens) and gens[i]["prompt"] == g["prompt"]:
+                lines.append(f"| {e['name']} | {md_cell(gens[i]['answer']) or '(empty)'} | {gens[i]['chrf']:.1f} |")
+    return lines
 
 
 def _plot_axis(entries: list[dict[str, Any]]) -> tuple[str, str]:
@@ -146,30 +293,65 @@ def _plot_axis(entries: list[dict[str, Any]]) -> tuple[str, str]:
     return "size_bytes", "size (MB)"
 
 
+MIN_AREA, MAX_AREA = 30.0, 600.0  # marker areas (points^2) of the smallest and the largest artifact
+
+
+def plot_points(doc: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:
+    """(metric key, axis label, points): each benched artifact at (decode tok/s, metric), its 95% interval as
+    error-bar lengths (below, above) and its size as marker area (linear in bytes, MIN_AREA..MAX_AREA)."""
+    ok = [e for e in doc["artifacts"] if e.get("status") == "ok" and e.get("decode_tok_s") is not None]
+    key, label = _plot_axis(ok)
+    chosen = [e for e in ok if e.get(key) is not None]
+    biggest = max((e.get("size_bytes") or 0 for e in chosen), default=0) or 1
+    points = []
+    for e in sorted(chosen, key=lambda e: e["decode_tok_s"]):
+        y = e[key] / MB if key == "size_bytes" else e[key]
+        ci = e.get(f"{key}_ci")
+        low, high = (max(y - ci[0], 0.0), max(ci[1] - y, 0.0)) if ci else (0.0, 0.0)
+        size = e.get("size_bytes") or 0
+        points.append(
+            {
+                "name": e["name"],
+                "x": e["decode_tok_s"],
+                "y": y,
+                "yerr": (low, high),
+                "area": MIN_AREA + (MAX_AREA - MIN_AREA) * size / biggest,
+                "marker": "*" if e.get("reference") else ("o" if e.get("fits") is not False else "X"),
+                "size_mb": size / MB,
+            }
+        )
+    return key, label, points
+
+
 def plot_png(doc: dict[str, Any]) -> bytes:
-    """Accuracy (else perplexity) against decode tok/s, one labelled point per artifact."""
+    """Accuracy (else perplexity) against decode tok/s: 95% intervals as error bars, marker area as the artifact's size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [e for e in doc["artifacts"] if e.get("status") == "ok" and e.get("decode_tok_s") is not None]
-    key, label = _plot_axis(ok)
+    key, label, points = plot_points(doc)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     try:
-        points = sorted((e for e in ok if e.get(key) is not None), key=lambda e: e["decode_tok_s"])
-        span = max((e["decode_tok_s"] for e in points), default=1.0) or 1.0
+        span = max((p["x"] for p in points), default=1.0) or 1.0
         last_x, flip = None, False
-        for e in points:
-            x, y = e["decode_tok_s"], e[key] / MB if key == "size_bytes" else e[key]
-            marker = "*" if e.get("reference") else ("o" if e.get("fits") is not False else "x")
-            ax.scatter(x, y, s=90 if marker == "*" else 45, marker=marker, zorder=3)
+        for p in points:
+            x, y = p["x"], p["y"]
+            if any(p["yerr"]):
+                ax.errorbar(x, y, yerr=[[p["yerr"][0]], [p["yerr"][1]]], fmt="none", ecolor="0.35", elinewidth=1, capsize=4, zorder=2)
+            ax.scatter(x, y, s=p["area"] * (1.6 if p["marker"] == "*" else 1.0), marker=p["marker"], alpha=0.75, zorder=3)
             flip = (not flip) if last_x is not None and x - last_x < 0.12 * span else False  # neighbours: labels above / below
             last_x = x
-            ax.annotate(e["name"], (x, y), textcoords="offset points", xytext=(6, -12 if flip else 5), fontsize=8)
+            gap = (p["area"] / 3.14159) ** 0.5 + 3  # points: each label starts beside its marker, whatever the marker's size
+            text = f"{p['name']} ({p['size_mb']:,.0f} MB)"
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(gap, -13 if flip else 5), fontsize=8)
         failed = [e["name"] for e in doc["artifacts"] if e.get("status") != "ok"]
         if failed:
             ax.text(0.01, 0.01, "failed: " + ", ".join(failed), transform=ax.transAxes, fontsize=7, color="red", va="bottom")
+        note = "marker area: artifact size; * reference, X over budget" + (
+            "; bars: 95% bootstrap interval" if any(any(p["yerr"]) for p in points) else ""
+        )
+        ax.text(0.99, 0.01, note, transform=ax.transAxes, fontsize=7, color="0.3", ha="right", va="bottom")
         target = doc.get("target", {})
         ax.set_xlabel(f"decode tok/s (median, {target.get('threads')} threads)")
         ax.set_ylabel(label)

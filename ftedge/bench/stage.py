@@ -38,6 +38,8 @@ SCHEMA = 1
 ENTRY_KEYS = (
     "name", "format", "quant", "path", "size_bytes", "accuracy", "perplexity", "top1_agreement", "kl",
     "ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_p95", "peak_rss_mb", "fits",
+    # added without a schema change (None where not measured): bench.metrics, .generative, .forgetting
+    "accuracy_ci", "macro_f1", "perplexity_ci", "chrf", "chrf_ci", "drift_kl", "drift_top1", "general_ppl",
 )  # fmt: skip
 MB = 1024 * 1024
 DEFAULT_SPEED_PROMPT = "Explain in two sentences why the sky is blue."
@@ -280,6 +282,10 @@ def make_entry(spec: ArtifactSpec, result: dict[str, Any], target: Target, *, ba
     for extra in (
         "n_examples",
         "skipped_examples",
+        "per_label",
+        "confusions",
+        "generations",
+        "drift_positions",
         "parity_positions",
         "tokenization_mismatches",
         "prompt_tokens",
@@ -306,8 +312,14 @@ def bench_specs(
     speed: SpeedConfig,
     base: Path | None = None,
     command: Callable[[Path, Path], list[str]] | None = None,
+    generate: int = 0,
+    general_in: Path | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Bench each artifact in its own process; returns the entries and each artifact's sample predictions."""
+    """Bench each artifact in its own process; returns the entries and each artifact's predictions.
+
+    ``generate``: greedy answers to the first N examples (chat data); ``general_in``: the base
+    model's general-set file (``bench_base``) to measure drift from base against.
+    """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     ref_file = work_dir / "reference-topk.npz"
@@ -335,8 +347,12 @@ def bench_specs(
                 },
                 "reference_out": str(ref_file) if spec.reference and examples else None,
                 "reference_in": str(ref_file) if not spec.reference and ref_file.is_file() else None,
+                "generate": generate,
+                "general_in": str(general_in) if general_in is not None else None,
             }
             result = run_worker(job, work_dir, spec.name, command=command)
+            if result.get("status") == "ok":
+                result.update(task_figures(result))
             entry = make_entry(spec, result, target, base=base)
             entries.append(entry)
             predictions[spec.name] = result.get("predictions") or []
@@ -352,6 +368,58 @@ def bench_specs(
                 log.warning("%s: failed: %s", spec.name, entry["error"])
             progress.advance(bar)
     return entries, predictions
+
+
+def task_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """F1, bootstrap intervals and chrF from a worker's raw pairs (computed here, in the parent, for every artifact alike)."""
+    from ftedge.bench import generative, metrics
+
+    out: dict[str, Any] = {}
+    pairs = [(p["target"], p["answer"]) for p in result.get("predictions") or []]
+    if pairs:
+        figures = metrics.classification(pairs)
+        out.update({k: figures[k] for k in ("accuracy_ci", "macro_f1", "per_label", "confusions")})
+    if result.get("nll"):
+        out["perplexity_ci"] = metrics.perplexity_interval(result["nll"])
+    if result.get("generations"):
+        out.update(generative.score(result["generations"]))
+    return out
+
+
+def bench_base(recipe: Any, target: Target, work_dir: Path, *, command: Callable[[Path, Path], list[str]] | None = None) -> dict[str, Any]:
+    """Run the untuned base model on the general set in its own worker (for drift from base); its summary for results.json.
+
+    The summary's ``file`` is the base's general-set file the artifacts' workers compare with;
+    a base that cannot be resolved or run is a warning (no drift figures), not a failed bench.
+    """
+    from ftedge.bench import forgetting
+    from ftedge.hf import resolve_base_model
+
+    general = forgetting.load_general(recipe.eval.general_prompts)
+    info: dict[str, Any] = {"model": recipe.base_model, "sources": general.sources}
+    try:
+        base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
+    except FtedgeError as err:
+        log.warning("drift from base skipped: %s", err.one_line())
+        return {**info, "status": "failed", "error": err.one_line()}
+    out = work_dir / "base-general.npz"
+    out.unlink(missing_ok=True)
+    job = {
+        "name": "base",
+        "path": str(base),
+        "load": {"kind": "torch", "trust_remote_code": recipe.trust_remote_code},
+        "threads": target.threads,
+        "n_ctx": target.n_ctx,
+        "general": general.as_job(),
+        "general_out": str(out),
+    }
+    log.info("drift from base: the untuned base on %d general prompts and %d texts", len(general.prompts), len(general.texts))
+    result = run_worker(job, work_dir, "base", command=command)
+    if result.get("status") != "ok" or not out.is_file():
+        log.warning("drift from base skipped: the base model failed (%s)", result.get("error"))
+        return {**info, "status": "failed", "error": result.get("error", "no output")}
+    keys = ("general_prompts", "written_answers", "general_texts", "answer_tokens", "general_ppl", "wall_seconds")
+    return {**info, "status": "ok", **{k: result.get(k) for k in keys}, "file": str(out)}
 
 
 def _fmt(x: float | None) -> str:
@@ -432,6 +500,7 @@ def bench_run(
         if not examples:
             raise FtedgeError(f"no held-out examples for {run.path}", hint="set data.val or data.val_fraction > 0 in the recipe")
         task = recipe.eval.task
+        drift_base = bench_base(recipe, target, out_dir / "work", command=command) if recipe.eval.drift else None
         entries, predictions = bench_specs(
             specs,
             target,
@@ -443,6 +512,8 @@ def bench_run(
             speed=speed,
             base=run.path,
             command=command,
+            generate=recipe.eval.generate if recipe.data.format != "text_label" else 0,
+            general_in=Path(drift_base["file"]) if drift_base and drift_base.get("file") else None,
         )
         doc = results_doc(
             run.path,
@@ -454,6 +525,12 @@ def bench_run(
             speed=speed,
             prompt_tokens=_prompt_tokens(entries),
         )
+        if drift_base is not None:
+            doc["drift_base"] = {k: v for k, v in drift_base.items() if k != "file"}
+        if target.ship == "auto":
+            from ftedge.choose import ship_decision
+
+            doc["ship_decision"] = ship_decision(doc, target).as_dict()
         paths = report.write_reports(doc, out_dir, predictions=predictions)
         if json_path is not None:
             atomic.write_json(Path(json_path), doc)

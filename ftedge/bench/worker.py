@@ -38,10 +38,14 @@ def open_backend(job: dict[str, Any]) -> Backend:
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Load the artifact, measure quality (if examples) and speed; return the metrics."""
+    """Load the artifact; measure quality (if examples), greedy answers (``generate``), drift from base or the
+    base's own general replies (``general_in`` / ``general_out``) and speed (``speed``); return the metrics."""
+    from ftedge.bench import forgetting, generative
+
     started = time.perf_counter()
     result: dict[str, Any] = {"status": "ok"}
     backend = open_backend(job)
+    n_ctx = int(job.get("n_ctx") or 2048)
     try:
         result["load_seconds"] = round(time.perf_counter() - started, 3)
         examples = job.get("examples") or []
@@ -57,12 +61,19 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                     reference_out=Path(job["reference_out"]) if job.get("reference_out") else None,
                 )
             )
-        speed = job["speed"]
-        result.update(
-            measure_speed(
-                backend, speed["messages"], decode_tokens=speed["decode_tokens"], repeats=speed["repeats"], warmup=speed["warmup"]
+        if examples and job.get("generate"):
+            result["generations"] = generative.answers(backend, examples[: int(job["generate"])], n_ctx=n_ctx)
+        if job.get("general_out"):
+            result.update(forgetting.base_reference(backend, job["general"], Path(job["general_out"]), n_ctx=n_ctx))
+        elif job.get("general_in") and Path(job["general_in"]).is_file():
+            result.update(forgetting.drift(backend, Path(job["general_in"])))
+        speed = job.get("speed")
+        if speed:
+            result.update(
+                measure_speed(
+                    backend, speed["messages"], decode_tokens=speed["decode_tokens"], repeats=speed["repeats"], warmup=speed["warmup"]
+                )
             )
-        )
     finally:
         backend.close()
     result["seconds"] = round(time.perf_counter() - started, 3)
