@@ -87,7 +87,19 @@ def test_dora_and_ia3_run_through_gguf_and_onnx_gates(tiny_recipe: Path, tmp_pat
     recipe = _recipe(tiny_recipe, method, "qlora", max_steps=4)
     run_dir = tmp_path / "run"
     res = CliRunner().invoke(
-        main, ["run", str(recipe), "-o", f"export.target={target_path}", "-o", "eval.max_examples=4", "--run-dir", str(run_dir)]
+        main,
+        [
+            "run",
+            str(recipe),
+            "-o",
+            f"export.target={target_path}",
+            "-o",
+            "eval.max_examples=4",
+            "-o",
+            "eval.drift=false",
+            "--run-dir",
+            str(run_dir),
+        ],
     )
     assert res.exit_code == 0, res.output
     run = Run.open(run_dir)
@@ -106,7 +118,7 @@ def test_prefix_tuning_trains_benches_and_stops_before_export(tiny_recipe: Path,
     assert len(notes) == 1 and "adapter.method=prefix" in notes[0] and "no GGUF/ONNX export" in notes[0]
 
     run_dir = tmp_path / "prefix-run"
-    res = cli.invoke(main, ["run", str(recipe), "-o", "eval.max_examples=4", "--run-dir", str(run_dir)])
+    res = cli.invoke(main, ["run", str(recipe), "-o", "eval.max_examples=4", "-o", "eval.drift=false", "--run-dir", str(run_dir)])
     assert res.exit_code == 0, res.output
     run = Run.open(run_dir)
     assert run.is_done("train") and run.is_done("bench")
