@@ -4,7 +4,7 @@
     # the preference set of recipes/smollm2-banking77-dpo.yaml, from a trained SFT run:
     .venv/bin/python benchmarks/dpo_banking77.py build runs/banking77-sft
     # SFT vs SFT+DPO on the held-out rows the SFT run benched (trains the DPO run; --steps for a shorter run):
-    .venv/bin/python benchmarks/dpo_banking77.py compare runs/banking77-sft --steps 60
+    .venv/bin/python benchmarks/dpo_banking77.py compare runs/banking77-sft --steps 60 [-o quant.compute_dtype=float32]
 
 ``build`` merges the SFT run if needed and answers BANKING77 rows greedily with its merged model
 (batched transformers ``generate``, the answer up to the end-of-turn token):
@@ -126,6 +126,7 @@ def compare(args: argparse.Namespace) -> None:
         f"eval.max_examples={n_eval}",
         "eval.artifacts=[]",
         "eval.drift=false",
+        *args.override,
     ]
     run_dir = ROOT / "benchmarks" / "work" / "dpo-banking77"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=3000, help="training rows to answer (the mistakes become pairs)")
     parser.add_argument("--val-rows", type=int, default=200)
     parser.add_argument("--steps", type=int, default=60, help="compare: DPO steps")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="compare: DPO recipe override")
     args = parser.parse_args()
     from ftedge.logs import setup_logging
 

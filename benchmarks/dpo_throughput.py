@@ -9,6 +9,7 @@ checkpointing on). Each side trains in its own process; useful tokens are the to
 chosen and rejected rows (prompt + answer), counted once by the same code.
 
     .venv/bin/python benchmarks/dpo_throughput.py --steps 10 --threads 2
+    .venv/bin/python benchmarks/dpo_throughput.py --steps 4 --batch 8 --threads 1 --fp32   # AVX2-only CPUs
 
 Writes benchmarks/results/dpo_throughput.json. Needs the `bench` extra (trl, datasets).
 """
@@ -52,6 +53,7 @@ def _recipe(out: Path, steps: int, batch: int):
     return load_recipe(
         DPO_RECIPE,
         [
+            f"quant.compute_dtype={os.environ.get('FTEDGE_BENCH_DTYPE', 'bfloat16')}",
             f"data.train={out / 'pairs.jsonl'}",
             "data.val=null",
             "data.val_fraction=0",
@@ -111,11 +113,15 @@ def worker_trl(out: Path, steps: int, batch: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(
         str(base),
         quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=torch.bfloat16
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
         ),
         device_map="cpu",
     )
     args = DPOConfig(
+        bf16=q.compute_dtype == "bfloat16",
         output_dir=str(out / "trl"),
         use_cpu=True,
         per_device_train_batch_size=batch,
@@ -151,6 +157,9 @@ def main() -> None:
     ap.add_argument("--worker", choices=["ftedge", "trl"])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "dpo_throughput.json")
+    ap.add_argument(
+        "--fp32", action="store_true", help="compute in float32 on both sides (CPUs without AVX512-BF16/AMX: bf16 matmuls are slow)"
+    )
     args = ap.parse_args()
     if args.worker:
         import torch
@@ -167,6 +176,7 @@ def main() -> None:
         load = [round(os.getloadavg()[0], 2)]
         for kind in ("ftedge", "trl"):
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+            env["FTEDGE_BENCH_DTYPE"] = "float32" if args.fp32 else "bfloat16"
             cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--batch", str(args.batch), "--out", str(out)]
             subprocess.run(cmd, check=True, env=env)
             r = json.loads((out / f"{kind}.json").read_text())
@@ -188,6 +198,7 @@ def main() -> None:
                 "steps": args.steps,
                 "batch": args.batch,
                 "threads": args.threads,
+                "compute_dtype": "float32" if args.fp32 else "bfloat16",
                 "useful_tokens": tokens,
                 "machine": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(),
