@@ -8,7 +8,11 @@ package). Formats (``data.format``):
 - ``alpaca``: ``instruction``, optional ``input``, ``output``;
 - ``completion``: ``prompt`` + ``completion`` (a chat turn), or ``text`` alone (raw text,
   every token trained, no chat template);
-- ``text_label``: a text and a label; the label is the assistant's answer.
+- ``text_label``: a text and a label; the label is the assistant's answer;
+- ``preference``: a prompt with a ``chosen`` and a ``rejected`` answer (DPO). The prompt is a
+  string or a message list; without a prompt, ``chosen`` and ``rejected`` are whole
+  conversations that differ only in the last (assistant) turn (TRL's formats). Message lists
+  may be JSON strings (CSV).
 
 Every row becomes an :class:`Example`: ``messages`` (system prompt + turns, without the final
 answer) and ``target`` (the final answer), so a bench can prompt any runtime with its own
@@ -36,7 +40,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +65,7 @@ class Example:
     target: str
     source: str = ""  # "file:row", for messages
     raw: bool = False  # completion rows without a prompt: plain text, no chat template
+    rejected: str | None = None  # preference rows: the dispreferred answer (``target`` is the chosen one)
 
     def conversation(self) -> list[dict[str, str]]:
         return [*self.messages, {"role": "assistant", "content": self.target}]
@@ -84,6 +89,14 @@ class Encoded:
     @property
     def n_trained(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class EncodedPair:
+    """A tokenized preference example: the prompt with the chosen answer, and with the rejected one."""
+
+    chosen: Encoded
+    rejected: Encoded
 
 
 # --------------------------------------------------------------------------- reading rows
@@ -239,23 +252,24 @@ def row_to_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Example:
         return Example([], text, where, raw=True)
     if fmt == "messages":
         return _messages_example(row, where, cfg)
-    raise FtedgeError(f"unknown data format {fmt!r}", hint="use messages, alpaca, completion or text_label")
+    if fmt == "preference":
+        return _preference_example(row, where, cfg)
+    raise FtedgeError(f"unknown data format {fmt!r}", hint="use messages, alpaca, completion, text_label or preference")
 
 
-def _messages_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Example:
-    turns = row.get(cfg.messages_field)
+def _turns(value: Any, where: str, name: str) -> list[dict[str, str]]:
+    """A non-empty list of {role, content} messages (a JSON string of one in CSV), checked."""
+    turns = value
     if isinstance(turns, str):
         try:
             turns = json.loads(turns)
         except json.JSONDecodeError:
             raise FtedgeError(
-                f"{where}: {cfg.messages_field!r} is not a JSON list of messages", hint='write [{"role": "user", "content": "..."}, ...]'
+                f"{where}: {name!r} is not a JSON list of messages", hint='write [{"role": "user", "content": "..."}, ...]'
             ) from None
-    if turns is None:
-        _field(row, cfg.messages_field, where, "messages")
     if not isinstance(turns, list) or not turns:
         raise FtedgeError(
-            f"{where}: {cfg.messages_field!r} must be a non-empty list of messages",
+            f"{where}: {name!r} must be a non-empty list of messages",
             hint='write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]',
         )
     clean: list[dict[str, str]] = []
@@ -265,12 +279,86 @@ def _messages_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Examp
                 f"{where}: message {i} is not a {{role, content}} object with role in {list(ROLES)}", hint="fix the message list"
             )
         clean.append({"role": turn["role"], "content": turn["content"]})
-    if clean[-1]["role"] != "assistant":
+    return clean
+
+
+def _ends_with_answer(turns: list[dict[str, str]], where: str) -> None:
+    if turns[-1]["role"] != "assistant":
         raise FtedgeError(
-            f"{where}: the last message must be the assistant's answer (got {clean[-1]['role']!r})",
+            f"{where}: the last message must be the assistant's answer (got {turns[-1]['role']!r})",
             hint="end each conversation with an assistant turn",
         )
+
+
+def _messages_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Example:
+    if row.get(cfg.messages_field) is None:
+        _field(row, cfg.messages_field, where, "messages")
+    clean = _turns(row.get(cfg.messages_field), where, cfg.messages_field)
+    _ends_with_answer(clean, where)
     return Example(_with_system(cfg.system_prompt, clean[:-1]), clean[-1]["content"], where)
+
+
+def _as_messages(value: Any) -> Any:
+    """A JSON message list stored as a string (CSV) as the list; anything else unchanged."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed):
+            return parsed
+    return value
+
+
+def _preference_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Example:
+    """prompt + chosen + rejected (strings, or TRL's message lists), or chosen/rejected whole conversations."""
+    fmt = "preference"
+    for name in (cfg.chosen_field, cfg.rejected_field):
+        value = row.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            _field(row, name, where, fmt)
+    chosen, rejected = _as_messages(row[cfg.chosen_field]), _as_messages(row[cfg.rejected_field])
+    prompt = _as_messages(row.get(cfg.prompt_field))
+    if prompt is None:  # implicit prompt: two conversations sharing every turn but the last
+        if not isinstance(chosen, list) or not isinstance(rejected, list):
+            raise FtedgeError(
+                f"{where}: row has no {cfg.prompt_field!r}, and {cfg.chosen_field!r}/{cfg.rejected_field!r} are not conversations",
+                hint="give a prompt column, or chosen/rejected as message lists that end with the assistant's answer",
+            )
+        good, bad = _turns(chosen, where, cfg.chosen_field), _turns(rejected, where, cfg.rejected_field)
+        _ends_with_answer(good, where)
+        _ends_with_answer(bad, where)
+        if good[:-1] != bad[:-1]:
+            raise FtedgeError(
+                f"{where}: the chosen and rejected conversations differ before their last turn",
+                hint="they must share the prompt turns and differ only in the assistant's final answer",
+            )
+        messages = good[:-1]
+        chosen_text, rejected_text = good[-1]["content"], bad[-1]["content"]
+    else:
+        if isinstance(prompt, list):
+            messages = _turns(prompt, where, cfg.prompt_field)
+            if messages[-1]["role"] == "assistant":
+                raise FtedgeError(f"{where}: {cfg.prompt_field!r} ends with an assistant turn", hint="the prompt ends with the user's turn")
+        else:
+            text = _field(row, cfg.prompt_field, where, fmt)
+            messages = [{"role": "user", "content": str(text)}]
+        chosen_text = _answer_text(chosen, where, cfg.chosen_field)
+        rejected_text = _answer_text(rejected, where, cfg.rejected_field)
+    for name, text in ((cfg.chosen_field, chosen_text), (cfg.rejected_field, rejected_text)):
+        if not text.strip():
+            raise FtedgeError(f"{where}: {name!r} is an empty answer", hint="fill the answer or drop the row")
+    return Example(_with_system(cfg.system_prompt, messages), chosen_text, where, rejected=rejected_text)
+
+
+def _answer_text(value: Any, where: str, name: str) -> str:
+    """An answer: a string, or a list holding one assistant message (TRL's conversational format)."""
+    if isinstance(value, list):
+        turns = _turns(value, where, name)
+        if len(turns) != 1 or turns[0]["role"] != "assistant":
+            raise FtedgeError(f"{where}: {name!r} must be one assistant message", hint='write [{"role": "assistant", "content": "..."}]')
+        return turns[0]["content"]
+    return str(value)
 
 
 def examples_from_file(path: Path, cfg: DataConfig) -> list[Example]:
@@ -594,6 +682,22 @@ class ChatEncoder:
         labels[0] = IGNORE  # nothing predicts an example's first token (and in a packed row it must not)
         return Encoded(ids, labels)
 
+    def n_tokens(self, examples: Sequence[Example]) -> list[int]:
+        """Tokens of each rendered example before any truncation (a preference row: its longer answer), as ``encode`` counts them."""
+        variants = [[e] if e.rejected is None else [e, replace(e, target=e.rejected)] for e in examples]
+        pieces = [[[text for text, _ in self.pieces(x)] for x in v] for v in variants]
+        texts = [text for v in pieces for x in v for text in x]
+        lengths = iter(len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        return [max(sum(next(lengths) for _ in x) for x in v) for v in pieces]
+
+    def encode_pair(self, example: Example) -> EncodedPair | None:
+        """A preference example as two encoded rows (chosen, rejected); None if either has no trained token left."""
+        if example.rejected is None:
+            raise FtedgeError(f"{example.source}: not a preference row (no rejected answer)", hint="set data.format: preference")
+        chosen = self.encode(example)
+        rejected = self.encode(replace(example, target=example.rejected))
+        return None if chosen is None or rejected is None else EncodedPair(chosen, rejected)
+
     def _truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Drop the end of the text before the first answer (keeping the template's tail), then the row's end."""
         over = len(ids) - self.max_length
@@ -603,9 +707,10 @@ class ChatEncoder:
         ids, labels = ids[:cut_start] + ids[cut_end:], labels[:cut_start] + labels[cut_end:]
         return ids[: self.max_length], labels[: self.max_length]
 
-    def encode_all(self, examples: Iterable[Example], *, what: str = "train") -> list[Encoded]:
+    def encode_all(self, examples: Iterable[Example], *, what: str = "train", pairs: bool = False) -> list[Any]:
+        """Encoded rows (``pairs``: EncodedPair of preference rows); truncations reported in one warning."""
         before_t, before_d = self.truncated, self.dropped
-        out = [e for e in map(self.encode, examples) if e is not None]
+        out = [e for e in map(self.encode_pair if pairs else self.encode, examples) if e is not None]
         trunc, drop = self.truncated - before_t, self.dropped - before_d
         if trunc:
             log.warning(
@@ -638,49 +743,57 @@ def check_fits(encoder: ChatEncoder, examples: Sequence[Example]) -> None:
 
 
 def tokenized_splits(recipe: Recipe, tokenizer: Any, splits: Splits | None = None) -> tuple[list[Encoded], list[Encoded]]:
-    """Tokenized, masked training and validation rows for a recipe (the training stage's input)."""
+    """Tokenized, masked training and validation rows for a recipe (the training stage's input).
+
+    Preference data (``data.format: preference``) gives :class:`EncodedPair` rows instead.
+    """
     splits = splits or load_splits(recipe)
     enc = ChatEncoder(tokenizer, recipe.train.max_length)
     check_fits(enc, splits.train)
-    return enc.encode_all(splits.train, what="train"), enc.encode_all(splits.val, what="val")
+    pairs = recipe.data.format == "preference"
+    return enc.encode_all(splits.train, what="train", pairs=pairs), enc.encode_all(splits.val, what="val", pairs=pairs)
 
 
-def make_batch(rows: Sequence[Encoded], *, max_length: int, packing: bool, pad_id: int = 0) -> dict[str, Any]:
+def make_batch(rows: Sequence[Encoded], *, max_length: int, packing: bool, pad_id: int = 0, segments: bool = False) -> dict[str, Any]:
     """Tensors for one micro-batch; labels are already aligned to inputs (the loss shifts them).
 
     With ``packing``, examples are laid end to end in rows of at most ``max_length`` tokens
     and ``position_ids`` restart at 0 for each example: with no attention mask, transformers
     turns that into a block-diagonal mask, so no token attends across examples. Padding
     (only at row ends) forms its own block and carries no loss. Without packing, one example
-    per row, right-padded, with an attention mask.
+    per row, right-padded, with an attention mask. ``segments`` adds, per position, the index of
+    its example in ``rows`` (-1 on padding), for per-example sums (DPO).
     """
     import torch
 
     if packing:
-        packed: list[list[Encoded]] = [[]]
+        packed: list[list[int]] = [[]]
         used = 0
-        for row in rows:
+        for i, row in enumerate(rows):
             n = len(row.input_ids)
             if packed[-1] and used + n > max_length:
                 packed.append([])
                 used = 0
-            packed[-1].append(row)
+            packed[-1].append(i)
             used += n
         groups = packed
     else:
-        groups = [[row] for row in rows]
-    width = max(sum(len(r.input_ids) for r in g) for g in groups)
-    ids, labels, pos, mask = [], [], [], []
+        groups = [[i] for i in range(len(rows))]
+    width = max(sum(len(rows[i].input_ids) for i in g) for g in groups)
+    ids, labels, pos, mask, seg = [], [], [], [], []
     for g in groups:
-        gi = [t for r in g for t in r.input_ids]
-        gl = [t for r in g for t in r.labels]
-        gp = [p for r in g for p in range(len(r.input_ids))]
+        gi = [t for i in g for t in rows[i].input_ids]
+        gl = [t for i in g for t in rows[i].labels]
+        gp = [p for i in g for p in range(len(rows[i].input_ids))]
         pad = width - len(gi)
         ids.append(gi + [pad_id] * pad)
         labels.append(gl + [IGNORE] * pad)
         pos.append(gp + list(range(pad)))
         mask.append([1] * len(gi) + [0] * pad)
+        seg.append([i for i in g for _ in rows[i].input_ids] + [-1] * pad)
     batch: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if segments:
+        batch["segments"] = torch.tensor(seg)
     if packing:
         batch["position_ids"] = torch.tensor(pos)
     else:

@@ -702,7 +702,7 @@ def _missing_targets(have: set[str], targets: Iterable[str], arch: str) -> str |
     missing = [t for t in targets if t not in have]
     if not missing:
         return None
-    return f"lora.target_modules: {arch} has no module named {', '.join(missing)} (it has {', '.join(sorted(have - {'lm_head'}))})"
+    return f"adapter.target_modules: {arch} has no module named {', '.join(missing)} (it has {', '.join(sorted(have - {'lm_head'}))})"
 
 
 def lora_target_problem(spec: str, targets: str | Iterable[str]) -> str | None:
@@ -727,3 +727,23 @@ def check_lora_targets(model: Any, targets: str | Iterable[str]) -> None:
     problem = _missing_targets(linear_module_names(model), targets, arch)
     if problem:
         raise FtedgeError(problem, hint="use target_modules: all-linear, or the names of the model's linear layers")
+
+
+def attach_adapter(model: Any, adapter: Path | str) -> Any:
+    """A PEFT adapter folder (LoRA, DoRA, IA3, prefix tuning) on a loaded base model, for inference.
+
+    peft 0.21's IA3 layer on a 4-bit base returns fp32 outside autocast (it upcasts the input and
+    keeps that dtype), so the adapted k/v projections would disagree in dtype with q in attention:
+    their outputs are cast back to the input's dtype, as every other layer of the model returns.
+    """
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    try:
+        from peft.tuners.ia3.bnb import Linear4bit as IA3Linear4bit
+    except ImportError:  # peft without bitsandbytes support
+        return peft_model
+    for module in peft_model.modules():
+        if isinstance(module, IA3Linear4bit):
+            module.register_forward_hook(lambda mod, args, out: out.to(args[0].dtype) if args and hasattr(args[0], "dtype") else out)
+    return peft_model

@@ -29,6 +29,7 @@ from ftedge.errors import FtedgeError, check_free_space
 from ftedge.formats.quants import BYTES_PER_WEIGHT
 from ftedge.hf import end_of_turn_id
 from ftedge.manifest import Run
+from ftedge.recipe import require_mergeable
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,10 @@ def _load_base(base: Path, *, four_bit: bool, quant: Any, trust_remote_code: boo
 
 
 def _with_adapter(model: Any, adapter: Path) -> Any:
-    from peft import PeftModel
+    from ftedge.hf import attach_adapter
 
     try:
-        return PeftModel.from_pretrained(model, str(adapter))
+        return attach_adapter(model, adapter)
     except Exception as err:  # shape mismatch, wrong base, damaged file
         raise FtedgeError(
             f"adapter {adapter} does not fit base model ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})",
@@ -102,6 +103,7 @@ def build_merged(base: Path, adapter: Path, mode: str, *, quant: Any, trust_remo
         model = model.dequantize()
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
+        model.is_loaded_in_4bit = False  # dequantize() leaves the flag set, and peft's IA3 then refuses to merge
         model = model.to(torch.float32)
     else:
         model = _load_base(base, four_bit=False, quant=quant, trust_remote_code=trust_remote_code, device=device)
@@ -206,6 +208,7 @@ def measure_drift(
 def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Path:
     """Merge the run's adapter into a float base; write ``run/merged`` and record it as artifact 'merged'."""
     run.require("train", "trained adapter", "ftedge train --resume")
+    require_mergeable(run.recipe(), "merge")
     out = run.path / "merged"
     if run.is_done("merge") and not force and out.is_dir() and "merged" in run.artifacts():
         log.info("merge already done (%s); use --force to redo it", out)
@@ -224,9 +227,9 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
         note = f"quant.bits={recipe.quant.bits}: training used a float base, so the merge is into the float base"
         mode = "float"
     from ftedge.data import gate_prompts
-    from ftedge.hf import parameter_count, resolve_base_model
+    from ftedge.hf import parameter_count
 
-    base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
+    base = run.base_model()  # the recipe's base model, or train.init_from's merged model
     trust = recipe.trust_remote_code
     need = int(parameter_count(base) * BYTES_PER_WEIGHT["f32"])  # the merged model is float32
     check_free_space(run.path, need, "the merged float32 model")

@@ -30,6 +30,7 @@ from ftedge.errors import FtedgeError, StageMissingError
 from ftedge.formats.modelfile import write_modelfile
 from ftedge.launch import launch_section
 from ftedge.manifest import Artifact, Run
+from ftedge.recipe import require_mergeable
 from ftedge.targets import MB, Target
 
 log = logging.getLogger(__name__)
@@ -210,13 +211,8 @@ def model_card(
         "| setting | value |",
         "|---|---|",
         f"| base model | {_cell(base_id)} |",
-        f"| method | {tr.method}"
-        + (
-            f" (LoRA r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, dropout={recipe.lora.dropout:g}, modules {recipe.lora.target_modules})"
-            if tr.method != "full"
-            else ""
-        )
-        + " |",
+        f"| method | {tr.method}" + (f" ({_adapter_text(recipe.adapter)})" if tr.method != "full" else "") + " |",
+        *([f"| objective | DPO (beta {tr.beta:g}) from {_cell(str(tr.init_from))} |"] if tr.objective == "dpo" else []),
         f"| base weights while training | {'4-bit ' + recipe.quant.type if recipe.quant.bits == 4 else f'{recipe.quant.bits}-bit float'} |",
     ]
     train = run.manifest().get("stages", {}).get("train", {}).get("metrics", {})
@@ -353,12 +349,22 @@ def drift_card_section(doc: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _adapter_text(a: Any) -> str:
+    """The adapter in the model card: method and shape."""
+    if a.method in ("lora", "dora"):
+        name = "LoRA" if a.method == "lora" else "DoRA"
+        return f"{name} r={a.r}, alpha={a.alpha:g}, dropout={a.dropout:g}, modules {a.target_modules}"
+    return f"IA3, modules {a.target_modules}" if a.method == "ia3" else a.method
+
+
 def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
     """Build ``run/ship`` atomically from the best passing GGUF (an ONNX folder for a target without GGUF); record it as 'ship'."""
     out = run.path / "ship"
     if run.is_done("ship") and not force and run.artifact("ship") is not None and out.is_dir():
         log.info("ship: already done (%s); use --force to rebuild it", out)
         return out
+    recipe = run.recipe()
+    require_mergeable(recipe, "ship")
     if not (target.gguf and target.gguf.quants):  # a target without GGUF ships its best ONNX folder
         return ship_onnx(run, target, out)
     doc = bench_results(run)
@@ -367,7 +373,6 @@ def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
         chosen, decision = choose_auto(run, target, doc)
     else:
         chosen = choose_gguf(run, target)
-    recipe = run.recipe()
     model_name = recipe.name.lower()
     model_file = f"{model_name}.{chosen.quant or 'gguf'}.gguf"
     with run.stage("ship") as metrics:

@@ -44,10 +44,15 @@ class TorchBackend(Backend):
             self.path, trust_remote_code=trust_remote_code, require_chat_template=False, chat_template=chat_template
         )
         if adapter is not None:
-            from peft import PeftModel
+            from ftedge.hf import attach_adapter
 
-            model = PeftModel.from_pretrained(model, str(adapter))
+            model = attach_adapter(model, adapter)
         self.model = model.eval()
+        # Decoding steps after the first run the wrapped model itself: the cache already holds what
+        # the adapter adds (a prefix-tuning adapter's key/value prefix, which peft's forward would
+        # otherwise put in front of the cache again); for LoRA-style adapters it is the same model.
+        get_base = getattr(model, "get_base_model", None)
+        self._step_model = get_base() if callable(get_base) else model
         self.device = next(model.parameters()).device
         self._torch = torch
 
@@ -113,5 +118,5 @@ class TorchBackend(Backend):
                 yield tok
                 if tok in stops:
                     return
-                out = self.model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=past, use_cache=True)
+                out = self._step_model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=past, use_cache=True)
                 past = out.past_key_values

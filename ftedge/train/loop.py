@@ -36,7 +36,9 @@ from torch import nn
 
 from ftedge import atomic
 from ftedge.data import Encoded, make_batch
+from ftedge.errors import FtedgeError
 from ftedge.recipe import TrainConfig
+from ftedge.train.layers import LayerSchedule
 from ftedge.train.model import LabelOnlyLoss, label_positions, load_trainable_state, trainable_state
 
 log = logging.getLogger(__name__)
@@ -142,12 +144,18 @@ class Trainer:
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.steps = total_steps(cfg, len(train_rows), self.world)
-        self.loss_module = LabelOnlyLoss(model)
+        self.loss_module = self.make_loss(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = {k for k, p in model.named_parameters() if p.requires_grad}  # what checkpoints hold, frozen or not
+        # -- layer schedule (train.unfreeze, train.layer_lr_decay; ftedge/train/layers.py) --
+        self.layers = LayerSchedule(model, cfg) if cfg.unfreeze is not None or cfg.layer_lr_decay != 1.0 else None
+        if self.layers is not None and cfg.unfreeze is not None and self.world > 1:
+            raise FtedgeError("train.unfreeze runs on one process only", hint="train without accelerate launch, or drop train.unfreeze")
+        groups = self.layers.param_groups() if self.layers is not None else self.params
         self.device = accelerator.device
         cuda = self.device.type == "cuda"
         # On CUDA: one fused kernel for the whole AdamW update (CPU keeps PyTorch's default).
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
         # fp16 compute (GPUs before Ampere) needs loss scaling: small gradients underflow in fp16.
         self.scaler = torch.amp.GradScaler("cuda") if cuda and dtype == torch.float16 else None
         self.last_grad_norm: float | None = None
@@ -155,6 +163,24 @@ class Trainer:
         if self.world > 1:
             self.loss_module, self.opt = accelerator.prepare(self.loss_module, self.opt)
         self.state = State()
+
+    # -- extension points (the DPO trainer, the layer schedule) ---------------
+    def make_loss(self, model: nn.Module) -> nn.Module:
+        """The module whose forward gives (summed loss, count) for a batch; wrapped by DDP."""
+        return LabelOnlyLoss(model)
+
+    def before_step(self, step: int) -> None:
+        """Called before ``train_step(step)``: the layers that train at this step."""
+        if self.layers is not None:
+            self.layers.apply(step)
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Extra figures for the step's metrics record (and TensorBoard)."""
+        return self.layers.metrics() if self.layers is not None else {}
+
+    def progress_info(self) -> str:
+        """Extra text for the progress bar."""
+        return ""
 
     # -- batches ------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[list[Encoded]]:
@@ -274,7 +300,7 @@ class Trainer:
         path = self.ckpt_dir / f"step-{self.state.step:06d}"
         with atomic.atomic_path(path) as tmp:
             tmp.mkdir(parents=True)
-            save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
+            save_file(trainable_state(self.model, self.trainable), str(tmp / "trainable.safetensors"))
             optim = {"optimizer": self._unwrapped_opt().state_dict(), "scheduler": self.sched.state_dict()}
             if self.scaler is not None:
                 optim["scaler"] = self.scaler.state_dict()
@@ -391,6 +417,7 @@ def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
             while st.step < trainer.steps and not st.stopped_early:
                 t0 = time.perf_counter()
                 tokens_before = st.tokens
+                trainer.before_step(st.step)
                 loss = trainer.train_step(st.step)
                 dt = time.perf_counter() - t0
                 st.seconds += dt
@@ -426,11 +453,13 @@ def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
                                     st.best_eval,
                                     st.best_step,
                                 )
+                record.update(trainer.step_metrics())
                 st.history.append({k: record[k] for k in ("step", "loss", "eval_loss") if k in record})
                 rec.write(record)
                 info = (
                     f"loss {loss:.4f}"
                     + (f" eval {st.last_eval:.4f}" if st.last_eval is not None else "")
+                    + trainer.progress_info()
                     + f" {st.tokens / max(st.seconds, 1e-9):.0f} tok/s"
                 )
                 bar.update(task, completed=st.step, info=info)
