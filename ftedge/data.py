@@ -38,6 +38,7 @@ import csv
 import json
 import logging
 import random
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -77,6 +78,7 @@ class Splits:
     val: list[Example]
     labels: list[str] = field(default_factory=list)  # text_label: the label set (sorted)
     test: list[Example] = field(default_factory=list)
+    left_out: list[Example] = field(default_factory=list)  # training rows also given as validation/test rows: not trained on
 
 
 @dataclass
@@ -371,11 +373,27 @@ def content_key(example: Example) -> str:
     return json.dumps([example.messages, example.target, example.raw], ensure_ascii=False, sort_keys=True)
 
 
+def normalize(text: str) -> str:
+    """Case- and spacing-insensitive form of a text (what "the same input" means)."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def prompt_text(example: Example) -> str:
+    """The input of an example: its non-system turns (the system prompt is the same on every row)."""
+    return "\n".join(m["content"] for m in example.messages if m["role"] != "system")
+
+
+def input_key(example: Example) -> str:
+    """What makes two rows the same input, whatever their answers: the normalized prompt turns (raw text rows: the text)."""
+    return normalize(prompt_text(example) if not example.raw else example.target)
+
+
 def _groups(examples: list[Example], seed: int) -> list[list[Example]]:
-    """Examples grouped by content (duplicates together), in a fixed-seed shuffled order."""
+    """Examples grouped by input (repeated and conflicting rows together), in a fixed-seed shuffled order: a held-out
+    input never also occurs in training, even with other case, spacing or answer."""
     by_key: dict[str, list[Example]] = {}
     for ex in examples:
-        by_key.setdefault(content_key(ex), []).append(ex)
+        by_key.setdefault(input_key(ex), []).append(ex)
     groups = list(by_key.values())
     random.Random(seed).shuffle(groups)
     return groups
@@ -392,8 +410,9 @@ def _file_split(path: Path, cfg: DataConfig, what: str, key: str) -> list[Exampl
     return rows
 
 
-def _split(examples: list[Example], cfg: DataConfig, source: Path) -> tuple[list[Example], list[Example], list[Example]]:
-    """(train, val, test): separate files where given, else fixed-seed held-out groups of ``examples`` (test first)."""
+def _split(examples: list[Example], cfg: DataConfig, source: Path) -> tuple[list[Example], list[Example], list[Example], list[Example]]:
+    """(train, val, test, left_out): separate files where given, else fixed-seed held-out groups of ``examples`` (test
+    first); ``left_out``: training rows that are also validation or test rows, kept out of training."""
     groups = _groups(examples, cfg.seed)
     n_test = 0 if cfg.test is not None else _count(len(groups), cfg.test_fraction)
     n_val = 0 if cfg.val is not None else _count(len(groups), cfg.val_fraction)
@@ -409,20 +428,24 @@ def _split(examples: list[Example], cfg: DataConfig, source: Path) -> tuple[list
     if cfg.val is not None:
         val = _file_split(cfg.val, cfg, "validation", "val")
     seen = {content_key(ex) for ex in test}
+    left_out: list[Example] = []
     for name, part in (("validation", val), ("training", train)):
         kept = [ex for ex in part if content_key(ex) not in seen]
         if len(kept) < len(part):
             log.warning("%d %s rows are also test rows: left out of %s", len(part) - len(kept), name, name)
+            if part is train:
+                left_out += [ex for ex in part if content_key(ex) in seen]
             part[:] = kept
     if cfg.val is not None:
         seen |= {content_key(ex) for ex in val}
         kept = [ex for ex in train if content_key(ex) not in seen]
         if len(kept) < len(train):
             log.warning("%d training rows are also validation rows: left out of training", len(train) - len(kept))
+            left_out += [ex for ex in train if content_key(ex) in seen]
             train = kept
     if not train:
         raise FtedgeError(f"{source}: no training rows left after the validation and test splits", hint="give data.train more rows")
-    return train, val, test
+    return train, val, test, left_out
 
 
 def load_splits(recipe: Recipe) -> Splits:
@@ -431,7 +454,7 @@ def load_splits(recipe: Recipe) -> Splits:
     examples = examples_from_file(cfg.train, cfg)
     if not examples:
         raise FtedgeError(f"data file {cfg.train} has no rows", hint="check the file (a CSV needs a header row and data rows)")
-    train, val, test = _split(examples, cfg, cfg.train)
+    train, val, test, left_out = _split(examples, cfg, cfg.train)
     if cfg.max_examples is not None:
         train = train[: cfg.max_examples]
     labels: list[str] = []
@@ -442,7 +465,7 @@ def load_splits(recipe: Recipe) -> Splits:
                 f"{cfg.train}: label field {cfg.label_field!r} has a single class ({labels[0]!r})",
                 hint="a classifier needs at least two labels; check data.label_field",
             )
-    return Splits(train=train, val=val, labels=labels, test=test)
+    return Splits(train=train, val=val, labels=labels, test=test, left_out=left_out)
 
 
 def check_dataset(recipe: Recipe) -> str:

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import logging
 import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftedge.data import Example, Splits, load_splits, read_rows, row_to_example
+from ftedge.data import Example, Splits, load_splits, normalize, prompt_text, read_rows, row_to_example
 from ftedge.errors import FtedgeError
 from ftedge.recipe import Recipe
 
@@ -98,16 +97,6 @@ class DataReport:
 
 
 # --------------------------------------------------------------------------- helpers
-def normalize(text: str) -> str:
-    """Case- and spacing-insensitive form of a text (what "the same input" means here)."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def prompt_text(example: Example) -> str:
-    """The input of an example: its non-system turns (the system prompt is the same on every row)."""
-    return "\n".join(m["content"] for m in example.messages if m["role"] != "system")
-
-
 def _shingles(text: str) -> list[bytes]:
     text = normalize(text)
     if len(text) <= SHINGLE:
@@ -218,7 +207,8 @@ def near_duplicates(df: Any, hashes: dict[int, Any]) -> tuple[Finding, Any]:
     return Finding("near_duplicates", "warning", summary, details), train_lsh
 
 
-def leakage(df: Any, hashes: dict[int, Any], train_lsh: Any) -> Finding:
+def leakage(df: Any, hashes: dict[int, Any], train_lsh: Any, *, left_out: int = 0) -> Finding:
+    """Held-out inputs also in training; ``left_out``: how many of those training rows ftedge already keeps out of training."""
     train = df[df["split"] == "train"]
     held = df[df["split"] != "train"]
     if held.empty:
@@ -240,9 +230,14 @@ def leakage(df: Any, hashes: dict[int, Any], train_lsh: Any) -> Finding:
     if not len(exact) and not near:
         return Finding("leakage", "ok", "no validation/test input occurs in training", details)
     splits = ", ".join(f"{k} {v}" for k, v in details["by_split"].items())
-    summary = f"{_plural(len(exact), 'held-out row')} also in training{f' ({splits})' if splits else ''}"
-    if near:
-        summary += f", {len(near)} more nearly"
+    if len(exact):
+        summary = f"{_plural(len(exact), 'held-out row')} also in training{f' ({splits})' if splits else ''}"
+        summary += f", {len(near)} more nearly" if near else ""
+    else:
+        summary = f"{_plural(len(near), 'held-out row')} nearly in training"
+    if left_out:
+        details["left_out_of_training"] = left_out
+        summary += f" ({left_out} identical training rows are left out of training)"
     return Finding("leakage", "warning", summary + ": their scores measure memory, not generalization", details)
 
 
@@ -336,10 +331,12 @@ def check_data(recipe: Recipe, *, tokenizer: Any = None, splits: Splits | None =
         return DataReport(name, {}, [unreadable])
     splits = splits or load_splits(recipe)
     parts = {s: list(getattr(splits, s)) for s in SPLITS if getattr(splits, s, None)}
+    if splits.left_out:  # the training data as given: rows also held out are reported as leakage (training skips them)
+        parts["train"] = parts.get("train", []) + splits.left_out
     df = _frame(parts)
     hashes = dict(zip(df.index, _minhashes(list(df["input"])), strict=True))
     near, train_lsh = near_duplicates(df, hashes)
-    findings = [unreadable, duplicates(df), near, leakage(df, hashes, train_lsh)]
+    findings = [unreadable, duplicates(df), near, leakage(df, hashes, train_lsh, left_out=len(splits.left_out))]
     if recipe.data.format == "text_label":
         findings.append(label_balance(df))
     findings.append(empty_answers(df, recipe.data.format == "preference"))

@@ -53,7 +53,14 @@ def _recipe(tmp_path: Path, tiny_model_dir: Path, **data) -> Path:
     raw = {
         "name": "check",
         "base_model": str(tiny_model_dir),
-        "data": {"train": "train.csv", "val": "val.csv", "format": "text_label", "label_field": "category", "system_prompt": "Label it."}
+        "data": {
+            "train": "train.csv",
+            "val": "val.csv",
+            "test_fraction": 0.0,
+            "format": "text_label",
+            "label_field": "category",
+            "system_prompt": "Label it.",
+        }
         | data,
         "adapter": {"r": 4},
         "quant": {"bits": 32},
@@ -74,7 +81,7 @@ def messy(tmp_path: Path, tiny_model_dir: Path) -> Path:
 def test_data_check_finds_each_problem(messy: Path) -> None:
     res = CliRunner().invoke(main, ["data", "check", str(messy), "--json"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     assert report["rows"] == {"train": len(TRAIN), "val": len(VAL)}
     found = {f["check"]: f for f in report["findings"]}
     dup = found["duplicates"]
@@ -106,7 +113,7 @@ def test_unreadable_and_empty_rows_are_all_listed(tmp_path: Path, tiny_model_dir
     _csv(tmp_path / "val.csv", [("hey", "a")])
     res = CliRunner().invoke(main, ["data", "check", str(_recipe(tmp_path, tiny_model_dir)), "--json", "--no-tokens"])
     assert res.exit_code == 2
-    report = json.loads(res.output[: res.output.rindex("}") + 1])
+    report = json.loads(res.stdout[: res.stdout.rindex("}") + 1])
     (finding,) = report["findings"]
     assert finding["check"] == "unreadable" and finding["details"]["count"] == 2
     assert "row 2" in finding["details"]["examples"][0] and "row 4" in finding["details"]["examples"][1]
@@ -117,7 +124,7 @@ def test_unreadable_and_empty_rows_are_all_listed(tmp_path: Path, tiny_model_dir
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
     recipe = _recipe(tmp_path, tiny_model_dir, train="chat.jsonl", val=None, format="messages")
     res = CliRunner().invoke(main, ["data", "check", str(recipe), "--json", "--no-tokens"])
-    found = {f["check"]: f for f in json.loads(res.output)["findings"]}
+    found = {f["check"]: f for f in json.loads(res.stdout)["findings"]}
     assert found["empty_answers"]["details"]["count"] >= 1 and "labels" not in found
 
 
@@ -143,14 +150,15 @@ def test_train_starts_with_the_checks_as_warnings(messy: Path, tmp_path: Path, m
 
 
 def test_banking77_duplicates_and_balance() -> None:
-    """The shipped BANKING77 data: 3 repeated training rows, 1 validation row also in training, 77 labels."""
+    """The shipped BANKING77 data: 4 repeated training rows, no held-out input in training (the split keeps each input in
+    one split), 77 labels."""
     from ftedge.datacheck import check_data
     from ftedge.recipe import load_recipe
 
     report = check_data(load_recipe(REPO / "recipes" / "smollm2-banking77.yaml"))
     found = {f.check: f for f in report.findings}
-    assert found["duplicates"].details["exact"] == 3 and found["duplicates"].details["conflicting_inputs"] == 0
-    assert found["leakage"].details["exact"] == 1
+    assert found["duplicates"].details["exact"] == 4 and found["duplicates"].details["conflicting_inputs"] == 0
+    assert found["leakage"].details["exact"] == 0 and found["leakage"].details["near"] > 0
     labels = found["labels"].details
-    assert labels["labels"] == 77 and sum(labels["counts"].values()) == report.rows["train"] == 9003
+    assert labels["labels"] == 77 and sum(labels["counts"].values()) == report.rows["train"] == 8003
     assert labels["min"] < labels["median"] < labels["max"] and not labels["unseen"]

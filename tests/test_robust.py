@@ -300,7 +300,7 @@ def test_validate_reads_the_architecture_without_loading(tiny_recipe: Path, tmp_
     assert any("base model smollm2-135m-instruct: embedded" in ln for ln in lines), lines
     assert any("architecture LlamaForCausalLM" in ln and ln.endswith("(from the GGUF header)") for ln in lines), lines
     gguf = write_gguf_header_only(tmp_path / "tiny.gguf", "qwen2")
-    lines = preflight(tiny_recipe, [f"base_model={gguf}"])
+    lines = preflight(tiny_recipe, [f"base_model={gguf}", "chat_template=chatml"])  # a header without a template
     assert f"base model {gguf}: GGUF file" in lines, lines
     assert any("architecture Qwen2ForCausalLM" in ln and ln.endswith("(from the GGUF header)") for ln in lines), lines
     lines = preflight(tiny_recipe, ["base_model=some-org/some-model"])

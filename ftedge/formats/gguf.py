@@ -92,7 +92,7 @@ def _inspect_cached(path: Path, size: int, mtime_ns: int) -> GgufInfo:
     if magic != GGUF_MAGIC:
         raise FtedgeError(f"{path} is not a GGUF file (bad magic {magic!r})", hint="give a complete .gguf file")
     if size < 24:
-        raise FtedgeError(f"{path} is truncated ({size} bytes)", hint="re-export or re-download the file")
+        raise FtedgeError(f"{path} is truncated or damaged ({size} bytes)", hint="re-export or re-download the file")
     import mmap
 
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
