@@ -106,6 +106,41 @@ def validate(recipe: Path | None, overrides: tuple[str, ...], explain: bool) -> 
     click.secho(f"{recipe}: valid", fg="green")
 
 
+@main.group(context_settings=CONTEXT)
+def data() -> None:
+    """Look at a recipe's data before training on it."""
+
+
+@data.command(name="check", context_settings=CONTEXT)
+@click.argument("recipe", type=click.Path(path_type=Path))
+@overrides_option
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON (for scripts) instead of a table.")
+@click.option("--strict", is_flag=True, help="Fail (exit 2) when validation/test rows also occur in training (leakage).")
+@click.option("--no-tokens", is_flag=True, help="Skip the token-length check (it loads the base model's tokenizer).")
+def data_check(recipe: Path, overrides: tuple[str, ...], as_json: bool, strict: bool, no_tokens: bool) -> None:
+    """Duplicates, near-duplicates, train/validation/test leakage, label balance, empty answers,
+    over-long rows (in the base model's own chat template) and mixed encodings.
+
+    \b
+    Examples:
+      ftedge data check recipes/smollm2-banking77.yaml
+      ftedge data check recipes/smollm2-banking77.yaml --json --strict
+    """
+    import json
+
+    from ftedge import commands
+
+    def emit(report: Any) -> None:
+        if as_json:
+            click.echo(json.dumps(report.to_json(), indent=2))
+        else:
+            from rich.console import Console
+
+            Console().print(report.table())
+
+    commands.data_check(recipe, list(overrides), strict=strict, tokens=not no_tokens, emit=emit)
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("recipe", type=click.Path(path_type=Path), required=False)
 @overrides_option

@@ -80,8 +80,27 @@ def train(
         run = create_or_resume(recipe_path, overrides, run_dir, resume, force=force)
     # Only rank 0 holds the run (and touches the manifest); the other ranks train beside it.
     with run.lock("train") if rank == 0 else contextlib.nullcontext():
+        if world == 1:
+            prepare_init(run)
         train_stage(run, resume=resume is not None)
     return run
+
+
+def prepare_init(run: Run) -> None:
+    """``train.init_from`` naming another run whose adapter is not merged yet: merge it first (its merged model is the start)."""
+    if run.is_done("train"):
+        return
+    spec = run.recipe().train.init_from
+    if spec is None:
+        return
+    from ftedge.manifest import init_source
+
+    source = init_source(spec)
+    if isinstance(source, Run) and source.path != run.path and source.artifact("merged") is None:
+        from ftedge.merge import merge_stage
+
+        log.info("train.init_from: merging %s first", source.path)
+        merge_stage(source)
 
 
 def merge(run_dir: Path, *, into: str | None = None, force: bool = False) -> Path:
@@ -147,6 +166,28 @@ def serve(artifact: Path, **options: Any) -> None:
     run_server(artifact, **options)
 
 
+def data_check(recipe_path: Path, overrides: list[str], *, strict: bool = False, tokens: bool = True, emit: Any = None) -> Any:
+    """``ftedge data check``: every data check of a recipe; ``emit(report)`` shows it; ``strict`` fails on leakage."""
+    from ftedge.datacheck import check_data
+    from ftedge.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    tokenizer = None
+    if tokens:
+        from ftedge.hf import load_tokenizer, resolve_base_model
+
+        tokenizer = load_tokenizer(resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code))
+    report = check_data(recipe, tokenizer=tokenizer, source=str(recipe_path))
+    if emit is not None:
+        emit(report)
+    unreadable, leakage = report.finding("unreadable"), report.finding("leakage")
+    if unreadable is not None and unreadable.status == "error":
+        raise FtedgeError(f"{recipe_path}: {unreadable.summary}", hint="fix the rows listed above")
+    if strict and report.leakage and leakage is not None:
+        raise FtedgeError(f"{recipe_path}: leakage: {leakage.summary}", hint="remove the shared rows from the validation/test data")
+    return report
+
+
 def run_all(
     recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None, force: bool = False
 ) -> Run:
@@ -164,15 +205,18 @@ def _run_stages(run: Run, *, resume: bool) -> Run:
     from ftedge.bench import bench_run
     from ftedge.export import export_stage
     from ftedge.merge import merge_stage
+    from ftedge.recipe import unmergeable_reason
     from ftedge.ship import ship_stage
     from ftedge.train import train_stage
 
+    prepare_init(run)
     target = load_target(run.recipe().export.target)
+    unmergeable = unmergeable_reason(run.recipe())  # prefix tuning: train and bench only
     started = time.time()
     gate_error: GateFailedError | None = None
     units = _stage_units(run, target)
     estimates = eta.estimate(units, eta.load_rates())
-    done = {name for name in eta.STAGES if run.is_done(name)}
+    done = {name for name in eta.STAGES if run.is_done(name)} | ({"merge", "export", "ship"} if unmergeable is not None else set())
     steps = [
         ("train", lambda: train_stage(run, resume=resume, eta_after=eta.remaining(estimates, done, "train"))),
         ("merge", lambda: merge_stage(run)),
@@ -184,6 +228,9 @@ def _run_stages(run: Run, *, resume: bool) -> Run:
         if run.is_done(name):
             log.info("[%s] already done: skipped", name)
             continue
+        if unmergeable is not None and name in ("merge", "export", "ship"):
+            log.info("[%s] skipped: %s", name, unmergeable)
+            continue
         log.info("[%s] starting (whole run: about %s left)", name, eta.clock(eta.remaining(estimates, done, name, estimates[name])))
         t0 = time.time()
         try:
@@ -193,7 +240,8 @@ def _run_stages(run: Run, *, resume: bool) -> Run:
             gate_error = err
         eta.record(name, time.time() - t0, units[name])  # this machine's pace, for the next run's estimate
         done.add(name)
-    log.info("ship bundle: %s", run.path / "ship")
+    if unmergeable is None:
+        log.info("ship bundle: %s", run.path / "ship")
     log.info("run finished in %.1f min: %s", (time.time() - started) / 60, run.path)
     if gate_error is not None:
         raise gate_error

@@ -8,7 +8,11 @@ package). Formats (``data.format``):
 - ``alpaca``: ``instruction``, optional ``input``, ``output``;
 - ``completion``: ``prompt`` + ``completion`` (a chat turn), or ``text`` alone (raw text,
   every token trained, no chat template);
-- ``text_label``: a text and a label; the label is the assistant's answer.
+- ``text_label``: a text and a label; the label is the assistant's answer;
+- ``preference``: a prompt with a ``chosen`` and a ``rejected`` answer (DPO). The prompt is a
+  string or a message list; without a prompt, ``chosen`` and ``rejected`` are whole
+  conversations that differ only in the last (assistant) turn (TRL's formats). Message lists
+  may be JSON strings (CSV).
 
 Every row becomes an :class:`Example`: ``messages`` (system prompt + turns, without the final
 answer) and ``target`` (the final answer), so a bench can prompt any runtime with its own
@@ -34,14 +38,15 @@ import csv
 import json
 import logging
 import random
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ftedge.errors import FtedgeError, from_os_error
-from ftedge.hf import end_of_turn_token
+from ftedge.hf import end_of_turn_token, fit_messages, trained_chat_template
 from ftedge.recipe import DataConfig, Recipe
 
 log = logging.getLogger(__name__)
@@ -61,6 +66,7 @@ class Example:
     target: str
     source: str = ""  # "file:row", for messages
     raw: bool = False  # completion rows without a prompt: plain text, no chat template
+    rejected: str | None = None  # preference rows: the dispreferred answer (``target`` is the chosen one)
 
     def conversation(self) -> list[dict[str, str]]:
         return [*self.messages, {"role": "assistant", "content": self.target}]
@@ -72,6 +78,7 @@ class Splits:
     val: list[Example]
     labels: list[str] = field(default_factory=list)  # text_label: the label set (sorted)
     test: list[Example] = field(default_factory=list)
+    left_out: list[Example] = field(default_factory=list)  # training rows also given as validation/test rows: not trained on
 
 
 @dataclass
@@ -84,6 +91,14 @@ class Encoded:
     @property
     def n_trained(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class EncodedPair:
+    """A tokenized preference example: the prompt with the chosen answer, and with the rejected one."""
+
+    chosen: Encoded
+    rejected: Encoded
 
 
 # --------------------------------------------------------------------------- reading rows
@@ -239,23 +254,24 @@ def row_to_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Example:
         return Example([], text, where, raw=True)
     if fmt == "messages":
         return _messages_example(row, where, cfg)
-    raise FtedgeError(f"unknown data format {fmt!r}", hint="use messages, alpaca, completion or text_label")
+    if fmt == "preference":
+        return _preference_example(row, where, cfg)
+    raise FtedgeError(f"unknown data format {fmt!r}", hint="use messages, alpaca, completion, text_label or preference")
 
 
-def _messages_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Example:
-    turns = row.get(cfg.messages_field)
+def _turns(value: Any, where: str, name: str) -> list[dict[str, str]]:
+    """A non-empty list of {role, content} messages (a JSON string of one in CSV), checked."""
+    turns = value
     if isinstance(turns, str):
         try:
             turns = json.loads(turns)
         except json.JSONDecodeError:
             raise FtedgeError(
-                f"{where}: {cfg.messages_field!r} is not a JSON list of messages", hint='write [{"role": "user", "content": "..."}, ...]'
+                f"{where}: {name!r} is not a JSON list of messages", hint='write [{"role": "user", "content": "..."}, ...]'
             ) from None
-    if turns is None:
-        _field(row, cfg.messages_field, where, "messages")
     if not isinstance(turns, list) or not turns:
         raise FtedgeError(
-            f"{where}: {cfg.messages_field!r} must be a non-empty list of messages",
+            f"{where}: {name!r} must be a non-empty list of messages",
             hint='write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]',
         )
     clean: list[dict[str, str]] = []
@@ -265,12 +281,86 @@ def _messages_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Examp
                 f"{where}: message {i} is not a {{role, content}} object with role in {list(ROLES)}", hint="fix the message list"
             )
         clean.append({"role": turn["role"], "content": turn["content"]})
-    if clean[-1]["role"] != "assistant":
+    return clean
+
+
+def _ends_with_answer(turns: list[dict[str, str]], where: str) -> None:
+    if turns[-1]["role"] != "assistant":
         raise FtedgeError(
-            f"{where}: the last message must be the assistant's answer (got {clean[-1]['role']!r})",
+            f"{where}: the last message must be the assistant's answer (got {turns[-1]['role']!r})",
             hint="end each conversation with an assistant turn",
         )
+
+
+def _messages_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Example:
+    if row.get(cfg.messages_field) is None:
+        _field(row, cfg.messages_field, where, "messages")
+    clean = _turns(row.get(cfg.messages_field), where, cfg.messages_field)
+    _ends_with_answer(clean, where)
     return Example(_with_system(cfg.system_prompt, clean[:-1]), clean[-1]["content"], where)
+
+
+def _as_messages(value: Any) -> Any:
+    """A JSON message list stored as a string (CSV) as the list; anything else unchanged."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed):
+            return parsed
+    return value
+
+
+def _preference_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Example:
+    """prompt + chosen + rejected (strings, or TRL's message lists), or chosen/rejected whole conversations."""
+    fmt = "preference"
+    for name in (cfg.chosen_field, cfg.rejected_field):
+        value = row.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            _field(row, name, where, fmt)
+    chosen, rejected = _as_messages(row[cfg.chosen_field]), _as_messages(row[cfg.rejected_field])
+    prompt = _as_messages(row.get(cfg.prompt_field))
+    if prompt is None:  # implicit prompt: two conversations sharing every turn but the last
+        if not isinstance(chosen, list) or not isinstance(rejected, list):
+            raise FtedgeError(
+                f"{where}: row has no {cfg.prompt_field!r}, and {cfg.chosen_field!r}/{cfg.rejected_field!r} are not conversations",
+                hint="give a prompt column, or chosen/rejected as message lists that end with the assistant's answer",
+            )
+        good, bad = _turns(chosen, where, cfg.chosen_field), _turns(rejected, where, cfg.rejected_field)
+        _ends_with_answer(good, where)
+        _ends_with_answer(bad, where)
+        if good[:-1] != bad[:-1]:
+            raise FtedgeError(
+                f"{where}: the chosen and rejected conversations differ before their last turn",
+                hint="they must share the prompt turns and differ only in the assistant's final answer",
+            )
+        messages = good[:-1]
+        chosen_text, rejected_text = good[-1]["content"], bad[-1]["content"]
+    else:
+        if isinstance(prompt, list):
+            messages = _turns(prompt, where, cfg.prompt_field)
+            if messages[-1]["role"] == "assistant":
+                raise FtedgeError(f"{where}: {cfg.prompt_field!r} ends with an assistant turn", hint="the prompt ends with the user's turn")
+        else:
+            text = _field(row, cfg.prompt_field, where, fmt)
+            messages = [{"role": "user", "content": str(text)}]
+        chosen_text = _answer_text(chosen, where, cfg.chosen_field)
+        rejected_text = _answer_text(rejected, where, cfg.rejected_field)
+    for name, text in ((cfg.chosen_field, chosen_text), (cfg.rejected_field, rejected_text)):
+        if not text.strip():
+            raise FtedgeError(f"{where}: {name!r} is an empty answer", hint="fill the answer or drop the row")
+    return Example(_with_system(cfg.system_prompt, messages), chosen_text, where, rejected=rejected_text)
+
+
+def _answer_text(value: Any, where: str, name: str) -> str:
+    """An answer: a string, or a list holding one assistant message (TRL's conversational format)."""
+    if isinstance(value, list):
+        turns = _turns(value, where, name)
+        if len(turns) != 1 or turns[0]["role"] != "assistant":
+            raise FtedgeError(f"{where}: {name!r} must be one assistant message", hint='write [{"role": "assistant", "content": "..."}]')
+        return turns[0]["content"]
+    return str(value)
 
 
 def examples_from_file(path: Path, cfg: DataConfig) -> list[Example]:
@@ -283,11 +373,27 @@ def content_key(example: Example) -> str:
     return json.dumps([example.messages, example.target, example.raw], ensure_ascii=False, sort_keys=True)
 
 
+def normalize(text: str) -> str:
+    """Case- and spacing-insensitive form of a text (what "the same input" means)."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def prompt_text(example: Example) -> str:
+    """The input of an example: its non-system turns (the system prompt is the same on every row)."""
+    return "\n".join(m["content"] for m in example.messages if m["role"] != "system")
+
+
+def input_key(example: Example) -> str:
+    """What makes two rows the same input, whatever their answers: the normalized prompt turns (raw text rows: the text)."""
+    return normalize(prompt_text(example) if not example.raw else example.target)
+
+
 def _groups(examples: list[Example], seed: int) -> list[list[Example]]:
-    """Examples grouped by content (duplicates together), in a fixed-seed shuffled order."""
+    """Examples grouped by input (repeated and conflicting rows together), in a fixed-seed shuffled order: a held-out
+    input never also occurs in training, even with other case, spacing or answer."""
     by_key: dict[str, list[Example]] = {}
     for ex in examples:
-        by_key.setdefault(content_key(ex), []).append(ex)
+        by_key.setdefault(input_key(ex), []).append(ex)
     groups = list(by_key.values())
     random.Random(seed).shuffle(groups)
     return groups
@@ -304,8 +410,9 @@ def _file_split(path: Path, cfg: DataConfig, what: str, key: str) -> list[Exampl
     return rows
 
 
-def _split(examples: list[Example], cfg: DataConfig, source: Path) -> tuple[list[Example], list[Example], list[Example]]:
-    """(train, val, test): separate files where given, else fixed-seed held-out groups of ``examples`` (test first)."""
+def _split(examples: list[Example], cfg: DataConfig, source: Path) -> tuple[list[Example], list[Example], list[Example], list[Example]]:
+    """(train, val, test, left_out): separate files where given, else fixed-seed held-out groups of ``examples`` (test
+    first); ``left_out``: training rows that are also validation or test rows, kept out of training."""
     groups = _groups(examples, cfg.seed)
     n_test = 0 if cfg.test is not None else _count(len(groups), cfg.test_fraction)
     n_val = 0 if cfg.val is not None else _count(len(groups), cfg.val_fraction)
@@ -321,20 +428,24 @@ def _split(examples: list[Example], cfg: DataConfig, source: Path) -> tuple[list
     if cfg.val is not None:
         val = _file_split(cfg.val, cfg, "validation", "val")
     seen = {content_key(ex) for ex in test}
+    left_out: list[Example] = []
     for name, part in (("validation", val), ("training", train)):
         kept = [ex for ex in part if content_key(ex) not in seen]
         if len(kept) < len(part):
             log.warning("%d %s rows are also test rows: left out of %s", len(part) - len(kept), name, name)
+            if part is train:
+                left_out += [ex for ex in part if content_key(ex) in seen]
             part[:] = kept
     if cfg.val is not None:
         seen |= {content_key(ex) for ex in val}
         kept = [ex for ex in train if content_key(ex) not in seen]
         if len(kept) < len(train):
             log.warning("%d training rows are also validation rows: left out of training", len(train) - len(kept))
+            left_out += [ex for ex in train if content_key(ex) in seen]
             train = kept
     if not train:
         raise FtedgeError(f"{source}: no training rows left after the validation and test splits", hint="give data.train more rows")
-    return train, val, test
+    return train, val, test, left_out
 
 
 def load_splits(recipe: Recipe) -> Splits:
@@ -343,7 +454,7 @@ def load_splits(recipe: Recipe) -> Splits:
     examples = examples_from_file(cfg.train, cfg)
     if not examples:
         raise FtedgeError(f"data file {cfg.train} has no rows", hint="check the file (a CSV needs a header row and data rows)")
-    train, val, test = _split(examples, cfg, cfg.train)
+    train, val, test, left_out = _split(examples, cfg, cfg.train)
     if cfg.max_examples is not None:
         train = train[: cfg.max_examples]
     labels: list[str] = []
@@ -354,7 +465,7 @@ def load_splits(recipe: Recipe) -> Splits:
                 f"{cfg.train}: label field {cfg.label_field!r} has a single class ({labels[0]!r})",
                 hint="a classifier needs at least two labels; check data.label_field",
             )
-    return Splits(train=train, val=val, labels=labels, test=test)
+    return Splits(train=train, val=val, labels=labels, test=test, left_out=left_out)
 
 
 def check_dataset(recipe: Recipe) -> str:
@@ -444,7 +555,9 @@ class Prompt:
 
     def text(self, tokenizer: Any, *, eot: str | None = None) -> str:
         """The prompt rendered with the HF chat template, followed by its answer (and ``eot``) when known."""
-        text = tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            fit_messages(self.messages, tokenizer.chat_template), tokenize=False, add_generation_prompt=True
+        )
         if self.target:
             text += self.target + (eot or "")
         return text
@@ -463,12 +576,23 @@ def gate_prompts(recipe: Recipe, n: int = 16) -> list[Prompt]:
 
 
 # --------------------------------------------------------------------------- tokenization
+class _NotIncremental(Exception):
+    """The template renders a conversation differently from its prefix (Qwen3, Phi-4-mini)."""
+
+
 class ChatEncoder:
-    """Applies a tokenizer's chat template and masks everything but the assistant's tokens."""
+    """Applies a tokenizer's chat template and masks everything but the assistant's tokens.
+
+    The template is the trained one (``ftedge.hf.trained_chat_template``: Qwen3's thinking off) and
+    a system prompt is folded into the first user turn where the template has no system role
+    (``ftedge.hf.fit_messages``, Gemma 2).
+    """
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tok = tokenizer
         self.max_length = max_length
+        template = getattr(tokenizer, "chat_template", None)
+        self.template = trained_chat_template(template) if isinstance(template, str) else template
         self.eot = end_of_turn_token(tokenizer)
         self.truncated = 0
         self.dropped = 0
@@ -480,7 +604,17 @@ class ChatEncoder:
         return len(self._ids(text.split("\x00END\x00", 1)[-1]))
 
     def _render(self, messages: Sequence[dict[str, str]], *, generation: bool = False) -> str:
-        return self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(
+                fit_messages(messages, self.template), chat_template=self.template, tokenize=False, add_generation_prompt=generation
+            )
+        except TemplateError as err:
+            raise FtedgeError(
+                f"the base model's chat template refuses a training conversation ({err})",
+                hint="check the roles of the data's messages (many templates need user/assistant turns to alternate)",
+            ) from None
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
@@ -490,11 +624,31 @@ class ChatEncoder:
         return self._ids(self._render(messages, generation=True))
 
     def pieces(self, example: Example) -> list[tuple[str, bool]]:
-        """The rendered conversation as ``(text, trained)`` pieces."""
+        """The rendered conversation as ``(text, trained)`` pieces.
+
+        Each assistant turn is found as the text between the generation prompt before it and the
+        conversation up to it, when the template renders every conversation as a prefix of its
+        continuation (ChatML, Llama 3, Gemma); otherwise (Qwen3 drops earlier think blocks,
+        Phi-4-mini ends a finished conversation with eos) each answer is located in order in the
+        rendered whole conversation.
+        """
         if example.raw:
             eos = getattr(self.tok, "eos_token", None) or ""
             return [(example.target + eos, True)]
         conv = example.conversation()
+        try:
+            return self._incremental_pieces(conv)
+        except _NotIncremental:
+            return self._located_pieces(conv)
+
+    def _trained_part(self, answer: str, content: str) -> tuple[str, str]:
+        """``answer`` split after its end-of-turn token (the part trained, the rest)."""
+        cut = answer.find(self.eot, len(content.rstrip()) // 2) if self.eot else -1
+        if cut >= 0:
+            return answer[: cut + len(self.eot or "")], answer[cut + len(self.eot or "") :]
+        return answer + (getattr(self.tok, "eos_token", None) or ""), ""
+
+    def _incremental_pieces(self, conv: list[dict[str, str]]) -> list[tuple[str, bool]]:
         out: list[tuple[str, bool]] = []
         done = ""
         for i, msg in enumerate(conv):
@@ -503,21 +657,35 @@ class ChatEncoder:
             before = self._render(conv[:i], generation=True)
             full = self._render(conv[: i + 1])
             if not before.startswith(done) or not full.startswith(before):
-                raise FtedgeError(
-                    "the base model's chat template renders a conversation differently from its prefix, so assistant "
-                    "tokens cannot be located",
-                    hint="use a base model with a standard chat template (e.g. ChatML or Llama-3)",
-                )
-            answer = full[len(before) :]
-            cut = answer.find(self.eot, len(msg["content"].rstrip()) // 2) if self.eot else -1
-            if cut >= 0:
-                trained, rest = answer[: cut + len(self.eot or "")], answer[cut + len(self.eot or "") :]
-            else:
-                trained, rest = answer + (getattr(self.tok, "eos_token", None) or ""), ""
+                raise _NotIncremental
+            trained, rest = self._trained_part(full[len(before) :], msg["content"])
             out += [(before[len(done) :], False), (trained, True)]
             if i < len(conv) - 1:
                 out.append((rest, False))
             done = full
+        return [(t, flag) for t, flag in out if t]
+
+    def _located_pieces(self, conv: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        text = self._render(conv)
+        out: list[tuple[str, bool]] = []
+        cursor = emitted = 0
+        for msg in fit_messages(conv, self.template):
+            content = str(msg["content"]).strip()
+            at = text.find(content + (self.eot or ""), cursor) if msg["role"] == "assistant" and self.eot else -1
+            if at < 0:
+                at = text.find(content, cursor)
+            if at < 0:
+                raise FtedgeError(
+                    "the base model's chat template does not render a message's text as given, so assistant tokens cannot be located",
+                    hint="use a base model with a standard chat template (e.g. ChatML or Llama-3), or set the recipe's chat_template",
+                )
+            cursor = at + len(content)
+            if msg["role"] == "assistant":
+                end = text.find(self.eot, cursor) if self.eot else -1
+                if end >= 0 and not text[cursor:end].strip():  # the end-of-turn token right after the answer
+                    cursor = end + len(self.eot or "")
+                out += [(text[emitted:at], False), (text[at:cursor], True)]
+                emitted = cursor
         return [(t, flag) for t, flag in out if t]
 
     def encode(self, example: Example) -> Encoded | None:
@@ -537,6 +705,22 @@ class ChatEncoder:
         labels[0] = IGNORE  # nothing predicts an example's first token (and in a packed row it must not)
         return Encoded(ids, labels)
 
+    def n_tokens(self, examples: Sequence[Example]) -> list[int]:
+        """Tokens of each rendered example before any truncation (a preference row: its longer answer), as ``encode`` counts them."""
+        variants = [[e] if e.rejected is None else [e, replace(e, target=e.rejected)] for e in examples]
+        pieces = [[[text for text, _ in self.pieces(x)] for x in v] for v in variants]
+        texts = [text for v in pieces for x in v for text in x]
+        lengths = iter(len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        return [max(sum(next(lengths) for _ in x) for x in v) for v in pieces]
+
+    def encode_pair(self, example: Example) -> EncodedPair | None:
+        """A preference example as two encoded rows (chosen, rejected); None if either has no trained token left."""
+        if example.rejected is None:
+            raise FtedgeError(f"{example.source}: not a preference row (no rejected answer)", hint="set data.format: preference")
+        chosen = self.encode(example)
+        rejected = self.encode(replace(example, target=example.rejected))
+        return None if chosen is None or rejected is None else EncodedPair(chosen, rejected)
+
     def _truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Drop the end of the text before the first answer (keeping the template's tail), then the row's end."""
         over = len(ids) - self.max_length
@@ -546,9 +730,10 @@ class ChatEncoder:
         ids, labels = ids[:cut_start] + ids[cut_end:], labels[:cut_start] + labels[cut_end:]
         return ids[: self.max_length], labels[: self.max_length]
 
-    def encode_all(self, examples: Iterable[Example], *, what: str = "train") -> list[Encoded]:
+    def encode_all(self, examples: Iterable[Example], *, what: str = "train", pairs: bool = False) -> list[Any]:
+        """Encoded rows (``pairs``: EncodedPair of preference rows); truncations reported in one warning."""
         before_t, before_d = self.truncated, self.dropped
-        out = [e for e in map(self.encode, examples) if e is not None]
+        out = [e for e in map(self.encode_pair if pairs else self.encode, examples) if e is not None]
         trunc, drop = self.truncated - before_t, self.dropped - before_d
         if trunc:
             log.warning(
@@ -581,14 +766,20 @@ def check_fits(encoder: ChatEncoder, examples: Sequence[Example]) -> None:
 
 
 def tokenized_splits(recipe: Recipe, tokenizer: Any, splits: Splits | None = None) -> tuple[list[Encoded], list[Encoded]]:
-    """Tokenized, masked training and validation rows for a recipe (the training stage's input)."""
+    """Tokenized, masked training and validation rows for a recipe (the training stage's input).
+
+    Preference data (``data.format: preference``) gives :class:`EncodedPair` rows instead.
+    """
     splits = splits or load_splits(recipe)
     enc = ChatEncoder(tokenizer, recipe.train.max_length)
     check_fits(enc, splits.train)
-    return enc.encode_all(splits.train, what="train"), enc.encode_all(splits.val, what="val")
+    pairs = recipe.data.format == "preference"
+    return enc.encode_all(splits.train, what="train", pairs=pairs), enc.encode_all(splits.val, what="val", pairs=pairs)
 
 
-def make_batch(rows: Sequence[Encoded], *, max_length: int, packing: bool, pad_id: int = 0, one_row: bool = False) -> dict[str, Any]:
+def make_batch(
+    rows: Sequence[Encoded], *, max_length: int, packing: bool, pad_id: int = 0, segments: bool = False, one_row: bool = False
+) -> dict[str, Any]:
     """Tensors for one micro-batch; labels are already aligned to inputs (the loss shifts them).
 
     With ``packing``, examples are laid end to end in rows of at most ``max_length`` tokens
@@ -597,37 +788,41 @@ def make_batch(rows: Sequence[Encoded], *, max_length: int, packing: bool, pad_i
     (only at row ends) forms its own block and carries no loss. With ``one_row`` too, every
     example goes in a single row with no padding at all; the attention must then keep the
     examples apart itself (``ftedge.train.model``'s packed attention does, from the position
-    ids). Without packing, one example per row, right-padded, with an attention mask.
+    ids). Without packing, one example per row, right-padded, with an attention mask. ``segments`` adds, per position, the index of
+    its example in ``rows`` (-1 on padding), for per-example sums (DPO).
     """
     import torch
 
     if packing and one_row:
-        groups = [list(rows)]
+        groups = [list(range(len(rows)))]
     elif packing:
-        packed: list[list[Encoded]] = [[]]
+        packed: list[list[int]] = [[]]
         used = 0
-        for row in rows:
+        for i, row in enumerate(rows):
             n = len(row.input_ids)
             if packed[-1] and used + n > max_length:
                 packed.append([])
                 used = 0
-            packed[-1].append(row)
+            packed[-1].append(i)
             used += n
         groups = packed
     else:
-        groups = [[row] for row in rows]
-    width = max(sum(len(r.input_ids) for r in g) for g in groups)
-    ids, labels, pos, mask = [], [], [], []
+        groups = [[i] for i in range(len(rows))]
+    width = max(sum(len(rows[i].input_ids) for i in g) for g in groups)
+    ids, labels, pos, mask, seg = [], [], [], [], []
     for g in groups:
-        gi = [t for r in g for t in r.input_ids]
-        gl = [t for r in g for t in r.labels]
-        gp = [p for r in g for p in range(len(r.input_ids))]
+        gi = [t for i in g for t in rows[i].input_ids]
+        gl = [t for i in g for t in rows[i].labels]
+        gp = [p for i in g for p in range(len(rows[i].input_ids))]
         pad = width - len(gi)
         ids.append(gi + [pad_id] * pad)
         labels.append(gl + [IGNORE] * pad)
         pos.append(gp + list(range(pad)))
         mask.append([1] * len(gi) + [0] * pad)
+        seg.append([i for i in g for _ in rows[i].input_ids] + [-1] * pad)
     batch: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if segments:
+        batch["segments"] = torch.tensor(seg)
     if packing:
         batch["position_ids"] = torch.tensor(pos)
     else:

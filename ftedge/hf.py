@@ -8,8 +8,17 @@
 - The one model loader (:func:`load_causal_lm`): float, or 4-bit NF4/FP4 through bitsandbytes
   (:func:`bnb_config`), with one compute-dtype rule (:func:`compute_dtype`). Training, merge and
   the PyTorch runtime all load through it, so "the model that was trained" is the same everywhere.
-- Per-family knowledge: which token ends an assistant turn (:func:`end_of_turn_token`), the
-  tokenizer and its chat template (:func:`load_tokenizer`).
+- Per-family knowledge (Llama 3, Qwen2/Qwen3, Gemma 2/3, Phi-3, SmolLM2): which token ends an
+  assistant turn (:func:`end_of_turn_token`); templates without a system role
+  (:func:`fit_messages` folds the system prompt into the first user turn, as Gemma 3's own
+  template does); Qwen3's thinking tags (:func:`trained_chat_template`: a fine-tune trains
+  non-thinking answers, so the trained template defaults ``enable_thinking`` to false and every
+  runtime's generation prompt carries the empty think block); the chat template of a base
+  without one (:func:`read_chat_template`: a built-in ``chatml``/``llama3``/``gemma``/``phi3`` or
+  a ``.jinja`` file); the architecture of a base before any download (:func:`base_architecture`:
+  HF folder, ``.gguf`` header, known hub ids); LoRA target names (:func:`check_lora_targets`:
+  ``all-linear`` is peft's, which finds fused ``qkv_proj``/``gate_up_proj`` and skips the tied
+  head); tied input/output embeddings (:func:`tied_embeddings`).
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,51 +158,6 @@ def resolve_base_model(spec: str | Path, *, trust_remote_code: bool = False) -> 
         return download_from_hub(source.spec)
     assert source.path is not None
     return source.path if source.kind == "folder" else gguf_to_hf(source.path)
-
-
-def hf_architecture(source: BaseModelSource) -> str | None:
-    """The HF architecture (``LlamaForCausalLM``) :func:`resolve_base_model` will produce for ``source``, read
-    without loading it: a folder's config.json, or a GGUF's header mapped the way transformers maps it.
-    None for a hub id (known once downloaded) or a config without ``architectures``."""
-    if source.kind == "hub" or source.path is None:
-        return None
-    if source.kind == "folder":
-        config = source.path / "config.json"
-        try:
-            raw = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise FtedgeError(f"{config} cannot be read as JSON ({err})", hint="fix or replace the model's config.json") from None
-        archs = raw.get("architectures") if isinstance(raw, dict) else None
-        return str(archs[0]) if isinstance(archs, list) and archs else None
-    from ftedge.formats.gguf import read_gguf_header
-
-    header = read_gguf_header(source.path)
-    arch = header.get("general.architecture")
-    if not isinstance(arch, str):
-        raise FtedgeError(f"{source.path}: the GGUF header has no general.architecture", hint="give a GGUF made by llama.cpp's converter")
-    return gguf_hf_architecture(arch, header.get("general.name"), source.path)
-
-
-# llama.cpp architecture names transformers reads under another model type (transformers' load_gguf_checkpoint).
-_GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
-
-
-def gguf_hf_architecture(arch: str, name: str | None, path: Path | str) -> str:
-    """The HF causal-LM class transformers turns a GGUF of llama.cpp architecture ``arch`` into, or a one-line error."""
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    model_type = _GGUF_MODEL_TYPES.get(arch, arch)
-    if model_type == "llama" and name == "mistral":  # llama.cpp writes Mistral as llama
-        model_type = "mistral"
-    hf_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if model_type not in GGUF_SUPPORTED_ARCHITECTURES or hf_class is None:
-        readable = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-        raise FtedgeError(
-            f"base model {path}: transformers cannot read a GGUF of architecture {arch!r} (it reads {', '.join(readable)})",
-            hint="give a GGUF of a supported architecture, or the model's HF folder",
-        )
-    return hf_class
 
 
 def parameter_count(folder: Path) -> int:
@@ -436,8 +401,10 @@ def _cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False, require_chat_template: bool = True) -> Any:
-    """The model folder's tokenizer; refuses one without a chat template unless told otherwise."""
+def load_tokenizer(
+    model_dir: Path | str, *, trust_remote_code: bool = False, require_chat_template: bool = True, chat_template: str | None = None
+) -> Any:
+    """The model folder's tokenizer; ``chat_template`` (the text) replaces its own; refuses one without a template unless told otherwise."""
     from transformers import AutoTokenizer
 
     try:
@@ -448,11 +415,35 @@ def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False, re
             f"cannot load the tokenizer of {model_dir} ({type(err).__name__}: {first[:300]})",
             hint="the model folder needs its tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)",
         ) from None
+    if chat_template is not None:
+        tok.chat_template = chat_template
     if require_chat_template and getattr(tok, "chat_template", None) is None:
         raise FtedgeError(
-            f"tokenizer of {model_dir} has no chat template",
-            hint="use an instruct/chat base model, or the completion format with a text field",
+            f"base model {model_dir} has no chat template (a base/pretrained model?)",
+            hint="set the recipe's chat_template: to a built-in (" + ", ".join(builtin_chat_templates()) + ") or a .jinja file, "
+            "or use the completion format with a text field",
         )
+    return tok
+
+
+def training_tokenizer(base: Path | str, chat_template: str | None = None, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer a model is trained (and merged) with: the base's, with the trained chat template.
+
+    ``chat_template`` is the recipe's key (a built-in name or a ``.jinja`` path), else the base's own
+    template is used; either way through :func:`trained_chat_template`. The template's end-of-turn
+    token must be one token of the base's vocabulary (a ChatML template on a Gemma vocabulary is not).
+    """
+    tok = load_tokenizer(base, trust_remote_code=trust_remote_code, require_chat_template=chat_template is None)
+    template = read_chat_template(chat_template) if chat_template is not None else tok.chat_template
+    tok.chat_template = trained_chat_template(template)
+    if chat_template is not None:
+        eot = end_of_turn_token(tok)
+        ids = tok(eot or "", add_special_tokens=False)["input_ids"] if eot else []
+        if eot is None or len(ids) != 1 or ids[0] == getattr(tok, "unk_token_id", None):
+            raise FtedgeError(
+                f"chat_template {chat_template!r} ends a turn with {eot!r}, which is not one token of {base}'s vocabulary",
+                hint="pick the template of the base's family (" + ", ".join(builtin_chat_templates()) + ")",
+            )
     return tok
 
 
@@ -496,3 +487,283 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
         return None
     tid = tokenizer.convert_tokens_to_ids(tok)
     return int(tid) if isinstance(tid, int) and tid >= 0 else getattr(tokenizer, "eos_token_id", None)
+
+
+# --------------------------------------------------------------------------- chat templates
+TEMPLATES_DIR = Path(__file__).parent / "templates"  # package data: ftedge's own templates of the common chat formats
+# Qwen3's templates put an empty think block into the generation prompt only when enable_thinking is false.
+# A fine-tune trains answers without thinking, so the trained template makes that the default: every
+# runtime (llama.cpp, ORT GenAI, Ollama, transformers) then renders the prompt the model was tuned on.
+THINKING_OFF = "{%- if enable_thinking is not defined %}{%- set enable_thinking = false %}{%- endif %}"
+
+
+def builtin_chat_templates() -> list[str]:
+    """Names of the chat templates shipped with ftedge (``chatml``, ``gemma``, ``llama3``, ``phi3``)."""
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+
+
+def read_chat_template(spec: str | Path) -> str:
+    """The text of a recipe's ``chat_template``: a built-in name or a path to a ``.jinja`` file."""
+    text = str(spec)
+    if text in builtin_chat_templates():
+        return (TEMPLATES_DIR / f"{text}.jinja").read_text(encoding="utf-8")
+    path = Path(text).expanduser()
+    if path.suffix == ".jinja" and path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise FtedgeError(
+        f"chat_template {text!r} is neither a built-in template nor an existing .jinja file",
+        hint="use one of " + ", ".join(builtin_chat_templates()) + " or a path to a .jinja file",
+    )
+
+
+def trained_chat_template(template: str) -> str:
+    """The template a fine-tuned model is trained and shipped with: ``template``, thinking off by default (Qwen3)."""
+    if "enable_thinking" in template and not template.startswith(THINKING_OFF):
+        return THINKING_OFF + template
+    return template
+
+
+@lru_cache(maxsize=32)
+def system_role_supported(template: str) -> bool:
+    """Whether ``template`` renders a leading system message (Gemma 2's raises; some drop it)."""
+    from ftedge.formats.chat_template import render_chat_template
+
+    probe = "\x00SYSTEM\x00"
+    try:
+        text = render_chat_template(
+            template, [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}], add_generation_prompt=True
+        )
+    except FtedgeError:
+        return False
+    return probe in text
+
+
+def fit_messages(messages: Sequence[Mapping[str, Any]], template: str | None) -> list[dict[str, Any]]:
+    """``messages`` as ``template`` accepts them: a leading system message is folded into the first user
+    turn (``system + "\\n\\n" + user``, Gemma 3's own convention) when the template has no system role."""
+    out = [dict(m) for m in messages]
+    if not template or not out or out[0].get("role") != "system" or system_role_supported(template):
+        return out
+    system = str(out.pop(0).get("content") or "")
+    if out and out[0].get("role") == "user":
+        out[0]["content"] = f"{system}\n\n{out[0].get('content') or ''}" if system else out[0].get("content")
+    elif system:
+        out.insert(0, {"role": "user", "content": system})
+    return out
+
+
+def write_chat_template(folder: Path, template: str) -> None:
+    """Make ``template`` the chat template of the tokenizer files in ``folder``, for every reader.
+
+    transformers reads ``chat_template.jinja`` first, llama.cpp's converter ``tokenizer_config.json``'s
+    ``chat_template`` first: both are written with the same text (``chat_template.json`` is dropped).
+    """
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if "chat_template" in cfg:
+            cfg["chat_template"] = template
+            cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy a model folder's tokenizer files as they are (what llama.cpp's converter reads: ``tokenizer.model``,
+    ``added_tokens_decoder``, ``tokenizer_class``; a transformers re-save drops or rewrites them)."""
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+# --------------------------------------------------------------------------- architectures
+# Architectures of the hub models the shipped recipes name (their config.json on the hub), so that
+# `ftedge validate` knows them offline. Anything else is read from the hub cache or the network.
+HUB_ARCHITECTURES = {
+    "Qwen/Qwen2.5-0.5B-Instruct": "Qwen2ForCausalLM",
+    "meta-llama/Llama-3.2-1B-Instruct": "LlamaForCausalLM",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "LlamaForCausalLM",
+    "HuggingFaceTB/SmolLM2-360M-Instruct": "LlamaForCausalLM",
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": "LlamaForCausalLM",
+}
+# llama.cpp architecture names whose transformers model_type differs (transformers' GGUF loader does the same)
+GGUF_MODEL_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A base model's HF architecture (``config.architectures[0]``) and where it was read."""
+
+    name: str | None
+    source: str  # "config.json", "GGUF header", "known hub id", "hub config", or why it is unknown
+    gguf_arch: str | None = None  # llama.cpp's name, for a .gguf base
+
+
+def gguf_architecture(path: Path) -> Architecture:
+    """The HF architecture of a ``.gguf`` file from its header; an error when transformers cannot dequantize it."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from ftedge.formats.gguf import inspect_gguf
+
+    info = inspect_gguf(path)
+    arch = info.architecture or ""
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES and GGUF_MODEL_TYPES.get(arch) not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise FtedgeError(
+            f"{path}: transformers cannot read a GGUF of architecture {arch!r} (ftedge dequantizes a .gguf base with it)",
+            hint="give the model as an HF folder with safetensors weights, or a .gguf of a supported architecture",
+        )
+    model_type = GGUF_MODEL_TYPES.get(arch, arch)
+    if arch == "llama" and "mistral" in str(info.metadata.get("general.name", "")).lower():
+        model_type = "mistral"
+    return Architecture(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type), "GGUF header", arch)
+
+
+def _hub_config_architecture(repo_id: str) -> Architecture:
+    """A hub model's architecture from its config.json (the local hub cache, else the network)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except Exception as err:  # offline, gated, missing: known once the model is downloaded
+        return Architecture(None, f"hub config not readable ({type(err).__name__})")
+    archs = config.get("architectures") or []
+    return Architecture(archs[0] if archs else None, "hub config")
+
+
+def base_architecture(spec: str) -> Architecture:
+    """The HF architecture of a recipe's ``base_model`` without loading weights, by the rules training resolves it
+    with (:func:`locate_base_model`): an embedded alias or a ``.gguf`` (its header), an HF folder (config.json), a hub
+    id (the table of known ids, else its config.json). One-line errors for what training would refuse."""
+    source = locate_base_model(spec)
+    if source.kind in ("alias", "gguf"):
+        assert source.path is not None
+        return gguf_architecture(source.path)
+    if source.kind == "folder":
+        assert source.path is not None
+        config = source.path / "config.json"
+        try:
+            raw = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise FtedgeError(f"{config} cannot be read as JSON ({err})", hint="fix or replace the model's config.json") from None
+        archs = raw.get("architectures") if isinstance(raw, dict) else None
+        return Architecture(str(archs[0]) if isinstance(archs, list) and archs else None, "config.json")
+    if spec in HUB_ARCHITECTURES:
+        return Architecture(HUB_ARCHITECTURES[spec], "known hub id")
+    return _hub_config_architecture(spec)
+
+
+# --------------------------------------------------------------------------- weights
+def tied_embeddings(config: Any) -> bool:
+    """Whether the LM head is the input embedding (Qwen2.5-0.5B, Llama 3.2 1B/3B, Gemma, SmolLM2, Phi-4-mini)."""
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else config
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
+def linear_module_names(model: Any) -> set[str]:
+    """Leaf names of the model's linear layers (``q_proj``, ``qkv_proj``, ``gate_up_proj``, ``lm_head``, ...)."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear"):
+            names.add(name.rsplit(".", 1)[-1])
+    return names
+
+
+def base_has_chat_template(spec: str) -> bool | None:
+    """Whether a local base (HF folder, ``.gguf``, embedded alias) carries a chat template; None when not known offline."""
+    path = embedded_gguf(spec) if spec in EMBEDDED else Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        from ftedge.formats.gguf import inspect_gguf
+
+        return bool(inspect_gguf(path).chat_template)
+    if is_hf_folder(path):
+        if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+            return True
+        cfg = path / "tokenizer_config.json"
+        return cfg.is_file() and bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+    return None
+
+
+def folder_linear_names(folder: Path) -> set[str]:
+    """Leaf names of the modules holding a 2-D ``.weight`` in an HF folder's safetensors (read from the headers only)."""
+    from safetensors import safe_open
+
+    names = set()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as fh:
+            for key in fh.keys():
+                if key.endswith(".weight") and len(fh.get_slice(key).get_shape()) == 2:
+                    names.add(key[: -len(".weight")].rsplit(".", 1)[-1])
+    return names
+
+
+def _missing_targets(have: set[str], targets: Iterable[str], arch: str) -> str | None:
+    missing = [t for t in targets if t not in have]
+    if not missing:
+        return None
+    return f"adapter.target_modules: {arch} has no module named {', '.join(missing)} (it has {', '.join(sorted(have - {'lm_head'}))})"
+
+
+def lora_target_problem(spec: str, targets: str | Iterable[str]) -> str | None:
+    """Before any load: a list of LoRA targets naming modules an HF-folder base lacks, as one line (None: fine or not knowable)."""
+    path = Path(spec).expanduser()
+    if isinstance(targets, str) or not is_hf_folder(path):
+        return None
+    have = folder_linear_names(path) - {"embed_tokens"}
+    arch = base_architecture(spec).name or str(path)
+    return _missing_targets(have, targets, arch) if have else None
+
+
+def check_lora_targets(model: Any, targets: str | Iterable[str]) -> None:
+    """A list of LoRA target modules must name linear layers the model has; one line naming those it lacks.
+
+    ``all-linear`` is left to peft: every linear layer but the output head, fused projections included
+    (Phi-3's ``qkv_proj``/``gate_up_proj``).
+    """
+    if isinstance(targets, str):
+        return
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    problem = _missing_targets(linear_module_names(model), targets, arch)
+    if problem:
+        raise FtedgeError(problem, hint="use target_modules: all-linear, or the names of the model's linear layers")
+
+
+def attach_adapter(model: Any, adapter: Path | str) -> Any:
+    """A PEFT adapter folder (LoRA, DoRA, IA3, prefix tuning) on a loaded base model, for inference.
+
+    peft 0.21's IA3 layer on a 4-bit base returns fp32 outside autocast (it upcasts the input and
+    keeps that dtype), so the adapted k/v projections would disagree in dtype with q in attention:
+    their outputs are cast back to the input's dtype, as every other layer of the model returns.
+    """
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    try:
+        from peft.tuners.ia3.bnb import Linear4bit as IA3Linear4bit
+    except ImportError:  # peft without bitsandbytes support
+        return peft_model
+    for module in peft_model.modules():
+        if isinstance(module, IA3Linear4bit):
+            module.register_forward_hook(lambda mod, args, out: out.to(args[0].dtype) if args and hasattr(args[0], "dtype") else out)
+    return peft_model

@@ -8,10 +8,12 @@ import warnings
 
 
 def setup_logging(debug: bool = False) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.DEBUG if debug else logging.INFO
-    handler = RichHandler(show_path=debug, rich_tracebacks=debug, markup=False, show_time=False)
+    # Logs go to stderr: stdout carries what a command prints (tables, --json documents, chat answers).
+    handler = RichHandler(console=Console(stderr=True), show_path=debug, rich_tracebacks=debug, markup=False, show_time=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     quiet_third_party(debug)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

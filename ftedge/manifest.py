@@ -394,6 +394,15 @@ class Run:
         """Model artifacts on disk that did not fail their parity gate."""
         return [a for a in self.models(fmt) if a.usable]
 
+    def base_model(self) -> Path:
+        """The model the run's adapter trains (or trained) on: ``train.init_from``'s model, else the recipe's base model."""
+        recipe = self.recipe()
+        if recipe.train.init_from is not None:
+            return init_model(recipe.train.init_from, this=self)
+        from ftedge.hf import resolve_base_model
+
+        return resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
+
     def rel(self, path: Path) -> str:
         path = Path(path).resolve()
         try:
@@ -455,3 +464,36 @@ def find_run(path: Path) -> Run | None:
         if folder.is_dir() and (folder / MANIFEST).is_file():
             return Run.open(folder)
     return None
+
+
+def init_source(spec: str | Path) -> Run | Path:
+    """What ``train.init_from`` names: a run (its folder, or a folder inside it such as adapter/), or a model folder."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FtedgeError(f"train.init_from: {path} not found", hint="give a run folder (e.g. runs/my-sft-run) or a merged model folder")
+    run = find_run(path)
+    if run is not None:
+        return run
+    if (path / "adapter_config.json").is_file():
+        raise FtedgeError(
+            f"train.init_from: {path} is an adapter outside a run folder",
+            hint="give the run folder it was trained in, or a merged model folder (base + adapter, e.g. a run's merged/)",
+        )
+    return path
+
+
+def init_model(spec: str | Path, *, this: Run | None = None) -> Path:
+    """The model folder ``train.init_from`` starts from: a run's merged model, or the given model folder."""
+    source = init_source(spec)
+    if isinstance(source, Path):
+        from ftedge.hf import resolve_base_model
+
+        return resolve_base_model(source)
+    if this is not None and source.path == this.path:
+        raise FtedgeError(f"train.init_from names the run itself ({this.path})", hint="name the earlier (SFT) run")
+    merged = source.artifact("merged")
+    if merged is None or not merged.path.is_dir():
+        raise StageMissingError(
+            f"train.init_from: run {source.path} has no merged model", hint=f"run `ftedge merge {source.path}` first (ftedge run does it)"
+        )
+    return merged.path

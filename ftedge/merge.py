@@ -29,6 +29,7 @@ from ftedge.errors import FtedgeError, check_free_space
 from ftedge.formats.quants import BYTES_PER_WEIGHT
 from ftedge.hf import end_of_turn_id
 from ftedge.manifest import Run
+from ftedge.recipe import require_mergeable
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,10 @@ def _load_base(base: Path, *, four_bit: bool, quant: Any, trust_remote_code: boo
 
 
 def _with_adapter(model: Any, adapter: Path) -> Any:
-    from peft import PeftModel
+    from ftedge.hf import attach_adapter
 
     try:
-        return PeftModel.from_pretrained(model, str(adapter))
+        return attach_adapter(model, adapter)
     except Exception as err:  # shape mismatch, wrong base, damaged file
         raise FtedgeError(
             f"adapter {adapter} does not fit base model ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})",
@@ -102,6 +103,7 @@ def build_merged(base: Path, adapter: Path, mode: str, *, quant: Any, trust_remo
         model = model.dequantize()
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
+        model.is_loaded_in_4bit = False  # dequantize() leaves the flag set, and peft's IA3 then refuses to merge
         model = model.to(torch.float32)
     else:
         model = _load_base(base, four_bit=False, quant=quant, trust_remote_code=trust_remote_code, device=device)
@@ -130,11 +132,19 @@ def _logits(model: Any, ids: list[list[int]], start: int) -> list[Any]:
     return out
 
 
-def _save(model: Any, tokenizer: Any, base: Path, out: Path) -> None:
+def _save(model: Any, tokenizer: Any, base: Path, out: Path, tokenizer_source: Path | None = None) -> None:
+    """Weights, the tokenizer files of ``tokenizer_source`` as they are (a transformers re-save drops
+    ``tokenizer.model`` and ``added_tokens_decoder``, which llama.cpp's converter reads) with the trained
+    chat template, and a generation config ending on the end-of-turn token."""
     from transformers import GenerationConfig
 
+    from ftedge.hf import copy_tokenizer_files, write_chat_template
+
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    if tokenizer_source is None or not copy_tokenizer_files(tokenizer_source, out):
+        tokenizer.save_pretrained(out)
+    if tokenizer.chat_template:
+        write_chat_template(out, tokenizer.chat_template)
     try:
         gen = GenerationConfig.from_pretrained(base)
     except OSError:
@@ -150,11 +160,15 @@ def _save(model: Any, tokenizer: Any, base: Path, out: Path) -> None:
         raise FtedgeError(f"merged weights were not written to {out}")
 
 
-def _tokenizer(base: Path, adapter: Path, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
+def _tokenizer_source(base: Path, adapter: Path) -> Path:
+    return adapter if (adapter / "tokenizer_config.json").is_file() else base
 
-    source = adapter if (adapter / "tokenizer_config.json").is_file() else base
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+def _tokenizer(base: Path, adapter: Path, trust_remote_code: bool, chat_template: str | None = None) -> Any:
+    """The tokenizer the model was trained with (``ftedge.hf.training_tokenizer``: the trained chat template)."""
+    from ftedge.hf import training_tokenizer
+
+    return training_tokenizer(_tokenizer_source(base, adapter), chat_template, trust_remote_code=trust_remote_code)
 
 
 def measure_drift(
@@ -194,6 +208,7 @@ def measure_drift(
 def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Path:
     """Merge the run's adapter into a float base; write ``run/merged`` and record it as artifact 'merged'."""
     run.require("train", "trained adapter", "ftedge train --resume")
+    require_mergeable(run.recipe(), "merge")
     out = run.path / "merged"
     if run.is_done("merge") and not force and out.is_dir() and "merged" in run.artifacts():
         log.info("merge already done (%s); use --force to redo it", out)
@@ -212,9 +227,9 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
         note = f"quant.bits={recipe.quant.bits}: training used a float base, so the merge is into the float base"
         mode = "float"
     from ftedge.data import gate_prompts
-    from ftedge.hf import parameter_count, resolve_base_model
+    from ftedge.hf import parameter_count
 
-    base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
+    base = run.base_model()  # the recipe's base model, or train.init_from's merged model
     trust = recipe.trust_remote_code
     need = int(parameter_count(base) * BYTES_PER_WEIGHT["f32"])  # the merged model is float32
     check_free_space(run.path, need, "the merged float32 model")
@@ -222,7 +237,7 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
         import torch
 
         torch.manual_seed(0)
-        tokenizer = _tokenizer(base, adapter, trust)
+        tokenizer = _tokenizer(base, adapter, trust, recipe.chat_template)
         eot = end_of_turn_id(tokenizer)
         eot_text = tokenizer.convert_ids_to_tokens(eot) if eot is not None else ""
         prompts = gate_prompts(recipe, N_PROMPTS)
@@ -241,7 +256,7 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
             log.warning("merge mode %s drifts more than %s here (KL %.4f vs %.4f)", mode, best, drift[mode]["kl"], drift[best]["kl"])
         with atomic_path(out) as tmp:
             tmp.mkdir()
-            _save(model, tokenizer, base, tmp)
+            _save(model, tokenizer, base, tmp, _tokenizer_source(base, adapter))
         del model
         gc.collect()
         run.record_artifact("merged", out, stage="merge", format="hf", mode=mode, drift=drift[mode])

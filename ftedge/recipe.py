@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ftedge.errors import FtedgeError
 
-DataFormat = Literal["messages", "alpaca", "completion", "text_label"]
+DataFormat = Literal["messages", "alpaca", "completion", "text_label", "preference"]
+AdapterMethod = Literal["lora", "dora", "ia3", "prefix"]
+MERGEABLE_METHODS = ("lora", "dora", "ia3")  # adapters that merge exactly into the base weights
 
 
 class _Strict(BaseModel):
@@ -47,7 +49,9 @@ class DataConfig(_Strict):
         "text_label",
         description=(
             "Row format: `messages` (role/content list), `alpaca` (instruction/input/output), `completion` "
-            "(prompt/completion, or text), `text_label` (a text and a label; the label is the assistant's answer)."
+            "(prompt/completion, or text), `text_label` (a text and a label; the label is the assistant's answer), `preference` "
+            "(a prompt with a chosen and a rejected answer, for `train.objective: dpo`; the prompt is a string or a message list, "
+            "or absent when `chosen`/`rejected` are whole conversations)."
         ),
     )
     text_field: str = Field(
@@ -57,6 +61,8 @@ class DataConfig(_Strict):
     messages_field: str = Field("messages", description="Column holding the chat turns (`messages`).")
     prompt_field: str = Field("prompt", description="Column holding the prompt (`completion`).")
     completion_field: str = Field("completion", description="Column holding the completion (`completion`).")
+    chosen_field: str = Field("chosen", description="Column holding the preferred answer (`preference`).")
+    rejected_field: str = Field("rejected", description="Column holding the dispreferred answer (`preference`).")
     system_prompt: str | None = Field(
         None,
         description=(
@@ -88,13 +94,29 @@ class DataConfig(_Strict):
         return self
 
 
-class LoraConfig(_Strict):
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: str | list[str] = Field(
-        "all-linear", description="Modules to adapt: `all-linear` or a list of module names (e.g. [q_proj, v_proj])."
+class AdapterConfig(_Strict):
+    method: AdapterMethod = Field(
+        "lora",
+        description=(
+            "Parameter-efficient method (peft): `lora`, `dora` (weight-decomposed LoRA), `ia3` (learned scaling vectors) "
+            "merge exactly into the weights and export; `prefix` (prefix tuning: learned key/value prefixes) trains and benches "
+            "in PyTorch only, it cannot be merged or exported. Ignored by `train.method: full`."
+        ),
     )
+    r: int = Field(16, gt=0, description="LoRA / DoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA / DoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA / DoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description=(
+            "Modules to adapt: `all-linear` or a list of module names (e.g. [q_proj, v_proj]). For `ia3`, `all-linear` means "
+            "peft's IA3 default for the architecture (attention k/v and the MLP down projection)."
+        ),
+    )
+    num_virtual_tokens: int = Field(20, gt=0, description="`prefix`: learned key/value positions put before every input.")
+
+
+LoraConfig = AdapterConfig  # the section's old name
 
 
 class QuantConfig(_Strict):
@@ -108,6 +130,10 @@ class QuantConfig(_Strict):
         description="Compute dtype; `auto` picks bf16 where the hardware computes it natively (AVX512-BF16/AMX/Arm BF16 CPUs, "
         "GPUs from Ampere on), else fp16 on CUDA, else fp32 (emulated bf16 is slower than fp32).",
     )
+
+
+class UnfreezeConfig(_Strict):
+    every: int = Field(gt=0, description="Steps between unfreezing the next layer down (the top layer trains from step 1).")
 
 
 class TrainConfig(_Strict):
@@ -138,6 +164,31 @@ class TrainConfig(_Strict):
         None, gt=0, description="Stop after this many evaluations without improvement; null = never stop early."
     )
     seed: int = Field(0, description="Seed of initialization, dropout and data order.")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description=(
+            "`sft`: learn the answers (cross-entropy on the answer tokens); `dpo`: direct preference optimization on "
+            "`preference` data, against the model with the adapter disabled as the reference (no second copy in memory)."
+        ),
+    )
+    beta: float = Field(0.1, gt=0, description="`dpo`: strength of the pull towards the reference (higher = stay closer).")
+    init_from: str | None = Field(
+        None,
+        description=(
+            "Start from an earlier result: a run folder (its merged model; merged first if needed), or a merged HF model "
+            "folder. The new adapter trains on top of it, and for `dpo` it is the reference. Relative paths start at the "
+            "recipe's folder."
+        ),
+    )
+    unfreeze: UnfreezeConfig | None = Field(
+        None, description="Gradual unfreezing: train only the top layer first, then one more layer down every `every` steps."
+    )
+    layer_lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1.0,
+        description="Layer-wise learning rates: layer i from the top trains at lr x decay^i (embeddings last); 1 = one rate.",
+    )
 
 
 class ExportConfig(_Strict):
@@ -206,8 +257,18 @@ class Recipe(_Strict):
         ),
     )
     trust_remote_code: bool = Field(False, description="Allow the base model's own Python code to run. Off unless you trust it.")
+    chat_template: str | None = Field(
+        None,
+        description=(
+            "Chat template to train and ship with, for a base model without one (a base-model .gguf, a pretrained-only HF "
+            "folder) or to replace its own: a built-in (`chatml`, `gemma`, `llama3`, `phi3`; its turn tokens must be in the "
+            "base's vocabulary) or a path to a .jinja file. Null: the base's own template."
+        ),
+    )
     data: DataConfig = Field(description="Training data: file, format, field mapping, system prompt, validation split.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter shape.")
+    adapter: AdapterConfig = Field(
+        default_factory=AdapterConfig, description="The adapter: method (LoRA, DoRA, IA3, prefix tuning) and shape. Old name: `lora`."
+    )
     quant: QuantConfig = Field(
         default_factory=QuantConfig, description="How the base weights are held while training (QLoRA 4-bit or float)."
     )
@@ -222,12 +283,46 @@ class Recipe(_Strict):
             raise ValueError("at most 80 characters")
         return v
 
+    @property
+    def lora(self) -> AdapterConfig:
+        """The adapter section under its old name."""
+        return self.adapter
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_lora_section(cls, raw: Any) -> Any:
+        """`lora:` is the old name of `adapter:`; both in one recipe (e.g. `-o lora.r=8` on a new recipe) merge."""
+        if isinstance(raw, dict) and "lora" in raw:
+            raw = dict(raw)
+            old = raw.pop("lora")
+            new = raw.get("adapter")
+            if isinstance(old, dict) and isinstance(new, dict):
+                raw["adapter"] = {**new, **old}
+            elif new is None:
+                raw["adapter"] = old
+        return raw
+
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        if self.train.method == "qlora" and self.quant.bits != 4:
+        train, method = self.train, self.adapter.method
+        if train.method == "qlora" and self.quant.bits != 4:
             raise ValueError("train.method=qlora needs quant.bits=4 (or use train.method=lora)")
         if self.data.format == "text_label" and self.data.label_field == self.data.text_field:
             raise ValueError("data.label_field and data.text_field must differ")
+        if (train.objective == "dpo") != (self.data.format == "preference"):
+            raise ValueError("train.objective=dpo and data.format=preference go together (DPO learns from chosen/rejected pairs)")
+        if train.objective == "dpo" and (train.method == "full" or method == "prefix"):
+            raise ValueError(
+                "train.objective=dpo needs a LoRA, DoRA or IA3 adapter (train.method qlora or lora): "
+                "its reference is the model with the adapter disabled"
+            )
+        if train.method != "full" and method == "prefix":
+            if train.packing:
+                raise ValueError(
+                    "adapter.method=prefix needs train.packing=false (the prefix is a key/value cache that packed rows cannot share)"
+                )
+            if train.unfreeze is not None or train.layer_lr_decay != 1.0:
+                raise ValueError("train.unfreeze and train.layer_lr_decay act on layers; adapter.method=prefix has no per-layer weights")
         return self
 
 
@@ -296,10 +391,33 @@ def parse_recipe(raw: dict[str, Any], *, source: str = "recipe", base_dir: Path 
             data.val = (base_dir / data.val).resolve()
         if data.test is not None and not data.test.is_absolute():
             data.test = (base_dir / data.test).resolve()
+        template = recipe.chat_template
+        if template is not None and template.endswith(".jinja") and not Path(template).expanduser().is_absolute():
+            recipe.chat_template = str((base_dir / template).resolve())
+        init = recipe.train.init_from
+        if init is not None and not Path(init).expanduser().is_absolute():
+            recipe.train.init_from = str((base_dir / Path(init).expanduser()).resolve())
         general = recipe.eval.general_prompts
         if general is not None and not general.is_absolute():
             recipe.eval.general_prompts = (base_dir / general).resolve()
     return recipe
+
+
+def require_mergeable(recipe: Recipe, stage: str) -> None:
+    """Refuse merge/export/ship in one line when the recipe's adapter cannot be merged into the weights."""
+    reason = unmergeable_reason(recipe)
+    if reason is not None:
+        raise FtedgeError(f"{stage}: {reason}", hint="bench it with `ftedge bench RUN`; use lora, dora or ia3 to export")
+
+
+def unmergeable_reason(recipe: Recipe) -> str | None:
+    """Why this recipe's result cannot be merged into the weights (and so not exported or shipped); None when it can."""
+    if recipe.train.method != "full" and recipe.adapter.method not in MERGEABLE_METHODS:
+        return (
+            f"adapter.method={recipe.adapter.method} (prefix tuning) adds learned key/value positions, not weight deltas: it "
+            "cannot be merged into the weights, so it is benched in PyTorch only (no GGUF/ONNX export, no ship/)"
+        )
+    return None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_files: bool = True) -> Recipe:
@@ -363,9 +481,10 @@ def explain(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else _optional_section(ann)
+        if section is not None:
             rows.append((key, "section", "", field.description or ""))
-            rows.extend(explain(ann, prefix=f"{key}."))
+            rows.extend(explain(section, prefix=f"{key}."))
             continue
         type_name = type_name_of(ann)
         if field.is_required():
@@ -376,3 +495,16 @@ def explain(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str
             default = repr(field.default) if not isinstance(field.default, str) else field.default
         rows.append((key, type_name, str(default), field.description or ""))
     return rows
+
+
+def _optional_section(ann: Any) -> type[BaseModel] | None:
+    """``Section | None`` -> Section (an optional nested section, e.g. ``train.unfreeze``); None for anything else."""
+    import types
+    import typing
+
+    if typing.get_origin(ann) not in (typing.Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None

@@ -30,6 +30,7 @@ from ftedge.errors import FtedgeError, StageMissingError
 from ftedge.formats.modelfile import write_modelfile
 from ftedge.launch import launch_section
 from ftedge.manifest import Artifact, Run
+from ftedge.recipe import require_mergeable
 from ftedge.targets import MB, Target
 
 log = logging.getLogger(__name__)
@@ -210,13 +211,8 @@ def model_card(
         "| setting | value |",
         "|---|---|",
         f"| base model | {_cell(base_id)} |",
-        f"| method | {tr.method}"
-        + (
-            f" (LoRA r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, dropout={recipe.lora.dropout:g}, modules {recipe.lora.target_modules})"
-            if tr.method != "full"
-            else ""
-        )
-        + " |",
+        f"| method | {tr.method}" + (f" ({_adapter_text(recipe.adapter)})" if tr.method != "full" else "") + " |",
+        *([f"| objective | DPO (beta {tr.beta:g}) from {_cell(str(tr.init_from))} |"] if tr.objective == "dpo" else []),
         f"| base weights while training | {'4-bit ' + recipe.quant.type if recipe.quant.bits == 4 else f'{recipe.quant.bits}-bit float'} |",
     ]
     train = run.manifest().get("stages", {}).get("train", {}).get("metrics", {})
@@ -353,19 +349,30 @@ def drift_card_section(doc: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _adapter_text(a: Any) -> str:
+    """The adapter in the model card: method and shape."""
+    if a.method in ("lora", "dora"):
+        name = "LoRA" if a.method == "lora" else "DoRA"
+        return f"{name} r={a.r}, alpha={a.alpha:g}, dropout={a.dropout:g}, modules {a.target_modules}"
+    return f"IA3, modules {a.target_modules}" if a.method == "ia3" else a.method
+
+
 def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
-    """Build ``run/ship`` atomically from the best passing GGUF; record it as artifact 'ship'."""
+    """Build ``run/ship`` atomically from the best passing GGUF (an ONNX folder for a target without GGUF); record it as 'ship'."""
     out = run.path / "ship"
     if run.is_done("ship") and not force and run.artifact("ship") is not None and out.is_dir():
         log.info("ship: already done (%s); use --force to rebuild it", out)
         return out
+    recipe = run.recipe()
+    require_mergeable(recipe, "ship")
+    if not (target.gguf and target.gguf.quants):  # a target without GGUF ships its best ONNX folder
+        return ship_onnx(run, target, out)
     doc = bench_results(run)
     decision: dict[str, Any] | None = None
     if target.ship == "auto":
         chosen, decision = choose_auto(run, target, doc)
     else:
         chosen = choose_gguf(run, target)
-    recipe = run.recipe()
     model_name = recipe.name.lower()
     model_file = f"{model_name}.{chosen.quant or 'gguf'}.gguf"
     with run.stage("ship") as metrics:
@@ -385,4 +392,60 @@ def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
         if decision is not None:
             metrics["decision"] = decision["summary"]
     log.info("shipped %s as %s", chosen.key, out / model_file)
+    return out
+
+
+# --------------------------------------------------------------------------- targets without GGUF
+def choose_onnx(run: Run, target: Target) -> Artifact:
+    """The first of the target's ONNX precisions that passed its gate."""
+    passing = {a.quant: a for a in run.usable_models("onnx")}
+    order = list(target.onnx.precisions if target.onnx else []) + sorted(q for q in passing if q)
+    chosen = next((passing[q] for q in order if q in passing), None)
+    if chosen is None:
+        raise FtedgeError(
+            f"no ONNX artifact in {run.path} passed its parity gate (target {target.name} has no GGUF)",
+            hint=f"see `ftedge export {run.path}` output; loosen the target's gates only if the figures are acceptable",
+        )
+    return chosen
+
+
+def onnx_readme(folder: str, model_name: str, system_prompt: str | None) -> str:
+    sys_opt = f' --system "{system_prompt}"' if system_prompt else ""
+    return f"""# {model_name}
+
+A fine-tuned chat model made with ftedge, as an onnxruntime-genai (ORT GenAI) folder for CPU: the target
+profile asked for no GGUF. Copy this folder anywhere; it needs nothing else.
+
+- `{folder}/`: the model (`model.onnx`, `genai_config.json`, tokenizer and `chat_template.jinja`).
+
+## Chat with it
+
+ftedge (`pip install ftedge`):
+
+    ftedge chat {folder}{sys_opt}
+    ftedge chat {folder}{sys_opt} --prompt "your message"
+
+## Serve it (OpenAI-compatible API)
+
+    ftedge serve {folder}{sys_opt}
+
+Any onnxruntime-genai program can load the folder too (`og.Model("{folder}")`); render prompts with
+`chat_template.jinja`, the template the model was tuned with.
+"""
+
+
+def ship_onnx(run: Run, target: Target, out: Path) -> Path:
+    """``run/ship`` from the best passing ONNX folder (a target without GGUF), with a README; recorded as 'ship'."""
+    chosen = choose_onnx(run, target)
+    recipe = run.recipe()
+    model_name = recipe.name.lower()
+    folder = f"{model_name}.onnx-{chosen.quant}"
+    with run.stage("ship") as metrics:
+        with atomic.atomic_path(out) as tmp:
+            tmp.mkdir()
+            shutil.copytree(chosen.path, tmp / folder)
+            atomic.write_text(tmp / "README.md", onnx_readme(folder, model_name, recipe.data.system_prompt))
+        run.record_artifact("ship", out, stage="ship", format="bundle", source=chosen.key, model_file=folder)
+        metrics.update(source=chosen.key, model_file=folder)
+    log.info("shipped %s as %s", chosen.key, out / folder)
     return out

@@ -9,8 +9,16 @@ from pathlib import Path
 
 from ftedge.data import check_dataset
 from ftedge.errors import FtedgeError
-from ftedge.hf import BaseModelSource, hf_architecture, locate_base_model
-from ftedge.recipe import load_recipe
+from ftedge.hf import (
+    BaseModelSource,
+    base_has_chat_template,
+    builtin_chat_templates,
+    locate_base_model,
+    lora_target_problem,
+    read_chat_template,
+)
+from ftedge.hf import base_architecture as hf_base_architecture
+from ftedge.recipe import Recipe, load_recipe, unmergeable_reason
 from ftedge.targets import Target, load_target
 
 
@@ -33,9 +41,14 @@ def onnx_builder_architectures() -> frozenset[str]:
     return frozenset(re.findall(r'config\.architectures\[0\] == "(\w+)"', text))
 
 
-def base_model_line(source: BaseModelSource, arch: str | None) -> str:
+def base_model_line(source: BaseModelSource) -> str:
     where = {"alias": f"embedded {source.path}", "gguf": "GGUF file", "folder": "HF folder", "hub": "hub id"}[source.kind]
-    return f"base model {source.spec}: {where}" + (f", architecture {arch}" if arch else "")
+    return f"base model {source.spec}: {where}"
+
+
+def base_architecture(recipe: Recipe) -> str | None:
+    """The base model's HF architecture if it can be known without loading or downloading it."""
+    return hf_base_architecture(recipe.base_model).name
 
 
 def check_export_support(arch: str | None, target: Target, source: str) -> list[str]:
@@ -59,6 +72,31 @@ def check_export_support(arch: str | None, target: Target, source: str) -> list[
     return notes
 
 
+def check_architecture(recipe: Recipe, target: Target, source: str) -> list[str]:
+    """The base's architecture (HF folder, ``.gguf`` header, known hub id or hub config), checked against
+    both exporters of the target, the chat template it trains with, and a list of LoRA target modules."""
+    arch = hf_base_architecture(recipe.base_model)
+    if unmergeable_reason(recipe) is None:  # nothing is exported otherwise (check_method says why)
+        notes = check_export_support(arch.name, target, source)
+        if arch.name is not None:
+            notes[-1] += f" (from the {arch.source})"
+    else:
+        notes = [f"architecture {arch.name}" + (f" (from the {arch.source})" if arch.name else "")]
+    if recipe.chat_template is not None:
+        read_chat_template(recipe.chat_template)  # a one-line error when it is neither built in nor a file
+        notes.append(f"chat template: {recipe.chat_template} (recipe)")
+    elif recipe.data.format != "completion" and base_has_chat_template(recipe.base_model) is False:
+        raise FtedgeError(
+            f"{source}: base model {recipe.base_model} has no chat template (a base/pretrained model?)",
+            hint="add chat_template: to the recipe: one of " + ", ".join(builtin_chat_templates()) + " or a path to a .jinja file",
+        )
+    adapted = recipe.train.method != "full" and recipe.adapter.method in ("lora", "dora")  # ia3/prefix: peft's own defaults
+    problem = lora_target_problem(recipe.base_model, recipe.adapter.target_modules) if adapted else None
+    if problem:
+        raise FtedgeError(f"{source}: {problem}", hint="use target_modules: all-linear, or the names of the model's linear layers")
+    return notes
+
+
 def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> list[str]:
     """Validate everything checkable without loading a model; return what was checked.
 
@@ -73,14 +111,41 @@ def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> li
     lines.append(
         f"target {target.name}: gguf={target.gguf.quants if target.gguf else []} onnx={target.onnx.precisions if target.onnx else []}"
     )
-    source = locate_base_model(recipe.base_model)
-    arch = hf_architecture(source)
-    lines.append(base_model_line(source, arch))
+    lines.append(base_model_line(locate_base_model(recipe.base_model)))
+    lines.extend(check_method(recipe))
     lines.append(check_dataset(recipe))
     if recipe.eval.general_prompts is not None:
         from ftedge.bench.forgetting import read_general
 
         general = read_general(recipe.eval.general_prompts)
         lines.append(f"eval.general_prompts: {len(general.prompts)} prompts, {len(general.texts)} texts for the drift check")
-    lines.extend(check_export_support(arch, target, str(recipe_path)))  # last: reading the exporters' registries is slow
+    lines.extend(check_architecture(recipe, target, str(recipe_path)))  # last: reading the exporters' registries is slow
+    return lines
+
+
+def check_method(recipe: Recipe) -> list[str]:
+    """The adapter method, objective and starting point, and in one line why a result cannot be exported."""
+    train = recipe.train
+    what = "full fine-tuning" if train.method == "full" else f"{train.method} with a {recipe.adapter.method} adapter"
+    if train.objective == "dpo":
+        what += f", objective dpo (beta {train.beta:g}; reference: the model with the adapter disabled)"
+    if train.unfreeze is not None or train.layer_lr_decay != 1.0:
+        what += (f", unfreezing a layer every {train.unfreeze.every} steps" if train.unfreeze else "") + (
+            f", layer lr decay {train.layer_lr_decay:g}" if train.layer_lr_decay != 1.0 else ""
+        )
+    lines = [f"train: {what}"]
+    if train.init_from is not None:
+        from ftedge.manifest import Run, init_source
+
+        source = init_source(train.init_from)
+        if isinstance(source, Run):
+            merged = source.artifact("merged")
+            lines.append(
+                f"init_from: run {source.path}" + ("" if merged is not None else " (not merged yet: `ftedge run`/`train` merges it first)")
+            )
+        else:
+            lines.append(f"init_from: model folder {source}")
+    reason = unmergeable_reason(recipe)
+    if reason is not None:
+        lines.append(f"export: none -- {reason}")
     return lines

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from families import family_model_dir  # noqa: F401  (fixture: tiny Llama 3 / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / Phi-3 models)
 from helpers import make_tiny_model, trained_tiny_model, write_text_label_csv
 
 

@@ -51,7 +51,7 @@ def test_validate_good_recipe(cli: CliRunner, tiny_recipe: Path) -> None:
 def test_validate_explain_lists_keys(cli: CliRunner) -> None:
     res = cli.invoke(main, ["validate", "--explain"])
     assert res.exit_code == 0
-    for key in ("data.train", "train.max_steps", "lora.target_modules", "eval.task"):
+    for key in ("data.train", "train.max_steps", "adapter.target_modules", "eval.task"):
         assert key in res.output
 
 

@@ -157,3 +157,34 @@ def test_modelfile_from_gguf_metadata(q4_0: Path, tmp_path: Path) -> None:
     # without a system prompt, the template's own default system prompt is kept
     write_modelfile(q4_0, out)
     assert "You are a helpful AI assistant named SmolLM" in out.read_text()
+
+
+def test_header_reader_agrees_with_gguf_py(f16: Path, q4_0: Path) -> None:
+    """inspect_gguf reads the file itself (no vocabulary decoding): same metadata, tensors and special tokens as gguf-py."""
+    import gguf
+
+    from ftedge.formats.gguf import inspect_gguf
+
+    for path in (f16, q4_0):
+        info = inspect_gguf(path)
+        reader = gguf.GGUFReader(path)
+        scalars = {}
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF."):  # gguf-py's own entries for the file header (version, counts), not metadata
+                continue
+            kind = field.types[0]
+            if kind == gguf.GGUFValueType.STRING:
+                scalars[name] = bytes(field.parts[field.data[0]]).decode()
+            elif kind != gguf.GGUFValueType.ARRAY:
+                scalars[name] = field.parts[field.data[0]].tolist()[0]
+        assert info.metadata == scalars
+        assert info.tensor_names == [t.name for t in reader.tensors]
+        types: dict[str, int] = {}
+        for t in reader.tensors:
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        assert info.tensor_types == types
+        tokens = reader.fields["tokenizer.ggml.tokens"]
+        assert info.vocab_size == len(tokens.data)
+        for kind in ("bos", "eos"):
+            tid = info.token_id(kind)
+            assert info.special_texts[kind] == bytes(tokens.parts[tokens.data[tid]]).decode()

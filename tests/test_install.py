@@ -29,7 +29,8 @@ def test_converter_and_gguf_reader_agree(tiny_model_dir: Path, tmp_path: Path) -
 
 
 def test_wheel_carries_the_package_data(tmp_path: Path) -> None:
-    """A wheel install has no checkout: the export/ profiles, the chat page and the general set must be inside the package."""
+    """A wheel install has no checkout: the export/ profiles, the chat page, the general set and the built-in chat
+    templates (templates/*.jinja) must be inside the package."""
     import shutil
     import zipfile
 
@@ -54,3 +55,6 @@ def test_wheel_carries_the_package_data(tmp_path: Path) -> None:
     assert profiles and {f"ftedge/_data/export/{n}" for n in profiles} <= names
     assert {"ftedge/serve.py", "ftedge/launch.py"} <= names
     assert "ftedge/bench/general.jsonl" in names  # the drift check's general prompts
+    templates = {p.name for p in (root / "ftedge" / "templates").glob("*.jinja")}  # the recipe's built-in chat_template values
+    assert {"chatml.jinja", "gemma.jinja", "llama3.jinja", "phi3.jinja"} <= templates
+    assert {f"ftedge/templates/{n}" for n in templates} <= names

@@ -108,5 +108,5 @@ def test_bad_override_syntax() -> None:
 
 def test_every_field_is_described() -> None:
     rows = explain()
-    assert {"data.train", "train.max_steps", "lora.r", "quant.type", "eval.task", "export.target"} <= {r[0] for r in rows}
+    assert {"data.train", "train.max_steps", "adapter.r", "quant.type", "eval.task", "export.target"} <= {r[0] for r in rows}
     assert all(desc for _, _, _, desc in rows)

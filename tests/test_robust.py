@@ -297,10 +297,12 @@ def test_validate_reads_the_architecture_without_loading(tiny_recipe: Path, tmp_
     from ftedge.validate import preflight
 
     lines = preflight(tiny_recipe, ["base_model=smollm2-135m-instruct"])  # the alias: read from its GGUF header
-    assert any("base model smollm2-135m-instruct: embedded" in ln and "LlamaForCausalLM" in ln for ln in lines), lines
+    assert any("base model smollm2-135m-instruct: embedded" in ln for ln in lines), lines
+    assert any("architecture LlamaForCausalLM" in ln and ln.endswith("(from the GGUF header)") for ln in lines), lines
     gguf = write_gguf_header_only(tmp_path / "tiny.gguf", "qwen2")
-    lines = preflight(tiny_recipe, [f"base_model={gguf}"])
-    assert any("GGUF file, architecture Qwen2ForCausalLM" in ln for ln in lines), lines
+    lines = preflight(tiny_recipe, [f"base_model={gguf}", "chat_template=chatml"])  # a header without a template
+    assert f"base model {gguf}: GGUF file" in lines, lines
+    assert any("architecture Qwen2ForCausalLM" in ln and ln.endswith("(from the GGUF header)") for ln in lines), lines
     lines = preflight(tiny_recipe, ["base_model=some-org/some-model"])
     assert "architecture: checked once the model is downloaded (a hub id)" in lines
     lines = preflight(tiny_recipe)

@@ -34,6 +34,7 @@ from ftedge.backends.base import Backend, Sampling, sample_next
 from ftedge.errors import FtedgeError
 from ftedge.formats.chat_template import render_chat_template
 from ftedge.formats.gguf import GgufInfo, inspect_gguf
+from ftedge.hf import fit_messages
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,8 @@ class LlamaCppBackend(Backend):
                 f"{self.path} has no chat template in its metadata (tokenizer.chat_template)", hint="re-export it with ftedge export"
             )
         specials = {f"{kind}_token": text for kind in ("bos", "eos", "pad") if (text := self._special_text(kind))}
-        return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, special_tokens=specials)
+        chat = fit_messages(messages, template)
+        return render_chat_template(template, chat, add_generation_prompt=add_generation_prompt, special_tokens=specials)
 
     def _special_text(self, kind: str) -> str:
         tid = self.info.token_id(kind)

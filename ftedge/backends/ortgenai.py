@@ -15,6 +15,7 @@ import numpy as np
 
 from ftedge.backends.base import Backend, Sampling, sample_next
 from ftedge.errors import FtedgeError
+from ftedge.hf import fit_messages
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class OrtGenAIBackend(Backend):
         except Exception as err:  # the runtime raises plain RuntimeError with its own message
             raise FtedgeError(f"cannot load ORT GenAI model {self.path}: {_first_line(err)}", hint="re-export the model") from None
         self._context_length = int(self._cfg["model"].get("context_length") or self._cfg.get("search", {}).get("max_length") or 2048)
+        window = self._cfg["model"]["decoder"].get("sliding_window") or {}
+        self._window = int(window.get("window_size") or 0) if isinstance(window, dict) else 0
         template = self.path / "chat_template.jinja"
         self._template = template.read_text() if template.is_file() else None
 
@@ -100,13 +103,20 @@ class OrtGenAIBackend(Backend):
         kwargs: dict = {"add_generation_prompt": add_generation_prompt}
         if self._template is not None:
             kwargs["template_str"] = self._template
+        chat = fit_messages(messages, self._template or self._config_template())
         try:
-            return self.tokenizer.apply_chat_template(json.dumps(list(messages)), **kwargs)
+            return self.tokenizer.apply_chat_template(json.dumps(chat), **kwargs)
         except Exception as err:
             raise FtedgeError(
                 f"{self.path}: cannot apply the chat template ({_first_line(err)})",
                 hint="export a model whose tokenizer has a chat template",
             ) from None
+
+    def _config_template(self) -> str | None:
+        """The chat template in tokenizer_config.json (what ORT GenAI uses without chat_template.jinja)."""
+        cfg = self.path / "tokenizer_config.json"
+        template = json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
+        return template if isinstance(template, str) else None
 
     def tokenize(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
@@ -122,6 +132,8 @@ class OrtGenAIBackend(Backend):
         max_length = n_prompt + max(n_new, 1)
         if max_length > self.context_length:
             raise FtedgeError(f"{n_prompt} prompt tokens + {n_new} new exceed the context length {self.context_length} of {self.path}")
+        # a sliding-window model (Gemma 2/3) needs a KV cache of at least the window
+        max_length = min(max(max_length, self._window), self.context_length)
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=max_length, do_sample=False)
         return og.Generator(self.model, params)

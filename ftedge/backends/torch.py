@@ -23,8 +23,10 @@ class TorchBackend(Backend):
         dtype: str = "float32",
         four_bit: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        chat_template: str | None = None,
     ) -> None:
-        """An HF folder in ``dtype``, or 4-bit as training held it (``four_bit``: a recipe's ``quant`` section)."""
+        """An HF folder in ``dtype``, or 4-bit as training held it (``four_bit``: a recipe's ``quant`` section);
+        ``chat_template`` (text) replaces the folder's own (a base + adapter is rendered with the trained template)."""
         import torch
 
         from ftedge.hf import compute_dtype, load_causal_lm, load_tokenizer
@@ -38,12 +40,19 @@ class TorchBackend(Backend):
             model = load_causal_lm(self.path, dtype=compute_dtype(quant.compute_dtype), four_bit=quant, trust_remote_code=trust_remote_code)
         else:
             model = load_causal_lm(self.path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-        self.tokenizer = load_tokenizer(self.path, trust_remote_code=trust_remote_code, require_chat_template=False)
+        self.tokenizer = load_tokenizer(
+            self.path, trust_remote_code=trust_remote_code, require_chat_template=False, chat_template=chat_template
+        )
         if adapter is not None:
-            from peft import PeftModel
+            from ftedge.hf import attach_adapter
 
-            model = PeftModel.from_pretrained(model, str(adapter))
+            model = attach_adapter(model, adapter)
         self.model = model.eval()
+        # Decoding steps after the first run the wrapped model itself: the cache already holds what
+        # the adapter adds (a prefix-tuning adapter's key/value prefix, which peft's forward would
+        # otherwise put in front of the cache again); for LoRA-style adapters it is the same model.
+        get_base = getattr(model, "get_base_model", None)
+        self._step_model = get_base() if callable(get_base) else model
         self.device = next(model.parameters()).device
         self._torch = torch
 
@@ -73,7 +82,10 @@ class TorchBackend(Backend):
         return int(self.model.config.vocab_size)
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        from ftedge.hf import fit_messages
+
+        chat = fit_messages(messages, self.tokenizer.chat_template)
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -106,5 +118,5 @@ class TorchBackend(Backend):
                 yield tok
                 if tok in stops:
                     return
-                out = self.model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=past, use_cache=True)
+                out = self._step_model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=past, use_cache=True)
                 past = out.past_key_values

@@ -114,23 +114,26 @@ def run_specs(run: Run) -> list[ArtifactSpec]:
         models.append(
             ArtifactSpec(art.key, art.format or "", quant, art.path, art.entry.get("size_bytes"), load, gate_passed=art.gate_passed)
         )
-    if not models:
+    adapter = run.artifact("adapter")
+    if not models and adapter is None:
         raise FtedgeError(f"no artifacts in {run.path}", hint=f"run `ftedge export {run.path}` first")
     order = {"hf": 0, "gguf": 1, "onnx": 2}
     models.sort(key=lambda s: (order.get(s.format, 3), s.name))
     specs: list[ArtifactSpec] = []
-    adapter = run.artifact("adapter")
     if adapter is not None:
-        from ftedge.hf import resolve_base_model
+        from ftedge.hf import training_tokenizer
 
-        base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
+        base = run.base_model()  # the recipe's base model, or train.init_from's merged model
         four_bit = recipe.quant.bits == 4
         load: dict[str, Any] = {"kind": "torch", "adapter": str(adapter.path), "trust_remote_code": recipe.trust_remote_code}
+        # the base rendered with the template the adapter was trained with (the recipe's, or thinking off)
+        load["chat_template"] = training_tokenizer(base, recipe.chat_template, trust_remote_code=recipe.trust_remote_code).chat_template
         if four_bit:
             load["four_bit"] = recipe.quant.model_dump()
         quant = recipe.quant.type if four_bit else _hf_dtype(base)
+        kind = recipe.adapter.method if recipe.train.method != "full" else "full"
         specs.append(
-            ArtifactSpec("pytorch", "torch", f"{quant}+lora", base, _model_size(base) + _model_size(adapter.path), load, reference=True)
+            ArtifactSpec("pytorch", "torch", f"{quant}+{kind}", base, _model_size(base) + _model_size(adapter.path), load, reference=True)
         )
     elif models[0].format == "hf":
         models[0].reference = True

@@ -84,7 +84,7 @@ def run_builder(merged_dir: Path, out: Path, precision: str, cache: Path, *, tim
     cmd = [
         sys.executable,
         "-m",
-        "onnxruntime_genai.models.builder",
+        "ftedge.export.ort_builder",  # the builder, with Gemma 3's rope config flattened for it
         "-i",
         str(merged_dir),
         "-o",

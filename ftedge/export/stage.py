@@ -23,6 +23,7 @@ from typing import Any
 from ftedge.errors import DiskError, FtedgeError, GateFailedError
 from ftedge.formats.quants import GGUF_CONVERTER_TYPES, check_gguf_type
 from ftedge.manifest import Run
+from ftedge.recipe import require_mergeable
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def gate_line(gate: dict[str, Any]) -> str:
 
 def export_stage(run: Run, target: Any, *, force: bool = False) -> None:
     """Build, gate and record every artifact of ``target``; raise GateFailedError naming failures."""
+    require_mergeable(run.recipe(), "export")
     run.require("merge", "merged model", "ftedge merge")
     ex = _Exporter(run, target, force)
     with run.stage("export") as metrics:

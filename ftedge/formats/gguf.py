@@ -1,6 +1,8 @@
 """Reading a GGUF file without any runtime: header, metadata, tensor types, special tokens.
 
-Uses gguf-py's own ``GGUFReader`` and enums. Every file is checked here before llama.cpp
+Reads the header, metadata and tensor table straight from the file (gguf-py's enums and
+quant sizes; not its ``GGUFReader``, which decodes every vocabulary entry: 10-100 s on big
+vocabularies). Every file is checked here before llama.cpp
 sees it, so a missing, truncated or foreign file is a one-line error, never a crash inside
 native code.
 """
@@ -8,6 +10,7 @@ native code.
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,8 @@ class GgufInfo:
     metadata: dict[str, Any]
     tensor_types: dict[str, int] = field(default_factory=dict)  # type name -> tensor count
     special_texts: dict[str, str] = field(default_factory=dict)  # bos/eos/eot/pad -> token text
+    tensor_names: list[str] = field(default_factory=list)
+    vocab_size: int = 0  # entries of tokenizer.ggml.tokens
 
     @property
     def quantized(self) -> bool:
@@ -66,88 +71,9 @@ class GgufInfo:
         return int(value) if value is not None else None
 
 
-def _field_value(f: Any) -> Any:
-    """Decode a scalar or string GGUF field (arrays are skipped: vocabularies are large)."""
-    import gguf
-
-    types = list(f.types)
-    if not types or types[0] == gguf.GGUFValueType.ARRAY:
-        return None
-    part = f.parts[f.data[0]]
-    if types[0] == gguf.GGUFValueType.STRING:
-        return bytes(part).decode("utf-8", errors="replace")
-    return part.tolist()[0] if hasattr(part, "tolist") else part
-
-
 def has_gguf_magic(path: Path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(4) == GGUF_MAGIC
-
-
-def read_gguf_header(path: str | Path, keys: tuple[str, ...] = ("general.architecture", "general.name")) -> dict[str, Any]:
-    """Scalar and string metadata ``keys`` read from the start of a GGUF, without the tensor table or vocabulary.
-
-    Cheap (stops once every key is found; ``general.architecture`` comes first in files llama.cpp
-    writes), so ``ftedge validate`` can check a base model without loading it. One-line errors for a
-    missing file, a file without the GGUF magic, or a header that ends early.
-    """
-    import gguf
-    import numpy as np
-
-    path = Path(path)
-    if not path.is_file():
-        raise FtedgeError(f"GGUF file {path} not found", hint="give the path of an existing .gguf file")
-    wanted, found = set(keys), {}
-    scalars = gguf.GGUFReader.gguf_scalar_to_np
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-        if magic != GGUF_MAGIC:
-            raise FtedgeError(f"{path} is not a GGUF file (it does not start with the GGUF magic; got {magic!r})", hint="give a .gguf file")
-        try:
-            order = "<"
-            (version,) = struct.unpack("<I", _exactly(fh, 4))
-            if version & 0xFFFF == 0:  # a big-endian file
-                order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
-            if version < 2:
-                raise FtedgeError(f"{path}: GGUF version {version} is too old", hint="re-convert the model with a current llama.cpp")
-            _n_tensors, n_kv = struct.unpack(order + "QQ", _exactly(fh, 16))
-
-            def text() -> str:
-                (n,) = struct.unpack(order + "Q", _exactly(fh, 8))
-                return _exactly(fh, n).decode("utf-8", errors="replace")
-
-            def value(vtype: int, keep: bool) -> Any:
-                if vtype == gguf.GGUFValueType.STRING:
-                    return text()
-                if vtype == gguf.GGUFValueType.ARRAY:
-                    item, count = struct.unpack(order + "IQ", _exactly(fh, 12))
-                    for _ in range(count):
-                        value(item, False)
-                    return None
-                dtype = np.dtype(scalars[gguf.GGUFValueType(vtype)]).newbyteorder(order)
-                raw = _exactly(fh, dtype.itemsize)
-                return np.frombuffer(raw, dtype=dtype)[0].item() if keep else None
-
-            for _ in range(n_kv):
-                key = text()
-                (vtype,) = struct.unpack(order + "I", _exactly(fh, 4))
-                got = value(vtype, key in wanted)
-                if key in wanted:
-                    found[key] = got
-                    if wanted <= set(found):
-                        break
-        except (struct.error, EOFError, ValueError, KeyError) as err:
-            raise FtedgeError(
-                f"{path}: the GGUF header is truncated or damaged ({err})", hint="re-export or re-download the file"
-            ) from None
-    return found
-
-
-def _exactly(fh: Any, n: int) -> bytes:
-    data = fh.read(n)
-    if len(data) != n:
-        raise EOFError(f"the file ends early (wanted {n} bytes at offset {fh.tell()})")
-    return data
 
 
 def inspect_gguf(path: str | Path) -> GgufInfo:
@@ -161,33 +87,134 @@ def inspect_gguf(path: str | Path) -> GgufInfo:
 
 @functools.lru_cache(maxsize=32)
 def _inspect_cached(path: Path, size: int, mtime_ns: int) -> GgufInfo:
-    import gguf
-
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != GGUF_MAGIC:
         raise FtedgeError(f"{path} is not a GGUF file (bad magic {magic!r})", hint="give a complete .gguf file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as err:  # numpy errors when the file ends early
-        raise FtedgeError(
-            f"{path} is truncated or damaged ({size} bytes; {type(err).__name__}: {err})", hint="re-export or re-download the file"
-        ) from None
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > size or not reader.tensors:
-        raise FtedgeError(f"{path} is truncated ({size} bytes, tensors need {end})", hint="re-export or re-download the file")
-    metadata = {}
-    for name, f in reader.fields.items():
-        value = _field_value(f)
-        if value is not None:
-            metadata[name] = value
-    types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    specials: dict[str, str] = {}
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    for kind in ("bos", "eos", "eot", "pad"):
-        tid = metadata.get(f"tokenizer.ggml.{kind}_token_id")
-        if tokens is not None and isinstance(tid, int) and 0 <= tid < len(tokens.data):
-            specials[kind] = bytes(tokens.parts[tokens.data[tid]]).decode("utf-8", errors="replace")
-    return GgufInfo(path=path, metadata=metadata, tensor_types=types, special_texts=specials)
+    if size < 24:
+        raise FtedgeError(f"{path} is truncated or damaged ({size} bytes)", hint="re-export or re-download the file")
+    import mmap
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            return _HeaderReader(path, buf).read()
+        except (struct.error, IndexError, ValueError, UnicodeDecodeError) as err:
+            raise FtedgeError(
+                f"{path} is truncated or damaged ({size} bytes; {type(err).__name__}: {err})", hint="re-export or re-download the file"
+            ) from None
+
+
+# GGUF value types (gguf-py's GGUFValueType): struct format of each scalar type
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_SPECIAL_KINDS = ("bos", "eos", "eot", "pad")
+
+
+class _HeaderReader:
+    """Metadata and tensor table of a GGUF, read straight from the mapped file.
+
+    Arrays (the vocabulary, scores, merges) are skipped, not decoded: only the offsets of the
+    token strings are kept, to name the special tokens. gguf-py's ``GGUFReader`` builds numpy
+    views of every vocabulary entry, which takes 10-100 s on a 50k-260k vocabulary.
+    """
+
+    def __init__(self, path: Path, buf: Any) -> None:
+        self.path, self.buf, self.pos = path, buf, 4
+        version = struct.unpack_from("<I", buf, 4)[0]
+        self.endian = "<" if version & 0xFFFF else ">"  # a big-endian file reads as a huge little-endian version
+        self.token_offsets: list[int] = []
+
+    def _take(self, fmt: str) -> Any:
+        value = struct.unpack_from(self.endian + fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        n = self._take("Q")
+        end = self.pos + n
+        if end > len(self.buf):
+            raise ValueError("string past the end of the file")
+        text = self.buf[self.pos : end].decode("utf-8", errors="replace")
+        self.pos = end
+        return text
+
+    def _skip_array(self, key: str) -> None:
+        kind, count = self._take("I"), self._take("Q")
+        if kind == _STRING:
+            keep = key == "tokenizer.ggml.tokens"
+            unpack, buf, pos, fmt = struct.unpack_from, self.buf, self.pos, self.endian + "Q"
+            offsets = self.token_offsets if keep else None
+            for _ in range(count):
+                if offsets is not None:
+                    offsets.append(pos)
+                pos += 8 + unpack(fmt, buf, pos)[0]
+            self.pos = pos
+        elif kind in _SCALARS:
+            self.pos += count * struct.calcsize(_SCALARS[kind])
+        elif kind == _ARRAY:  # arrays of arrays: never written by llama.cpp, but legal
+            for _ in range(count):
+                self._skip_array(key)
+        else:
+            raise ValueError(f"unknown value type {kind} in {key}")
+        if self.pos > len(self.buf):
+            raise ValueError(f"{key} runs past the end of the file")
+
+    def _value(self, key: str) -> Any:
+        kind = self._take("I")
+        if kind == _STRING:
+            return self._string()
+        if kind in _SCALARS:
+            return self._take(_SCALARS[kind])
+        if kind == _ARRAY:
+            self._skip_array(key)
+            return None
+        raise ValueError(f"unknown value type {kind} in {key}")
+
+    def _token_text(self, tid: int) -> str:
+        n = struct.unpack_from(self.endian + "Q", self.buf, self.token_offsets[tid])[0]
+        start = self.token_offsets[tid] + 8
+        return self.buf[start : start + n].decode("utf-8", errors="replace")
+
+    def read(self) -> GgufInfo:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        version = self._take("I")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old")
+        n_tensors, n_kv = self._take("Q"), self._take("Q")
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            value = self._value(key)
+            if value is not None:
+                metadata[key] = value
+        tensors: list[tuple[str, int, int, int]] = []  # name, type, offset, n_elements
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = [self._take("Q") for _ in range(self._take("I"))]
+            ttype, offset = self._take("I"), self._take("Q")
+            tensors.append((name, ttype, offset, math.prod(dims)))
+        align = int(metadata.get("general.alignment", 32))
+        data_start = -(-self.pos // align) * align
+        end, types = 0, {}
+        for _, ttype, offset, n in tensors:
+            qtype = GGMLQuantizationType(ttype)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            end = max(end, data_start + offset + n // block * type_size)
+            types[qtype.name] = types.get(qtype.name, 0) + 1
+        size = len(self.buf)
+        if end > size or not tensors:
+            raise FtedgeError(f"{self.path} is truncated ({size} bytes, tensors need {end})", hint="re-export or re-download the file")
+        specials = {}
+        for kind in _SPECIAL_KINDS:
+            tid = metadata.get(f"tokenizer.ggml.{kind}_token_id")
+            if isinstance(tid, int) and 0 <= tid < len(self.token_offsets):
+                specials[kind] = self._token_text(tid)
+        return GgufInfo(
+            path=self.path,
+            metadata=metadata,
+            tensor_types=types,
+            special_texts=specials,
+            tensor_names=[t[0] for t in tensors],
+            vocab_size=len(self.token_offsets),
+        )

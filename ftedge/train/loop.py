@@ -41,7 +41,9 @@ from torch import nn
 
 from ftedge import atomic
 from ftedge.data import Encoded, make_batch
+from ftedge.errors import FtedgeError
 from ftedge.recipe import TrainConfig
+from ftedge.train.layers import LayerSchedule
 from ftedge.train.model import LabelOnlyLoss, label_positions, load_trainable_state, packed_attention_index, trainable_state
 
 log = logging.getLogger(__name__)
@@ -147,15 +149,21 @@ class Trainer:
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.steps = total_steps(cfg, len(train_rows), self.world)
-        self.loss_module = LabelOnlyLoss(model)
+        self.loss_module = self.make_loss(model)
         # A packed micro-batch in one row, no padding (packed attention keeps the examples apart).
-        self.one_row = cfg.packing and self.loss_module.packed_attention
+        self.one_row = cfg.packing and getattr(self.loss_module, "packed_attention", False)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = {k for k, p in model.named_parameters() if p.requires_grad}  # what checkpoints hold, frozen or not
+        # -- layer schedule (train.unfreeze, train.layer_lr_decay; ftedge/train/layers.py) --
+        self.layers = LayerSchedule(model, cfg) if cfg.unfreeze is not None or cfg.layer_lr_decay != 1.0 else None
+        if self.layers is not None and cfg.unfreeze is not None and self.world > 1:
+            raise FtedgeError("train.unfreeze runs on one process only", hint="train without accelerate launch, or drop train.unfreeze")
+        groups = self.layers.param_groups() if self.layers is not None else self.params
         self.device = accelerator.device
         cuda = self.device.type == "cuda"
         # One fused kernel for the whole AdamW update (see the module docstring).
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         # fp16 compute (GPUs before Ampere) needs loss scaling: small gradients underflow in fp16.
         self.scaler = torch.amp.GradScaler("cuda") if cuda and dtype == torch.float16 else None
         self.last_grad_norm: float | None = None
@@ -163,6 +171,24 @@ class Trainer:
         if self.world > 1:
             self.loss_module, self.opt = accelerator.prepare(self.loss_module, self.opt)
         self.state = State()
+
+    # -- extension points (the DPO trainer, the layer schedule) ---------------
+    def make_loss(self, model: nn.Module) -> nn.Module:
+        """The module whose forward gives (summed loss, count) for a batch; wrapped by DDP."""
+        return LabelOnlyLoss(model)
+
+    def before_step(self, step: int) -> None:
+        """Called before ``train_step(step)``: the layers that train at this step."""
+        if self.layers is not None:
+            self.layers.apply(step)
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Extra figures for the step's metrics record (and TensorBoard)."""
+        return self.layers.metrics() if self.layers is not None else {}
+
+    def progress_info(self) -> str:
+        """Extra text for the progress bar."""
+        return ""
 
     # -- batches ------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[list[Encoded]]:
@@ -285,7 +311,7 @@ class Trainer:
         path = self.ckpt_dir / f"step-{self.state.step:06d}"
         with atomic.atomic_path(path) as tmp:
             tmp.mkdir(parents=True)
-            save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
+            save_file(trainable_state(self.model, self.trainable), str(tmp / "trainable.safetensors"))
             optim = {"optimizer": self._unwrapped_opt().state_dict(), "scheduler": self.sched.state_dict()}
             if self.scaler is not None:
                 optim["scaler"] = self.scaler.state_dict()
@@ -417,6 +443,7 @@ def fit(trainer: Trainer, *, resume_from: Path | None = None, eta_after: float |
             while st.step < trainer.steps and not st.stopped_early:
                 t0 = time.perf_counter()
                 tokens_before = st.tokens
+                trainer.before_step(st.step)
                 loss = trainer.train_step(st.step)
                 dt = time.perf_counter() - t0
                 st.seconds += dt
@@ -452,11 +479,13 @@ def fit(trainer: Trainer, *, resume_from: Path | None = None, eta_after: float |
                                     st.best_eval,
                                     st.best_step,
                                 )
+                record.update(trainer.step_metrics())
                 st.history.append({k: record[k] for k in ("step", "loss", "eval_loss") if k in record})
                 rec.write(record)
                 info = (
                     f"loss {loss:.4f}"
                     + (f" eval {st.last_eval:.4f}" if st.last_eval is not None else "")
+                    + trainer.progress_info()
                     + f" {st.tokens / max(st.seconds, 1e-9):.0f} tok/s"
                 )
                 pace = (time.perf_counter() - started) / (st.step - first_step)

@@ -1,4 +1,5 @@
-"""The model being trained: base loading per method (QLoRA / LoRA / full) and the loss.
+"""The model being trained: base loading per method (QLoRA / LoRA / full), the adapter per
+``adapter.method`` (peft's LoRA, DoRA, IA3, prefix tuning), and the loss.
 
 The loss runs the decoder body, then the LM head and cross-entropy only at the positions
 that carry a label (the assistant's tokens). With a 49,152-token vocabulary the full-sequence
@@ -18,14 +19,14 @@ from torch import nn
 
 from ftedge.data import IGNORE
 from ftedge.errors import FtedgeError
-from ftedge.hf import load_causal_lm
+from ftedge.hf import check_lora_targets, load_causal_lm
 from ftedge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 
 def load_model(recipe: Recipe, base: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Base model in the recipe's form, LoRA attached (unless full fine-tuning), in train mode."""
+    """Base model in the recipe's form, the adapter attached (unless full fine-tuning), in train mode."""
     method, q = recipe.train.method, recipe.quant
     trust = recipe.trust_remote_code
     if method == "qlora":
@@ -55,20 +56,52 @@ def load_model(recipe: Recipe, base: Path, device: torch.device, dtype: torch.dt
     elif gc:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.train.packing and device.type == "cpu":
+    if recipe.train.packing and device.type == "cpu" and recipe.adapter.method != "prefix":  # prefix: keys longer than the row
         enable_packed_attention(model, dtype, recipe.train.max_length)
     if method == "full":
         model.train()
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = recipe.lora
-    config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
-    )
-    model = get_peft_model(model, config)
+    if recipe.adapter.method in ("lora", "dora"):
+        check_lora_targets(model, recipe.adapter.target_modules)  # one line naming modules the model lacks, before any step
+    model = get_peft_model(model, peft_config(recipe, model.config))
     model.train()
     return model
+
+
+def peft_config(recipe: Recipe, model_config: object) -> object:
+    """peft's config for ``adapter.method``: LoRA, DoRA (LoRA with ``use_dora``), IA3 or prefix tuning."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig
+
+    a = recipe.adapter
+    if a.method in ("lora", "dora"):
+        return LoraConfig(
+            r=a.r,
+            lora_alpha=a.alpha,
+            lora_dropout=a.dropout,
+            target_modules=a.target_modules,
+            use_dora=a.method == "dora",
+            task_type="CAUSAL_LM",
+        )
+    if a.method == "ia3":
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
+
+        model_type = getattr(model_config, "model_type", "")
+        if a.target_modules == "all-linear":  # peft's per-architecture IA3 default (k, v, down for Llama)
+            if model_type not in TARGETS:
+                raise FtedgeError(
+                    f"adapter.method=ia3: peft has no default IA3 modules for model type {model_type!r}",
+                    hint="set adapter.target_modules to the key/value and MLP output projections, e.g. [k_proj, v_proj, down_proj]",
+                )
+            return IA3Config(task_type="CAUSAL_LM")
+        targets = list(a.target_modules) if isinstance(a.target_modules, list) else [a.target_modules]
+        ff = FEEDFORWARD.get(model_type, [])
+        return IA3Config(target_modules=targets, feedforward_modules=[m for m in targets if m in ff], task_type="CAUSAL_LM")
+    if a.method == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type="CAUSAL_LM")
+    raise FtedgeError(f"unknown adapter.method {a.method!r}", hint="use lora, dora, ia3 or prefix")
 
 
 # ----------------------------------------------------------------------------- packed attention
@@ -195,15 +228,26 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return get() if callable(get) else model
 
 
+def prefix_tokens(model: nn.Module) -> int:
+    """Virtual key/value positions a prefix-tuning adapter puts before every input (0 for other methods)."""
+    get = getattr(model, "active_peft_config", None)
+    if get is None or not getattr(get, "is_prompt_learning", False):
+        return 0
+    return int(get.num_virtual_tokens)
+
+
 class LabelOnlyLoss(nn.Module):
     """``forward(batch) -> (summed token loss, trained-token count)``, LM head on labelled positions only.
 
-    Wrapping the model in one module keeps DDP's gradient hooks intact.
+    Wrapping the model in one module keeps DDP's gradient hooks intact. A prefix-tuning adapter
+    is applied as peft's own forward does: its key/value prefix as the decoder's cache, the
+    attention mask extended over it (so prefix tuning needs unpacked rows).
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.n_prefix = prefix_tokens(model)
         lm = causal_lm(model)
         self.decoder = lm.get_decoder()
         self.head = lm.get_output_embeddings()
@@ -212,6 +256,48 @@ class LabelOnlyLoss(nn.Module):
         self.packed_attention = getattr(lm.config, "_attn_implementation", None) == PACKED_ATTENTION
         if self.decoder is None or self.head is None:
             raise FtedgeError(f"model type {lm.config.model_type} has no separate decoder and LM head", hint="use a standard causal LM")
+
+    def labelled_logits(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        label_index: torch.Tensor | None = None,
+        label_target: torch.Tensor | None = None,
+        *,
+        adapter: bool = True,
+        seq_gather: torch.Tensor | None = None,
+        seq_scatter: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """fp32 logits at the labelled positions, their target tokens, and the (B, L-1) mask of those positions.
+
+        ``label_index``/``label_target`` (from :func:`label_positions`, computed on the host) pick the same
+        positions as the labels mask does, without the device-to-host sync of boolean indexing (no mask is
+        returned then). ``seq_gather``/``seq_scatter``: a batch in one row (:func:`packed_attention`)."""
+        extra: dict[str, object] = {} if seq_gather is None else {"seq_gather": seq_gather, "seq_scatter": seq_scatter}
+        if self.n_prefix and adapter:
+            batch = input_ids.shape[0]
+            extra["past_key_values"] = self.model.get_prompt(batch, max_cache_len=input_ids.shape[1] + self.n_prefix)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.cat([attention_mask.new_ones(batch, self.n_prefix), attention_mask], dim=1)
+            if position_ids is not None:
+                position_ids = position_ids + self.n_prefix
+        out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        keep: torch.Tensor | None = None
+        if label_index is None or label_target is None:
+            target = labels[:, 1:]
+            keep = target != IGNORE
+            picked, target = out.last_hidden_state[:, :-1][keep], target[keep]
+        else:
+            picked, target = out.last_hidden_state.flatten(0, 1).index_select(0, label_index), label_target
+        logits = self.head(picked).float()
+        if self.logit_scale:
+            logits = logits * self.logit_scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits, target, keep
 
     def forward(
         self,
@@ -224,24 +310,12 @@ class LabelOnlyLoss(nn.Module):
         seq_gather: torch.Tensor | None = None,
         seq_scatter: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | int]:
-        """``label_index``/``label_target`` (from :func:`label_positions`, computed on the host) pick the
-        same positions as the labels mask does, without the device-to-host sync of boolean indexing.
-        ``seq_gather``/``seq_scatter`` (from :func:`packed_attention_index`) go with a batch in one row."""
-        packed = {} if seq_gather is None else {"seq_gather": seq_gather, "seq_scatter": seq_scatter}
-        out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **packed)
-        if label_index is None or label_target is None:
-            target = labels[:, 1:]
-            keep = target != IGNORE
-            picked, target, n = out.last_hidden_state[:, :-1][keep], target[keep], keep.sum()
-        else:
-            picked, target, n = out.last_hidden_state.flatten(0, 1).index_select(0, label_index), label_target, label_index.numel()
-        logits = self.head(picked).float()
-        if self.logit_scale:
-            logits = logits * self.logit_scale
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        """``seq_gather``/``seq_scatter`` (from :func:`packed_attention_index`) go with a batch in one row."""
+        logits, target, keep = self.labelled_logits(
+            input_ids, labels, position_ids, attention_mask, label_index, label_target, seq_gather=seq_gather, seq_scatter=seq_scatter
+        )
         loss = nn.functional.cross_entropy(logits, target, reduction="sum")
-        return loss, n
+        return loss, keep.sum() if keep is not None else target.numel()
 
 
 def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,9 +326,9 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows * labels.shape[1] + cols, labels[rows, cols + 1]
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint must hold of the weights: the trainable parameters."""
-    return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+def trainable_state(model: nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold of the weights: the trainable parameters (``names``: those, even while frozen)."""
+    return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if (k in names if names is not None else v.requires_grad)}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

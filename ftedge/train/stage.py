@@ -71,21 +71,26 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool,
     from ftedge.data import check_dataset, load_splits, tokenized_splits
 
     check_dataset(recipe)  # cheap one-line errors before any model loads
-    from ftedge.hf import compute_dtype, load_tokenizer, pick_device, resolve_base_model
+    from ftedge.hf import compute_dtype, pick_device, training_tokenizer
     from ftedge.memory import peak_gpu_mb, peak_rss_mb
     from ftedge.train.loop import Trainer, fit, total_steps
     from ftedge.train.model import load_model
 
     main = accelerator.is_main_process
     out = run.path / "train"
-    base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
+    base = run.base_model()  # the recipe's base model, or train.init_from's merged model
     device = accelerator.device if accelerator.num_processes > 1 else pick_device()
     if device.type == "cpu":
         _threads()
     dtype = compute_dtype(recipe.quant.compute_dtype, device)
     cfg = recipe.train
-    tokenizer = load_tokenizer(base, trust_remote_code=recipe.trust_remote_code)
+    tokenizer = training_tokenizer(base, recipe.chat_template, trust_remote_code=recipe.trust_remote_code)
     splits = load_splits(recipe)
+    if accelerator.is_main_process:
+        from ftedge.datacheck import check_data
+
+        for line in check_data(recipe, tokenizer=tokenizer, splits=splits).warnings():
+            log.warning("data check: %s", line)
     steps = total_steps(cfg, len(splits.train), accelerator.num_processes)
     needed = steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     splits.train = splits.train[:needed]  # tokenize only what the steps will use
@@ -97,7 +102,12 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool,
     torch.manual_seed(cfg.seed)  # LoRA initialisation, then dropout: a run is reproducible
     model = load_model(recipe, base, device, dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    trainer = Trainer(model, cfg, train_rows, val_rows, out, dtype=dtype, pad_id=pad_id, accelerator=accelerator)
+    trainer_class = Trainer
+    if cfg.objective == "dpo":
+        from ftedge.train.dpo import PreferenceTrainer
+
+        trainer_class = PreferenceTrainer
+    trainer = trainer_class(model, cfg, train_rows, val_rows, out, dtype=dtype, pad_id=pad_id, accelerator=accelerator)
     found = trainer.checkpoints() if resume else []
     checkpoint = found[-1] if found else None
     if checkpoint is None:
@@ -107,8 +117,9 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool,
             shutil.rmtree(out)  # what a run that never reached a checkpoint left: metrics, events, a best adapter
     accelerator.wait_for_everyone()
     log.info(
-        "train: %s on %s (%s), %d steps x %d examples, %d train / %d val rows, max_length %d",
-        cfg.method,
+        "train: %s%s on %s (%s), %d steps x %d examples, %d train / %d val rows, max_length %d",
+        cfg.method if cfg.method == "full" else f"{cfg.method} ({recipe.adapter.method})",
+        f", {cfg.objective} beta {cfg.beta:g}" if cfg.objective == "dpo" else "",
         device,
         str(dtype).removeprefix("torch."),
         trainer.steps,
@@ -138,6 +149,8 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool,
             format=fmt,
             base_model=str(base),
             method=cfg.method,
+            adapter_method=None if cfg.method == "full" else recipe.adapter.method,
+            objective=cfg.objective,
             best_step=st.best_step,
             eval_loss=st.best_eval,
         )
