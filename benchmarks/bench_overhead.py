@@ -118,14 +118,15 @@ def compare(name: str, ftedge_run: Callable[[list[int]], list[float]], raw_run: 
 def bench_llama(path: Path, *, threads: int, tokens: int, repeats: int, n_ctx: int) -> dict:
     import llama_cpp as lib
 
-    from ftedge.backends.llamacpp import LlamaCppBackend, extra_bufts_enabled
+    from ftedge.backends.llamacpp import FLASH_ATTN_TYPES, LlamaCppBackend, extra_bufts_enabled
     from ftedge.formats.gguf import inspect_gguf
 
     backend = LlamaCppBackend(path, threads=threads, n_ctx=n_ctx)
     ids = backend.chat_ids(PROMPT)
 
     # the raw loop: same file, same model/context parameters (incl. the AMX workaround, without
-    # which quantized GGUFs segfault on AMX CPUs), llama_decode + the C greedy sampler
+    # which quantized GGUFs segfault on AMX CPUs, and the backend's flash-attention setting: llama.cpp's
+    # default is `auto`, the backend's `false`, a different computation), llama_decode + the C greedy sampler
     mparams = lib.llama_model_default_params()
     mparams.n_gpu_layers = 0
     mparams.use_extra_bufts = extra_bufts_enabled(inspect_gguf(path))
@@ -133,6 +134,7 @@ def bench_llama(path: Path, *, threads: int, tokens: int, repeats: int, n_ctx: i
     cparams = lib.llama_context_default_params()
     cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, min(512, n_ctx), min(512, n_ctx)
     cparams.n_threads = cparams.n_threads_batch = threads
+    cparams.flash_attn_type = FLASH_ATTN_TYPES[backend.flash_attn]
     cparams.no_perf = True
     ctx = lib.llama_init_from_model(model, cparams)
     sampler = lib.llama_sampler_init_greedy()
@@ -164,7 +166,13 @@ def bench_llama(path: Path, *, threads: int, tokens: int, repeats: int, n_ctx: i
         lib.llama_free(ctx)
         lib.llama_model_free(model)
         backend.close()
-    return {"artifact": str(path), "prompt_tokens": len(ids), "extra_bufts": bool(mparams.use_extra_bufts), **result}
+    return {
+        "artifact": str(path),
+        "prompt_tokens": len(ids),
+        "extra_bufts": bool(mparams.use_extra_bufts),
+        "flash_attn": backend.flash_attn,
+        **result,
+    }
 
 
 # -- onnxruntime-genai -------------------------------------------------------------

@@ -9,7 +9,20 @@ completion-only loss, gradient checkpointing on, no packing). Runs:
 
 - ``ftedge``     the recipe as it is (gradient checkpointing off);
 - ``ftedge-gc``  the same with ``train.gradient_checkpointing=true`` (TRL's memory setting);
-- ``trl``        TRL ``SFTTrainer``.
+- ``trl``        TRL ``SFTTrainer`` with its defaults;
+- ``trl-tuned``  TRL as a careful user runs it: gradient checkpointing off and padding-free batches.
+
+Every run computes in the recipe's dtype (``auto``: bf16 where the CPU or GPU computes it natively,
+else fp32 on a CPU).
+
+Model FLOPs utilisation (MFU) of each run = model FLOPs per useful token x useful tokens/s / the
+GEMM rate of this machine. FLOPs per token are counted from the model config and the rows trained
+(``model_flops``): the frozen base's linear layers forward and their input-gradient backward
+(2 + 2 FLOPs per weight; no weight gradient), LoRA forward and backward (6 FLOPs per LoRA weight),
+attention within each example (causal: QK and PV forward, twice that backward), and the LM head
+forward and input-gradient backward on the labelled positions only. The GEMM rate is measured by
+this benchmark (``gemm_rate``), in a process with the same thread count, in the dtype the runs
+compute in, on the model's own linear shapes (forward and backward) at the tokens of one step.
 
 Each run trains in its own process (peak RSS = that process's maximum; on CUDA also peak GPU
 memory, ``torch.cuda.max_memory_allocated``, read when training ends), then scores its adapter
@@ -27,6 +40,7 @@ The TRL run needs the `bench` extra (trl, datasets). benchmarks/gpu_check.sh run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -46,7 +60,9 @@ EVAL_ROWS = 200
 # TRL's defaults (linear decay, no warm-up, clip at 1.0) for ftedge too, so the loss comparison
 # measures the trainers, not two schedules (the recipe's 5% warm-up costs 1 of 12 steps).
 SAME_SCHEDULE = ["train.scheduler=linear", "train.warmup_ratio=0", "train.max_grad_norm=1.0"]
-RUNS: dict[str, list[str]] = {"ftedge": [], "ftedge-gc": ["train.gradient_checkpointing=true"], "trl": []}
+RUNS: dict[str, list[str]] = {"ftedge": [], "ftedge-gc": ["train.gradient_checkpointing=true"], "trl": [], "trl-tuned": []}
+# padding-free without packing: TRL refuses a max_length it cannot enforce; the rows are short (<= the recipe's max_length)
+TRL_TUNED = {"gradient_checkpointing": False, "padding_free": True, "max_length": None}
 
 
 def _recipe(steps: int, batch: int, extra: list[str] | tuple[str, ...] = ()) -> Any:
@@ -136,7 +152,7 @@ def worker_ftedge(steps: int, batch: int, warmup: int, out: Path, extra: list[st
     return result
 
 
-def worker_trl(steps: int, batch: int, warmup: int, out: Path, extra: list[str]) -> dict:
+def worker_trl(steps: int, batch: int, warmup: int, out: Path, extra: list[str], tuned: dict | None = None) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -175,6 +191,7 @@ def worker_trl(steps: int, batch: int, warmup: int, out: Path, extra: list[str])
         seed=recipe.train.seed,
         dataloader_num_workers=0,
         disable_tqdm=True,  # no progress bar (as for ftedge in a log file)
+        **(tuned or {}),
     )
     clock: dict[int, float] = {}
 
@@ -224,6 +241,81 @@ def worker_trl(steps: int, batch: int, warmup: int, out: Path, extra: list[str])
     }
 
 
+def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer of one decoder layer of a Llama-family config."""
+    h, inter = config.hidden_size, config.intermediate_size
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    d = getattr(config, "head_dim", None) or h // heads
+    return {
+        "q_proj": (h, heads * d),
+        "k_proj": (h, kv * d),
+        "v_proj": (h, kv * d),
+        "o_proj": (heads * d, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
+
+
+def _config(recipe: Any) -> Any:
+    from transformers import AutoConfig
+
+    from ftedge.hf import resolve_base_model
+
+    return AutoConfig.from_pretrained(str(resolve_base_model(recipe.base_model)))
+
+
+def model_flops(config: Any, lora_r: int, lora_targets: str | list[str], examples: list[tuple[int, int]]) -> dict:
+    """Model FLOPs of training on ``examples`` ((tokens, labelled positions) each) with a frozen base and
+    LoRA (see the module docstring); returns the total per useful token and its parts."""
+    shapes = linear_shapes(config)
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
+    targets = shapes if lora_targets == "all-linear" else {k: v for k, v in shapes.items() if k in lora_targets}
+    tokens = sum(n for n, _ in examples)
+    labelled = sum(k for _, k in examples)
+    base = 4 * layers * sum(i * o for i, o in shapes.values())  # forward 2 + input gradient 2 per weight
+    lora = 6 * layers * lora_r * sum(i + o for i, o in targets.values())  # forward, input and weight gradients
+    # causal attention inside each example: QK and PV are 4*d FLOPs per (query, key) pair and head
+    # forward, twice that backward; an example of n tokens has n(n+1)/2 pairs
+    pairs = sum(n * (n + 1) // 2 for n, _ in examples)
+    attention = 12 * d * heads * layers * pairs / tokens
+    head = 4 * config.hidden_size * config.vocab_size * labelled / tokens  # forward + input gradient
+    parts = {"base_linear": base, "lora": lora, "attention": attention, "lm_head": head}
+    return {"per_token": sum(parts.values()), **{k: round(v) for k, v in parts.items()}, "tokens": tokens, "labelled": labelled}
+
+
+def gemm_rate(config: Any, tokens: int, dtype_name: str, seconds: float = 0.4, rounds: int = 3) -> float:
+    """GFLOP/s of this process's GEMMs on the model's linear shapes at ``tokens`` rows: each layer's
+    forward ([tokens, in] x [in, out]) and input-gradient ([tokens, out] x [out, in]) products, FLOPs
+    over time of the whole mix, best of ``rounds`` (the rate the machine reaches, not its noise)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    device = "cuda" if _cuda() else "cpu"
+    mats = []
+    for i, o in linear_shapes(config).values():
+        w = torch.randn(o, i, dtype=dtype, device=device)
+        mats.append((torch.randn(tokens, i, dtype=dtype, device=device), w))  # forward
+        mats.append((torch.randn(tokens, o, dtype=dtype, device=device), w.t().contiguous()))  # input gradient
+    flops = sum(2 * x.shape[0] * x.shape[1] * w.shape[0] for x, w in mats)
+    for x, w in mats:  # warm-up
+        torch.nn.functional.linear(x, w)
+    best = 0.0
+    for _ in range(rounds):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            for x, w in mats:
+                torch.nn.functional.linear(x, w)
+            n += 1
+            _sync()
+            if time.perf_counter() - t0 >= seconds:
+                break
+        best = max(best, n * flops / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def eval_loss(adapter: str, steps: int, batch: int, rows: int = EVAL_ROWS) -> float:
     """Mean assistant-token loss of base (NF4) + adapter on the first held-out rows (same code for every run)."""
     import torch
@@ -243,7 +335,8 @@ def eval_loss(adapter: str, steps: int, batch: int, rows: int = EVAL_ROWS) -> fl
     encoded = [e for e in map(enc.encode, load_splits(recipe).val[:rows]) if e is not None]
     loss_fn = LabelOnlyLoss(model)
     total = count = 0.0
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
         for i in range(0, len(encoded), 16):
             b = make_batch(encoded[i : i + 16], max_length=recipe.train.max_length, packing=True)
             b.pop("n_tokens")
@@ -258,8 +351,10 @@ def eval_loss(adapter: str, steps: int, batch: int, rows: int = EVAL_ROWS) -> fl
 def run_one(kind: str, steps: int, batch: int, warmup: int, out: Path, eval_rows: int) -> dict:
     """Train one run (ftedge, ftedge-gc or trl) and score its adapter; the worker's whole job."""
     out.mkdir(parents=True, exist_ok=True)
-    fn = worker_trl if kind == "trl" else worker_ftedge
-    r = fn(steps, batch, warmup, out, RUNS[kind])
+    if kind == "trl-tuned":
+        r = worker_trl(steps, batch, warmup, out, RUNS[kind], tuned=TRL_TUNED)
+    else:
+        r = (worker_trl if kind == "trl" else worker_ftedge)(steps, batch, warmup, out, RUNS[kind])
     _free()
     r["eval_loss"] = eval_loss(r.pop("adapter"), steps, batch, eval_rows)
     r["useful_tok_s"] = r["tokens"] / r["train_seconds"]
@@ -267,7 +362,7 @@ def run_one(kind: str, steps: int, batch: int, warmup: int, out: Path, eval_rows
     return r
 
 
-def _spawn(kind: str, args: argparse.Namespace, out: Path) -> dict:
+def _env(args: argparse.Namespace, out: Path) -> dict:
     env = {
         **os.environ,
         "FTEDGE_BENCH_RECIPE": str(out / "recipe.yaml"),
@@ -277,6 +372,11 @@ def _spawn(kind: str, args: argparse.Namespace, out: Path) -> dict:
     }
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def _spawn(kind: str, args: argparse.Namespace, out: Path) -> dict:
+    env = _env(args, out)
     cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--batch", str(args.batch)]
     cmd += ["--warmup", str(args.warmup), "--eval-rows", str(args.eval_rows), "--out", str(out)]
     subprocess.run(cmd, check=True, env=env)
@@ -331,8 +431,15 @@ def benchmark(args: argparse.Namespace) -> dict:
         out = Path(tmp)
         overrides = ([f"base_model={args.base}"] if args.base else []) + list(args.set)
         (out / "recipe.yaml").write_text(dump_recipe(load_recipe(args.recipe, overrides)))
+        os.environ["FTEDGE_BENCH_RECIPE"] = str(out / "recipe.yaml")
+        mfu = mfu_basis(args, out)
+        print(
+            f"model FLOPs {mfu['flops']['per_token'] / 1e6:.0f} M per useful token; GEMM rate {mfu['gemm_gflops']:.1f} GFLOP/s "
+            f"({mfu['dtype']}, {args.threads} threads, {mfu['step_tokens']} tokens)",
+            flush=True,
+        )
         for kind in runs:
-            if kind == "trl" and not _importable("trl", "datasets"):
+            if kind.startswith("trl") and not _importable("trl", "datasets"):
                 skipped[kind] = "trl or datasets is not installed (the `bench` extra)"
                 print(f"{kind:9s} skipped: {skipped[kind]}", flush=True)
                 continue
@@ -345,7 +452,7 @@ def benchmark(args: argparse.Namespace) -> dict:
                 except subprocess.CalledProcessError as err:  # one trainer failing must not lose the others
                     skipped[kind] = f"failed (exit {err.returncode}; its output is above)"
                     print(f"{kind:9s} {skipped[kind]}", flush=True)
-                    _write(args.json, _document(args, runs, results, skipped))
+                    _write(args.json, _document(args, runs, results, skipped, mfu))
                     continue
             results[kind] = r
             gpu = f"  peak GPU {r['peak_gpu_mb']:7.0f} MB" if r.get("peak_gpu_mb") else ""
@@ -355,19 +462,55 @@ def benchmark(args: argparse.Namespace) -> dict:
                 f"eval loss {r['eval_loss']:.4f}  ({r['examples']} examples, {r['train_seconds']:.1f} s)",
                 flush=True,
             )
-            _write(args.json, _document(args, runs, results, skipped))
-    doc = _document(args, runs, results, skipped)
+            _write(args.json, _document(args, runs, results, skipped, mfu))
+    doc = _document(args, runs, results, skipped, mfu)
     for name, x in doc["ratio"].items():
         gpu = f", {x['peak_gpu']:.2f}x peak GPU memory" if "peak_gpu" in x else ""
         rss, loss = x["peak_rss"], x["eval_loss_delta"]
-        print(f"{name.replace('/trl', '')} / TRL: {x['throughput']:.2f}x throughput{gpu}, {rss:.2f}x peak RSS, eval loss {loss:+.4f}")
+        label = name.replace("/trl-tuned", " / tuned TRL").replace("/trl", " / TRL")
+        print(f"{label}: {x['throughput']:.2f}x throughput{gpu}, {rss:.2f}x peak RSS, eval loss {loss:+.4f}")
+    for kind, r in doc["results"].items():
+        print(f"MFU {kind}: {100 * r['mfu']:.1f}%")
     return doc
 
 
-def _document(args: argparse.Namespace, runs: list[str], results: dict, skipped: dict) -> dict:
-    ratios = {f"{k}/trl": _ratio(r, results["trl"]) for k, r in results.items() if k != "trl" and "trl" in results}
+def mfu_basis(args: argparse.Namespace, out: Path) -> dict:
+    """FLOPs per useful token of the rows the runs train on, and the GEMM rate (own process, same threads)."""
+    import torch
+
+    from ftedge.hf import compute_dtype, pick_device
+
+    recipe = _recipe(args.steps, args.batch)
+    enc = _encoder(recipe)
+    examples = [(len(e.input_ids), e.n_trained) for e in map(enc.encode, _ordered_rows(recipe)) if e is not None]
+    config = _config(recipe)
+    flops = model_flops(config, recipe.lora.r, recipe.lora.target_modules, examples)
+    device = pick_device() if args.device != "cpu" else torch.device("cpu")
+    dtype = str(compute_dtype(recipe.quant.compute_dtype, device)).removeprefix("torch.")
+    step_tokens = round(flops["tokens"] / args.steps)
+    if args.in_process:
+        gflops = gemm_rate(config, step_tokens, dtype)
+    else:
+        cmd = [sys.executable, __file__, "--worker", "gemm", "--steps", str(step_tokens), "--gemm-dtype", dtype, "--out", str(out)]
+        subprocess.run(cmd, check=True, env=_env(args, out))
+        gflops = json.loads((out / "gemm.json").read_text())["gflops"]
+    return {"flops": flops, "gemm_gflops": gflops, "dtype": dtype, "step_tokens": step_tokens, "threads": args.threads}
+
+
+def _document(args: argparse.Namespace, runs: list[str], results: dict, skipped: dict, mfu: dict | None = None) -> dict:
+    ratios = {
+        f"{k}/{b}": _ratio(r, results[b])
+        for b in ("trl", "trl-tuned")
+        if b in results
+        for k, r in results.items()
+        if k.startswith("ftedge")
+    }
+    if mfu:
+        for r in results.values():
+            r["mfu"] = (r["steady_tok_s"] or r["useful_tok_s"]) * mfu["flops"]["per_token"] / (mfu["gemm_gflops"] * 1e9)
     recipe = Path(args.recipe).resolve()
     return {
+        "mfu_basis": mfu,
         "steps": args.steps,
         "batch": args.batch,
         "warmup": args.warmup,
@@ -412,7 +555,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run (repeatable)")
     ap.add_argument("--in-process", action="store_true", help="run every trainer in this process (dry runs only: peaks are shared)")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput.json")
-    ap.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=[*RUNS, "gemm"], help=argparse.SUPPRESS)
+    ap.add_argument("--gemm-dtype", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     return ap
 
@@ -423,6 +567,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        if args.worker == "gemm":  # --steps carries the tokens of one step
+            config = _config(_recipe(1, args.batch))
+            (args.out / "gemm.json").write_text(json.dumps({"gflops": gemm_rate(config, args.steps, args.gemm_dtype)}))
+            return None
         r = run_one(args.worker, args.steps, args.batch, args.warmup, args.out / args.worker, args.eval_rows)
         (args.out / args.worker / "result.json").write_text(json.dumps(r))
         return None

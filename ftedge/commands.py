@@ -201,6 +201,7 @@ def run_all(
 
 
 def _run_stages(run: Run, *, resume: bool) -> Run:
+    from ftedge import eta
     from ftedge.bench import bench_run
     from ftedge.export import export_stage
     from ftedge.merge import merge_stage
@@ -213,8 +214,11 @@ def _run_stages(run: Run, *, resume: bool) -> Run:
     unmergeable = unmergeable_reason(run.recipe())  # prefix tuning: train and bench only
     started = time.time()
     gate_error: GateFailedError | None = None
+    units = _stage_units(run, target)
+    estimates = eta.estimate(units, eta.load_rates())
+    done = {name for name in eta.STAGES if run.is_done(name)}
     steps = [
-        ("train", lambda: train_stage(run, resume=resume)),
+        ("train", lambda: train_stage(run, resume=resume, eta_after=eta.remaining(estimates, done, "train"))),
         ("merge", lambda: merge_stage(run)),
         ("export", lambda: export_stage(run, target)),
         ("bench", lambda: bench_run(run, target)),
@@ -227,15 +231,31 @@ def _run_stages(run: Run, *, resume: bool) -> Run:
         if unmergeable is not None and name in ("merge", "export", "ship"):
             log.info("[%s] skipped: %s", name, unmergeable)
             continue
-        log.info("[%s] starting", name)
+        log.info("[%s] starting (whole run: about %s left)", name, eta.clock(eta.remaining(estimates, done, name, estimates[name])))
+        t0 = time.time()
         try:
             call()
         except GateFailedError as err:  # keep going with the artifacts that passed
             log.error("[%s] %s", name, err.one_line())
             gate_error = err
+        eta.record(name, time.time() - t0, units[name])  # this machine's pace, for the next run's estimate
+        done.add(name)
     if unmergeable is None:
         log.info("ship bundle: %s", run.path / "ship")
     log.info("run finished in %.1f min: %s", (time.time() - started) / 60, run.path)
     if gate_error is not None:
         raise gate_error
     return run
+
+
+def _stage_units(run: Run, target: Any) -> dict[str, float]:
+    """The work of each stage of the run, for the whole-run ETA (``ftedge.eta``)."""
+    from ftedge import eta
+    from ftedge.hf import resolve_base_model
+
+    recipe = run.recipe()
+    try:  # the train stage resolves it next (cached); its errors are the train stage's to report
+        base_gb = eta.folder_gb(resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code))
+    except (FtedgeError, OSError):
+        base_gb = 0.0
+    return eta.stage_units(recipe, target, base_gb=base_gb or eta.REFERENCE_BASE_GB, steps=recipe.train.max_steps or 0)

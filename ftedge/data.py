@@ -777,19 +777,26 @@ def tokenized_splits(recipe: Recipe, tokenizer: Any, splits: Splits | None = Non
     return enc.encode_all(splits.train, what="train", pairs=pairs), enc.encode_all(splits.val, what="val", pairs=pairs)
 
 
-def make_batch(rows: Sequence[Encoded], *, max_length: int, packing: bool, pad_id: int = 0, segments: bool = False) -> dict[str, Any]:
+def make_batch(
+    rows: Sequence[Encoded], *, max_length: int, packing: bool, pad_id: int = 0, segments: bool = False, one_row: bool = False
+) -> dict[str, Any]:
     """Tensors for one micro-batch; labels are already aligned to inputs (the loss shifts them).
 
     With ``packing``, examples are laid end to end in rows of at most ``max_length`` tokens
     and ``position_ids`` restart at 0 for each example: with no attention mask, transformers
     turns that into a block-diagonal mask, so no token attends across examples. Padding
-    (only at row ends) forms its own block and carries no loss. Without packing, one example
-    per row, right-padded, with an attention mask. ``segments`` adds, per position, the index of
-    its example in ``rows`` (-1 on padding), for per-example sums (DPO).
+    (only at row ends) forms its own block and carries no loss. With ``one_row`` too, every
+    example goes in a single row with no padding at all; the attention must then keep the
+    examples apart itself (``ftedge.train.model``'s packed attention does, from the position
+    ids). Without packing, one example per row, right-padded, with an attention mask.
+    ``segments`` adds, per position, the index of its example in ``rows`` (-1 on padding), for
+    per-example sums (DPO).
     """
     import torch
 
-    if packing:
+    if packing and one_row:
+        groups = [list(range(len(rows)))]
+    elif packing:
         packed: list[list[int]] = [[]]
         used = 0
         for i, row in enumerate(rows):

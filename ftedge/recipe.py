@@ -126,7 +126,9 @@ class QuantConfig(_Strict):
     type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bitsandbytes).")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Compute dtype; `auto` picks bf16 where the hardware supports it, else fp16 on CUDA, else fp32."
+        "auto",
+        description="Compute dtype; `auto` picks bf16 where the hardware computes it natively (AVX512-BF16/AMX/Arm BF16 CPUs, "
+        "GPUs from Ampere on), else fp16 on CUDA, else fp32 (emulated bf16 is slower than fp32).",
     )
 
 

@@ -109,3 +109,26 @@ def test_hub_id_without_network_is_one_line(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FtedgeError, match="cannot download base model 'someorg/somemodel'"):
         resolve_base_model("someorg/somemodel")
+
+
+@pytest.mark.parametrize(
+    ("features", "native"),
+    [
+        ({"architecture": "x86_64", "avx2": True, "fma3": True}, False),  # AVX2 (Zen 3): bf16 only emulated
+        ({"architecture": "x86_64", "avx512_f": True, "avx512_bw": True, "avx512_vl": True, "avx512_dq": True}, False),  # Skylake
+        ({"architecture": "x86_64", "avx512_f": True, "avx512_bw": True, "avx512_bf16": True}, True),  # Zen 4, Cooper Lake
+        ({"architecture": "x86_64", "avx512_f": True, "amx_tile": True, "amx_bf16": True}, True),  # Sapphire Rapids
+        ({"architecture": "aarch64", "neon": True, "bf16": True}, True),  # Graviton 3, Apple M2
+        ({"architecture": "aarch64", "neon": True}, False),
+    ],
+)
+def test_auto_compute_dtype_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch, features: dict, native: bool) -> None:
+    import torch
+
+    from ftedge.hf import compute_dtype, cpu_supports_bf16
+
+    assert cpu_supports_bf16(features) is native
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
+    cpu = torch.device("cpu")
+    assert compute_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert compute_dtype("float32", cpu) == torch.float32 and compute_dtype("bfloat16", cpu) == torch.bfloat16

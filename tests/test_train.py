@@ -228,3 +228,64 @@ def test_label_positions_match_the_labels_mask():
     hidden = torch.randn(3, 11, 5, generator=gen)
     assert torch.equal(hidden.flatten(0, 1)[index], hidden[:, :-1][keep])
     assert torch.equal(target, labels[:, 1:][keep]) and int(keep.sum()) == index.numel() > 0
+
+
+def _loss_and_grads(loss_module, model, batch):
+    from ftedge.train.model import label_positions
+
+    b = {k: v for k, v in batch.items() if k != "n_tokens"}
+    b["label_index"], b["label_target"] = label_positions(b["labels"])
+    total, n = loss_module(**b)
+    total.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return float(total), int(n), grads
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_attention_in_one_row_matches_rows_of_max_length(tiny_recipe, checkpointing):
+    """A micro-batch laid in one unpadded row with the packed attention gives the loss and gradients of
+    the same examples in padded rows of max_length with transformers' block-diagonal SDPA mask."""
+    from ftedge.data import Encoded, make_batch
+    from ftedge.train.model import LabelOnlyLoss, load_model, packed_attention_index
+
+    recipe = load_recipe(tiny_recipe, [f"train.gradient_checkpointing={str(checkpointing).lower()}"])
+    torch.manual_seed(0)
+    model = load_model(recipe, recipe.base_model, torch.device("cpu"), torch.float32)
+    loss_module = LabelOnlyLoss(model)
+    assert loss_module.packed_attention
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for n in (7, 19, 3, 30, 11, 25, 2, 16):
+        ids = torch.randint(3, 100, (n,), generator=gen).tolist()
+        rows.append(Encoded(ids, [-100] * (n // 2) + ids[n // 2 :]))
+    padded = make_batch(rows, max_length=40, packing=True)
+    one = make_batch(rows, max_length=40, packing=True, one_row=True)
+    assert padded["input_ids"].shape[0] > 1 and one["input_ids"].shape == (1, sum(len(r.input_ids) for r in rows))
+    one["seq_gather"], one["seq_scatter"] = packed_attention_index(one["position_ids"])
+    a, na, ga = _loss_and_grads(loss_module, model, padded)
+    b, nb, gb = _loss_and_grads(loss_module, model, one)
+    assert na == nb and b == pytest.approx(a, rel=1e-5)
+    assert all(torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-4) for k in ga)
+    assert max(float(g.abs().max()) for g in ga.values()) > 0
+
+
+def test_packed_attention_is_refused_when_it_does_not_match(tiny_recipe, monkeypatch):
+    """The load-time check catches an attention that lets examples see each other; the loop then
+    keeps padded rows of max_length (and a model with a short sliding window is not switched)."""
+    from ftedge.train import model as train_model
+
+    recipe = load_recipe(tiny_recipe)
+    real = train_model.packed_attention
+
+    def leaky(module, query, key, value, attention_mask, dropout=0.0, scaling=None, seq_gather=None, seq_scatter=None, **kw):
+        return real(module, query, key, value, None, dropout=dropout, scaling=scaling, **kw)  # one causal row: leaks
+
+    monkeypatch.setattr(train_model, "packed_attention", leaky)
+    model = train_model.load_model(recipe, recipe.base_model, torch.device("cpu"), torch.float32)
+    assert train_model.causal_lm(model).config._attn_implementation != train_model.PACKED_ATTENTION
+    assert not train_model.LabelOnlyLoss(model).packed_attention
+    monkeypatch.setattr(train_model, "packed_attention", real)
+    model = train_model.load_model(recipe, recipe.base_model, torch.device("cpu"), torch.float32)
+    train_model.causal_lm(model).config.sliding_window = 16
+    assert not train_model.enable_packed_attention(model, torch.float32, max_length=64)

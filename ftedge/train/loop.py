@@ -12,8 +12,13 @@ metrics.jsonl and TensorBoard come from one place.
 On CUDA the step never waits on the GPU until its end: batches and the labelled positions are
 built on the host and copied from pinned memory without blocking, token counts are host
 integers, and the logged loss and gradient norm are read in one transfer after the optimizer
-step. AdamW is fused there; fp16 compute (GPUs before Ampere) adds a GradScaler, saved in the
-checkpoint. On the CPU the copies are plain and AdamW is PyTorch's default.
+step. fp16 compute (GPUs before Ampere) adds a GradScaler, saved in the checkpoint. On the CPU
+the copies are plain.
+
+AdamW is fused (one kernel for every parameter) on CUDA and on the CPU: PyTorch's default on the
+CPU is a Python loop of ~10 small ops per parameter tensor (420 LoRA tensors on SmolLM2-135M), ~70 ms
+a step on one thread; the fused update gives the same losses to the 6th decimal and was ~4% faster
+per step there.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from ftedge.data import Encoded, make_batch
 from ftedge.errors import FtedgeError
 from ftedge.recipe import TrainConfig
 from ftedge.train.layers import LayerSchedule
-from ftedge.train.model import LabelOnlyLoss, label_positions, load_trainable_state, trainable_state
+from ftedge.train.model import LabelOnlyLoss, label_positions, load_trainable_state, packed_attention_index, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +150,8 @@ class Trainer:
         self.rank = accelerator.process_index
         self.steps = total_steps(cfg, len(train_rows), self.world)
         self.loss_module = self.make_loss(model)
+        # A packed micro-batch in one row, no padding (packed attention keeps the examples apart).
+        self.one_row = bool(cfg.packing and getattr(self.loss_module, "packed_attention", False))
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = {k for k, p in model.named_parameters() if p.requires_grad}  # what checkpoints hold, frozen or not
         # -- layer schedule (train.unfreeze, train.layer_lr_decay; ftedge/train/layers.py) --
@@ -154,8 +161,9 @@ class Trainer:
         groups = self.layers.param_groups() if self.layers is not None else self.params
         self.device = accelerator.device
         cuda = self.device.type == "cuda"
-        # On CUDA: one fused kernel for the whole AdamW update (CPU keeps PyTorch's default).
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
+        # One fused kernel for the whole AdamW update (see the module docstring).
+        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         # fp16 compute (GPUs before Ampere) needs loss scaling: small gradients underflow in fp16.
         self.scaler = torch.amp.GradScaler("cuda") if cuda and dtype == torch.float16 else None
         self.last_grad_norm: float | None = None
@@ -196,9 +204,12 @@ class Trainer:
 
     def _tensors(self, rows: list[Encoded]) -> dict[str, Any]:
         """A micro-batch on the device, with its counts (host ints, read before the copy: no sync)."""
-        batch = make_batch(rows, max_length=self.cfg.max_length, packing=self.cfg.packing, pad_id=self.pad_id)
+        one_row = self.one_row
+        batch = make_batch(rows, max_length=self.cfg.max_length, packing=self.cfg.packing, pad_id=self.pad_id, one_row=one_row)
         n_tokens = batch.pop("n_tokens")
         batch["label_index"], batch["label_target"] = label_positions(batch["labels"])
+        if one_row:
+            batch["seq_gather"], batch["seq_scatter"] = packed_attention_index(batch["position_ids"])
         n_trained = int(batch["label_index"].numel())
         if self.device.type == "cuda":  # pinned host memory: the copies run asynchronously
             moved = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -386,9 +397,10 @@ class Recorder:
             self.tb.close()
 
 
-def _progress(enabled: bool) -> Any:
+def _progress(enabled: bool, whole_run: bool = False) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    run = [TextColumn("{task.fields[run_eta]}")] if whole_run else []
     return Progress(
         TextColumn("train"),
         BarColumn(),
@@ -397,13 +409,25 @@ def _progress(enabled: bool) -> Any:
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        *run,
         disable=not enabled,
         transient=False,
     )
 
 
-def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
-    """Train to the last step (or early stop / Ctrl-C); returns the final state."""
+def run_eta(steps_left: int, wall_per_step: float | None, after: float) -> str:
+    """The whole run's ETA during training: the steps left at the measured wall time per step (eval
+    and checkpoints included) plus the stages after training."""
+    from ftedge.eta import clock
+
+    if wall_per_step is None:
+        return "run ETA -:--:--"
+    return f"run ETA {clock(steps_left * wall_per_step + after)}"
+
+
+def fit(trainer: Trainer, *, resume_from: Path | None = None, eta_after: float | None = None) -> State:
+    """Train to the last step (or early stop / Ctrl-C); returns the final state. ``eta_after`` (seconds
+    of the stages after training) shows the whole run's ETA on the progress bar."""
     cfg = trainer.cfg
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
@@ -412,8 +436,10 @@ def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
     rec = Recorder(trainer.out, enabled=main, resume_step=st.step)
     interrupt = Interrupt()
     try:
-        with interrupt.installed(), _progress(main) as bar:
-            task = bar.add_task("train", total=trainer.steps, completed=st.step, info="")
+        with interrupt.installed(), _progress(main, eta_after is not None) as bar:
+            after = eta_after or 0.0
+            task = bar.add_task("train", total=trainer.steps, completed=st.step, info="", run_eta=run_eta(trainer.steps, None, after))
+            first_step, started = st.step, time.perf_counter()
             while st.step < trainer.steps and not st.stopped_early:
                 t0 = time.perf_counter()
                 tokens_before = st.tokens
@@ -462,7 +488,8 @@ def fit(trainer: Trainer, *, resume_from: Path | None = None) -> State:
                     + trainer.progress_info()
                     + f" {st.tokens / max(st.seconds, 1e-9):.0f} tok/s"
                 )
-                bar.update(task, completed=st.step, info=info)
+                pace = (time.perf_counter() - started) / (st.step - first_step)
+                bar.update(task, completed=st.step, info=info, run_eta=run_eta(trainer.steps - st.step, pace, after))
                 if st.step % cfg.save_every == 0 or st.step == trainer.steps or st.stopped_early or interrupt.requested:
                     trainer.save_checkpoint()
                 if interrupt.requested:
