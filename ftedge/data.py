@@ -788,8 +788,9 @@ def make_batch(
     (only at row ends) forms its own block and carries no loss. With ``one_row`` too, every
     example goes in a single row with no padding at all; the attention must then keep the
     examples apart itself (``ftedge.train.model``'s packed attention does, from the position
-    ids). Without packing, one example per row, right-padded, with an attention mask. ``segments`` adds, per position, the index of
-    its example in ``rows`` (-1 on padding), for per-example sums (DPO).
+    ids). Without packing, one example per row, right-padded, with an attention mask.
+    ``segments`` adds, per position, the index of its example in ``rows`` (-1 on padding), for
+    per-example sums (DPO).
     """
     import torch
 

@@ -80,7 +80,10 @@ def test_dora_and_ia3_run_through_gguf_and_onnx_gates(tiny_recipe: Path, tmp_pat
         "n_ctx": 256,
         "threads": 1,
         "ship": "q8_0",
-        "gates": {"f16": {"min_top1": 0.95, "max_kl": 0.01}, "q8_0": {"min_top1": 0.5, "max_kl": 0.1}},
+        "gates": {
+            "f16": {"min_top1_confident": 0.95, "max_kl": 0.01, "max_kl_p99": 0.1},
+            "q8_0": {"min_top1_confident": 0.5, "max_kl": 0.1, "max_kl_p99": 1.0},
+        },
     }
     target_path = tmp_path / "tiny-both.yaml"
     target_path.write_text(yaml.safe_dump(target))

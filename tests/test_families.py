@@ -564,7 +564,10 @@ def _family_target(tmp_path: Path, *, gguf: bool = True, onnx: bool = True) -> P
         "n_ctx": 512,
         "threads": 2,
         "ship": "f16" if gguf else None,
-        "gates": {"f16": {"min_top1": 0.9, "max_kl": 0.01}, "fp32": {"min_top1": 0.99, "max_kl": 0.001}},
+        "gates": {
+            "f16": {"min_top1_confident": 0.9, "max_kl": 0.01, "max_kl_p99": 0.1},
+            "fp32": {"min_top1_confident": 0.99, "max_kl": 0.001, "max_kl_p99": 0.01},
+        },
     }
     path = tmp_path / "tiny-family.yaml"
     path.write_text(yaml.safe_dump(target, sort_keys=False))

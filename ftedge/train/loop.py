@@ -151,7 +151,7 @@ class Trainer:
         self.steps = total_steps(cfg, len(train_rows), self.world)
         self.loss_module = self.make_loss(model)
         # A packed micro-batch in one row, no padding (packed attention keeps the examples apart).
-        self.one_row = cfg.packing and getattr(self.loss_module, "packed_attention", False)
+        self.one_row = bool(cfg.packing and getattr(self.loss_module, "packed_attention", False))
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = {k for k, p in model.named_parameters() if p.requires_grad}  # what checkpoints hold, frozen or not
         # -- layer schedule (train.unfreeze, train.layer_lr_decay; ftedge/train/layers.py) --

@@ -284,6 +284,8 @@ class LabelOnlyLoss(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(batch, self.n_prefix), attention_mask], dim=1)
             if position_ids is not None:
                 position_ids = position_ids + self.n_prefix
+        if seq_gather is not None:  # a batch in one row (packed attention)
+            extra |= {"seq_gather": seq_gather, "seq_scatter": seq_scatter}
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **extra)
         keep: torch.Tensor | None = None
         if label_index is None or label_target is None:
@@ -310,7 +312,9 @@ class LabelOnlyLoss(nn.Module):
         seq_gather: torch.Tensor | None = None,
         seq_scatter: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | int]:
-        """``seq_gather``/``seq_scatter`` (from :func:`packed_attention_index`) go with a batch in one row."""
+        """``label_index``/``label_target`` (from :func:`label_positions`, computed on the host) pick the
+        same positions as the labels mask does, without the device-to-host sync of boolean indexing.
+        ``seq_gather``/``seq_scatter`` (from :func:`packed_attention_index`) go with a batch in one row."""
         logits, target, keep = self.labelled_logits(
             input_ids, labels, position_ids, attention_mask, label_index, label_target, seq_gather=seq_gather, seq_scatter=seq_scatter
         )
