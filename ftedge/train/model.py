@@ -274,8 +274,8 @@ class LabelOnlyLoss(nn.Module):
 
         ``label_index``/``label_target`` (from :func:`label_positions`, computed on the host) pick the same
         positions as the labels mask does, without the device-to-host sync of boolean indexing (no mask is
-        returned then). ``seq_gather``/``seq_scatter``: a batch in one row (:func:`packed_attention`)."""
-        extra: dict[str, object] = {} if seq_gather is None else {"seq_gather": seq_gather, "seq_scatter": seq_scatter}
+        returned then)."""
+        extra: dict[str, object] = {}
         if self.n_prefix and adapter:
             batch = input_ids.shape[0]
             extra["past_key_values"] = self.model.get_prompt(batch, max_cache_len=input_ids.shape[1] + self.n_prefix)
