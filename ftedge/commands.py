@@ -216,7 +216,7 @@ def _run_stages(run: Run, *, resume: bool) -> Run:
     gate_error: GateFailedError | None = None
     units = _stage_units(run, target)
     estimates = eta.estimate(units, eta.load_rates())
-    done = {name for name in eta.STAGES if run.is_done(name)}
+    done = {name for name in eta.STAGES if run.is_done(name)} | ({"merge", "export", "ship"} if unmergeable is not None else set())
     steps = [
         ("train", lambda: train_stage(run, resume=resume, eta_after=eta.remaining(estimates, done, "train"))),
         ("merge", lambda: merge_stage(run)),

@@ -65,6 +65,11 @@ def test_run_end_to_end_then_resume(tiny_recipe: Path, tmp_path: Path) -> None:
 
     results = json.loads((run_dir / "bench" / "results.json").read_text())
     assert results["schema"] == 1 and {"merged", "gguf-q8_0"} <= {e["name"] for e in results["artifacts"]}
+    # the whole-run ETA of the next run uses this machine's pace, measured per stage
+    from ftedge import eta
+
+    rates = json.loads(eta.rates_path().read_text())
+    assert set(eta.STAGES) <= set(rates) and all(v > 0 for v in rates.values())
 
     # Simulate a crash during bench: the stage is left unfinished; --resume finishes only that.
     run.update(lambda m: m["stages"]["bench"].update(status="failed", error="killed"))

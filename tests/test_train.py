@@ -263,8 +263,25 @@ def test_packed_attention_in_one_row_matches_rows_of_max_length(tiny_recipe, che
     one = make_batch(rows, max_length=40, packing=True, one_row=True)
     assert padded["input_ids"].shape[0] > 1 and one["input_ids"].shape == (1, sum(len(r.input_ids) for r in rows))
     one["seq_gather"], one["seq_scatter"] = packed_attention_index(one["position_ids"])
-    a, na, ga = _loss_and_grads(loss_module, model, padded)
-    b, nb, gb = _loss_and_grads(loss_module, model, one)
+    from transformers import AttentionInterface
+
+    from ftedge.train import model as train_model
+
+    calls: list[bool] = []
+
+    def spy(*args, seq_gather=None, **kwargs):  # the one-row batch reaches the attention with its indices
+        calls.append(seq_gather is not None)
+        return train_model.packed_attention(*args, seq_gather=seq_gather, **kwargs)
+
+    AttentionInterface.register(train_model.PACKED_ATTENTION, spy)
+    try:
+        a, na, ga = _loss_and_grads(loss_module, model, padded)
+        assert calls and not any(calls)
+        calls.clear()
+        b, nb, gb = _loss_and_grads(loss_module, model, one)
+        assert calls and all(calls)
+    finally:
+        AttentionInterface.register(train_model.PACKED_ATTENTION, train_model.packed_attention)
     assert na == nb and b == pytest.approx(a, rel=1e-5)
     assert all(torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-4) for k in ga)
     assert max(float(g.abs().max()) for g in ga.values()) > 0

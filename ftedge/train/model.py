@@ -56,7 +56,7 @@ def load_model(recipe: Recipe, base: Path, device: torch.device, dtype: torch.dt
     elif gc:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.train.packing and device.type == "cpu":
+    if recipe.train.packing and device.type == "cpu" and recipe.adapter.method != "prefix":  # prefix: keys longer than the row
         enable_packed_attention(model, dtype, recipe.train.max_length)
     if method == "full":
         model.train()
