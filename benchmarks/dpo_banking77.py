@@ -11,13 +11,16 @@
 
 - ``train.jsonl``: the first ``--train-rows`` rows of the run's training split that the model gets
   wrong: prompt = the customer's message, chosen = the gold label, rejected = the model's answer;
-- ``val.jsonl``: the first ``--val-rows`` held-out rows (the ones bench scores), every one of them:
+- ``val.jsonl``: the first ``--val-rows`` rows of the run's validation split, every one of them:
   chosen = gold; rejected = the model's answer where it is wrong, else a random other label (so
-  the DPO run's validation loss and reward accuracy cover right and wrong answers alike).
+  the DPO run's validation loss and reward accuracy cover right and wrong answers alike);
+- ``test.jsonl``: the run's test split (the rows its bench scores, in order) as preference rows:
+  chosen = gold, rejected = a random other label (bench scores the chosen answer only), so the DPO
+  run benches on the SFT run's test rows, not on a held-out part of its own preference pairs.
 
 ``compare`` then runs recipes/smollm2-banking77-dpo.yaml from the SFT run on that set and benches its
 PyTorch reference (base + adapter) on the rows the SFT run's own bench scored (its results.json,
-PyTorch reference too). Writes benchmarks/results/dpo_banking77.json.
+PyTorch reference too; checked row by row). Writes benchmarks/results/dpo_banking77.json.
 """
 
 from __future__ import annotations
@@ -81,7 +84,11 @@ def build(sft_dir: Path, out: Path, *, train_rows: int, val_rows: int, seed: int
         wrong = bool(a) and a != e.target
         rejected = a if wrong else rng.choice([x for x in labels if x != e.target])
         val_pairs.append({"prompt": e.messages[-1]["content"], "chosen": e.target, "rejected": rejected, "model_was_wrong": wrong})
-    for name, rows in (("train.jsonl", mistakes), ("val.jsonl", val_pairs)):
+    test_pairs = [
+        {"prompt": e.messages[-1]["content"], "chosen": e.target, "rejected": rng.choice([x for x in labels if x != e.target])}
+        for e in splits.test
+    ]
+    for name, rows in (("train.jsonl", mistakes), ("val.jsonl", val_pairs), ("test.jsonl", test_pairs)):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     stats = {
         "sft_run": str(sft.path),
@@ -91,6 +98,7 @@ def build(sft_dir: Path, out: Path, *, train_rows: int, val_rows: int, seed: int
         "not_a_label": sum(1 for r in mistakes if r["rejected"] not in labels),
         "val_rows": len(val),
         "val_accuracy_merged": round(sum(a == e.target for e, a in zip(val, said_val, strict=True)) / max(1, len(val)), 4),
+        "test_rows": len(test_pairs),
         "seconds": round(time.time() - t0, 1),
         "out": str(out),
     }
@@ -107,9 +115,18 @@ def sft_accuracy(run_dir: Path) -> dict[str, Any]:
     return {"accuracy": ref["accuracy"], "n": ref.get("n_examples")}
 
 
+def _same_rows(sft: list[Any], dpo: list[Any]) -> None:
+    """The DPO run's bench rows are the SFT run's: same prompts (system prompt included), same gold answers."""
+    if len(sft) != len(dpo) or any(a.messages != b.messages or a.target != b.target for a, b in zip(sft, dpo, strict=True)):
+        raise SystemExit("the DPO run's test rows differ from the SFT run's: check data.system_prompt of both recipes")
+
+
 def compare(args: argparse.Namespace) -> None:
     from ftedge import commands
     from ftedge.bench.stage import SpeedConfig, bench_run
+    from ftedge.data import bench_examples, load_splits
+    from ftedge.manifest import Run
+    from ftedge.recipe import load_recipe
     from ftedge.targets import load_target
 
     prefs = args.out
@@ -120,6 +137,7 @@ def compare(args: argparse.Namespace) -> None:
         f"train.init_from={args.sft.resolve()}",
         f"data.train={prefs / 'train.jsonl'}",
         f"data.val={prefs / 'val.jsonl'}",
+        f"data.test={prefs / 'test.jsonl'}",
         f"train.max_steps={args.steps}",
         f"train.eval_every={max(1, args.steps // 3)}",
         f"train.save_every={args.steps}",
@@ -131,6 +149,7 @@ def compare(args: argparse.Namespace) -> None:
     run_dir = ROOT / "benchmarks" / "work" / "dpo-banking77"
     shutil.rmtree(run_dir, ignore_errors=True)
     load_before = os.getloadavg()[0]
+    _same_rows(load_splits(Run.open(args.sft).recipe()).test[:n_eval], bench_examples(load_recipe(DPO_RECIPE, overrides))[:n_eval])
     run = commands.train(DPO_RECIPE, overrides, run_dir=run_dir)
     doc = bench_run(run, load_target(run.recipe().export.target), speed=SpeedConfig(decode_tokens=16, repeats=1, warmup=0))
     dpo_ref = next(e for e in doc["artifacts"] if e["name"] == "pytorch")

@@ -123,19 +123,19 @@ def main() -> None:
     setup_logging(False)
     rows = []
     started = time.time()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         rows.append(run_method(method, args.steps, args.eval, args.work, args.override))
         print(json.dumps(rows[-1]), flush=True)
-    doc = {
-        "host": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "steps": args.steps,
-        "n_eval": args.eval,
-        "overrides": args.override,
-        "minutes": round((time.time() - started) / 60, 1),
-        "methods": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+        doc = {  # written after each method: a long run stopped part-way keeps what it measured
+            "host": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            "steps": args.steps,
+            "n_eval": args.eval,
+            "overrides": args.override,
+            "minutes": round((time.time() - started) / 60, 1),
+            "methods": rows,
+        }
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(table(rows))
 
 
