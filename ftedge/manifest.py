@@ -258,7 +258,12 @@ class Run:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise from_os_error(err, lock_path, action="lock") from None
             doing = DOING.get(str(holder.get("stage")), "used")
-            pid = holder.get("pid", "unknown")
+            pid = holder.get("pid")
+            if pid is None:  # the holder has the lock but has not written its pid yet: it has only just started
+                raise FtedgeError(
+                    f"{self.path} is being used by another process (it has just started)",
+                    hint="wait for it to finish, then run the command again",
+                ) from None
             raise FtedgeError(
                 f"{self.path} is being {doing} by another process (pid {pid})",
                 hint=f"wait for it to finish, or stop it (kill {pid}) and run the command again",
