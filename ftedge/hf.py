@@ -395,6 +395,20 @@ def load_causal_lm(
     return model
 
 
+def dequantize_4bit(model: Any, dtype: torch.dtype | None = None) -> Any:
+    """A 4-bit model with its weights dequantized once into ``dtype`` (default: the compute dtype), as a float model.
+
+    Same numbers as bitsandbytes' per-call dequantization (the NF4-rounded weights), without paying it on
+    every forward: on CPU, where bitsandbytes dequantizes each weight for each matmul, training was ~18%
+    faster per step and the bench's PyTorch reference several times faster. Costs the float weights' RAM.
+    """
+    model = model.dequantize(dtype=dtype) if dtype is not None else model.dequantize()
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.is_loaded_in_4bit = False  # dequantize() leaves the flag set, and peft's IA3 then refuses to merge
+    return model
+
+
 def _cuda_index(device: torch.device) -> int:
     import torch
 

@@ -100,11 +100,9 @@ def build_merged(base: Path, adapter: Path, mode: str, *, quant: Any, trust_remo
         raise FtedgeError(f"unknown merge mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
     if mode == "dequantized":
         model = _load_base(base, four_bit=True, quant=quant, trust_remote_code=trust_remote_code, device=device)
-        model = model.dequantize()
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
-        model.is_loaded_in_4bit = False  # dequantize() leaves the flag set, and peft's IA3 then refuses to merge
-        model = model.to(torch.float32)
+        from ftedge.hf import dequantize_4bit
+
+        model = dequantize_4bit(model).to(torch.float32)
     else:
         model = _load_base(base, four_bit=False, quant=quant, trust_remote_code=trust_remote_code, device=device)
     model = _with_adapter(model, adapter).merge_and_unload()

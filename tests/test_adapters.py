@@ -171,6 +171,49 @@ def test_prefix_needs_unpacked_rows(tiny_recipe: Path) -> None:
         load_recipe(_recipe(tiny_recipe, "prefix", "lora", packing=True))
 
 
+def test_top_layers_adapts_only_the_top_layers_and_merges_exactly(tiny_recipe: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """adapter.top_layers=1 on the 2-layer tiny model: LoRA weights only in layer 1 (every linear of it), layer 0 of the
+    merged model is the base's own, and the merge is exact; methods without per-layer LoRA weights are refused."""
+    from safetensors.torch import load_file
+
+    from ftedge.errors import FtedgeError
+    from ftedge.merge import merge_stage
+    from ftedge.train import train_stage
+
+    raw = yaml.safe_load(_recipe(tiny_recipe, "lora").read_text())
+    raw["adapter"]["top_layers"] = 1
+    path = tmp_path / "top.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run = Run.create(load_recipe(path), run_dir=tmp_path / "top")
+    train_stage(run)
+    weights = load_file(str(run.artifact("adapter").path / "adapter_model.safetensors"))
+    layers = {name.split(".layers.")[1].split(".")[0] for name in weights}
+    assert layers == {"1"}, sorted(weights)
+    adapted = {name.split(".layers.1.")[1].split(".lora_")[0] for name in weights}
+    assert adapted == {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    }
+    merge_stage(run)
+    _assert_exact_merge(run, qlora=False)
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    merged = load_file(str(run.artifact("merged").path / "model.safetensors"))
+    q = "model.layers.{}.self_attn.q_proj.weight"
+    assert torch.equal(merged[q.format(0)], base[q.format(0)].to(merged[q.format(0)].dtype))
+    assert not torch.equal(merged[q.format(1)], base[q.format(1)].to(merged[q.format(1)].dtype))
+    for method in ("ia3", "prefix"):
+        raw["adapter"]["method"] = method
+        raw["train"]["packing"] = False
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(FtedgeError, match="adapter.top_layers works with LoRA and DoRA"):
+            load_recipe(path)
+
+
 def test_old_lora_section_still_reads(tiny_recipe: Path, tmp_path: Path) -> None:
     """Recipes (and frozen run recipes) written with `lora:` load as `adapter:`; `-o lora.r=8` still works."""
     old = load_recipe(tiny_recipe)  # conftest's recipe uses lora:

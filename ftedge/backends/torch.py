@@ -29,7 +29,7 @@ class TorchBackend(Backend):
         ``chat_template`` (text) replaces the folder's own (a base + adapter is rendered with the trained template)."""
         import torch
 
-        from ftedge.hf import compute_dtype, load_causal_lm, load_tokenizer
+        from ftedge.hf import compute_dtype, dequantize_4bit, load_causal_lm, load_tokenizer
         from ftedge.recipe import QuantConfig
 
         self.path = Path(path)
@@ -37,7 +37,10 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         if four_bit is not None:
             quant = QuantConfig(**four_bit)
-            model = load_causal_lm(self.path, dtype=compute_dtype(quant.compute_dtype), four_bit=quant, trust_remote_code=trust_remote_code)
+            dt = compute_dtype(quant.compute_dtype)
+            model = load_causal_lm(self.path, dtype=dt, four_bit=quant, trust_remote_code=trust_remote_code)
+            if model.device.type == "cpu":  # the NF4-rounded weights, dequantized once (as CPU training holds them)
+                model = dequantize_4bit(model, dt)
         else:
             model = load_causal_lm(self.path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
         self.tokenizer = load_tokenizer(

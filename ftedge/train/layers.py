@@ -28,12 +28,27 @@ LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def num_layers(model: nn.Module) -> int:
-    config = causal_lm(model).config
+    return layer_count(causal_lm(model).config, "train.unfreeze / train.layer_lr_decay")
+
+
+def layer_count(config: Any, setting: str) -> int:
+    """Decoder layers of a model config (its text config for multimodal ones); ``setting`` names what needs it."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
     if not n:
-        raise FtedgeError(f"model type {config.model_type}: number of layers unknown", hint="drop train.unfreeze / train.layer_lr_decay")
+        raise FtedgeError(f"model type {getattr(config, 'model_type', '?')}: number of layers unknown", hint=f"drop {setting}")
     return int(n)
+
+
+def layer_linear_names(model: nn.Module) -> list[str]:
+    """Leaf names of the linear layers inside the decoder layers (``all-linear`` without the head), fused ones included."""
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if LAYER.search(name + ".") and (isinstance(module, nn.Linear) or type(module).__name__.startswith("Linear"))
+        }
+    )
 
 
 def layer_of(name: str, n: int) -> int:

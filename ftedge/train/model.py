@@ -19,7 +19,7 @@ from torch import nn
 
 from ftedge.data import IGNORE
 from ftedge.errors import FtedgeError
-from ftedge.hf import check_lora_targets, load_causal_lm
+from ftedge.hf import check_lora_targets, dequantize_4bit, load_causal_lm
 from ftedge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,9 @@ def load_model(recipe: Recipe, base: Path, device: torch.device, dtype: torch.dt
     gc = recipe.train.gradient_checkpointing
     if method == "qlora" and device.type == "cpu":
         # bitsandbytes on CPU dequantizes every 4-bit weight to the compute dtype on every
-        # forward and backward. Doing it once gives the same numbers (LoRA trains against the
-        # NF4-rounded weights either way) and was ~18% faster per step on SmolLM2-135M; it
-        # costs 2 bytes/parameter of RAM, which a CPU-sized model affords.
-        model = model.dequantize(dtype=dtype)
+        # forward and backward: doing it once gives the same numbers (LoRA trains against the
+        # NF4-rounded weights either way), faster, for RAM a CPU-sized model affords.
+        model = dequantize_4bit(model, dtype)
         _float_outside_linear(model)
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -65,22 +64,31 @@ def load_model(recipe: Recipe, base: Path, device: torch.device, dtype: torch.dt
 
     if recipe.adapter.method in ("lora", "dora"):
         check_lora_targets(model, recipe.adapter.target_modules)  # one line naming modules the model lacks, before any step
-    model = get_peft_model(model, peft_config(recipe, model.config))
+    model = get_peft_model(model, peft_config(recipe, model))
     model.train()
     return model
 
 
-def peft_config(recipe: Recipe, model_config: object) -> object:
+def peft_config(recipe: Recipe, model: nn.Module) -> object:
     """peft's config for ``adapter.method``: LoRA, DoRA (LoRA with ``use_dora``), IA3 or prefix tuning."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig
 
     a = recipe.adapter
+    model_config = model.config
     if a.method in ("lora", "dora"):
+        targets, layers = a.target_modules, None
+        if a.top_layers is not None:  # peft takes layers_to_transform with a list of names only
+            from ftedge.train.layers import layer_count, layer_linear_names
+
+            n = layer_count(model_config, "adapter.top_layers")
+            layers = list(range(max(0, n - a.top_layers), n))
+            targets = layer_linear_names(model) if targets == "all-linear" else targets
         return LoraConfig(
             r=a.r,
             lora_alpha=a.alpha,
             lora_dropout=a.dropout,
-            target_modules=a.target_modules,
+            target_modules=targets,
+            layers_to_transform=layers,
             use_dora=a.method == "dora",
             task_type="CAUSAL_LM",
         )
