@@ -25,7 +25,7 @@ def _recipe(tiny_recipe: Path, method: str, train_method: str = "lora", **train)
     raw.pop("lora")
     raw["adapter"] = {"method": method, "r": 4, "alpha": 8, "dropout": 0.0, "num_virtual_tokens": 4}
     raw["quant"] = {"bits": 4, "compute_dtype": "bfloat16"} if train_method == "qlora" else {"bits": 32, "compute_dtype": "float32"}
-    raw["train"].update(method=train_method, max_steps=2, eval_every=2, save_every=2, lr=1e-2, **train)
+    raw["train"].update({"method": train_method, "max_steps": 2, "eval_every": 2, "save_every": 2, "lr": 1e-2, **train})
     path = tiny_recipe.with_name(f"{method}-{train_method}.yaml")
     path.write_text(yaml.safe_dump(raw))
     return path

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 SYSTEM = "Reply with the intent label."
 
 
-def _run(tmp_path: Path, base: str, target: dict, **recipe_keys: object) -> Run:
+def _run(tmp_path: Path, base: str, target: dict, train: dict | None = None, **recipe_keys: object) -> Run:
     data = write_text_label_csv(tmp_path / "train.csv", n=48)
     recipe = {
         "name": "real",
@@ -33,7 +33,8 @@ def _run(tmp_path: Path, base: str, target: dict, **recipe_keys: object) -> Run:
         "data": {"train": data.name, "format": "text_label", "text_field": "text", "label_field": "category", "system_prompt": SYSTEM},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
         "quant": {"bits": 4, "compute_dtype": "auto"},
-        "train": {"method": "qlora", "max_steps": 6, "batch_size": 8, "lr": 1.0e-3, "max_length": 96, "eval_every": 3, "save_every": 3},
+        "train": {"method": "qlora", "max_steps": 6, "batch_size": 8, "lr": 1.0e-3, "max_length": 96, "eval_every": 3, "save_every": 3}
+        | (train or {}),
         "export": {"target": str(tmp_path / "target.yaml")},
         "eval": {"task": "label_match", "max_examples": 8},
     }
@@ -110,7 +111,8 @@ def test_gemma3_270m_base_gguf_with_a_recipe_chat_template(gemma3_base: Path, tm
     assert "chat_template:" in err.value.one_line()
 
     target = {"gguf": {"quants": ["q8_0"]}, "onnx": {"precisions": ["int8"]}, "ship": "q8_0"}
-    run = _run(tmp_path, str(gemma3_base), target, chat_template="gemma")
+    # a base model has never ended a turn: 6 steps taught it the label but not yet to stop after it (loss 1.4 per label token)
+    run = _run(tmp_path, str(gemma3_base), target, train={"max_steps": 24, "eval_every": 12, "save_every": 12}, chat_template="gemma")
     template = read_chat_template("gemma")
     _check_gates(run, ["gguf-f16", "gguf-q8_0", "onnx-int8"])
     assert (run.artifact_path("merged") / "chat_template.jinja").read_text() == template
