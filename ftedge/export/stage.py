@@ -156,6 +156,7 @@ class _Exporter:
     def export_onnx(self, precisions: list[str]) -> None:
         from ftedge.export.onnx import export_onnx
 
+        texts: list[str] | None = None  # read from the splits once, for the first precision built
         for p in precisions:
             key = f"onnx-{p}"
             if self.reuse(key):
@@ -163,7 +164,7 @@ class _Exporter:
             out = self.run.path / "onnx" / p
             t0 = time.time()
             try:
-                texts = calibration_texts(self.run.recipe(), self.tokenizer)
+                texts = texts if texts is not None else calibration_texts(self.run.recipe(), self.tokenizer)
                 export_onnx(self.merged, out, p, calibration_texts=texts)
             except DiskError:  # no space, read-only, no permission: the next artifact would fail too
                 raise

@@ -77,42 +77,30 @@ class PreferenceTrainer(Trainer):
         self._eval: dict[str, float] = {}
         return PreferenceLoss(model, self.cfg.beta)
 
-    def _pair_tensors(self, pairs: list[EncodedPair]) -> dict[str, Any]:
+    LOSS_UNITS_ARE_TRAINED_TOKENS = False  # the DPO loss is a mean over pairs
+
+    def step_batch(self, pairs: list[EncodedPair]) -> dict[str, Any]:  # type: ignore[override]
         rows = [r for pair in pairs for r in (pair.chosen, pair.rejected)]
         batch = make_batch(rows, max_length=self.cfg.max_length, packing=self.cfg.packing, pad_id=self.pad_id, segments=True)
         n_tokens = batch.pop("n_tokens")
-        return {k: v.to(self.device) for k, v in batch.items()} | {"n_tokens": n_tokens, "n_rows": len(rows)}
+        n_trained = int((batch["labels"][:, 1:] != -100).sum())
+        return {k: v.to(self.device) for k, v in batch.items()} | {"n_tokens": n_tokens, "n_trained": n_trained, "n_rows": len(rows)}
 
-    def train_step(self, step: int) -> float:
-        micro = [self._pair_tensors(pairs) for pairs in self._micro_batches(step)]  # type: ignore[arg-type]
-        global_pairs = self._sum(float(sum(b["n_rows"] // 2 for b in micro)))
-        local_trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        total = 0.0
-        chosen_all, rejected_all = [], []
-        for i, b in enumerate(micro):
-            n_tokens = b.pop("n_tokens")
-            sync = contextlib.nullcontext() if (self.world == 1 or i == len(micro) - 1) else self.acc.no_sync(self.loss_module)
-            with sync:
-                with self._autocast():
-                    loss_sum, chosen, rejected = self.loss_module(**b)
-                loss = loss_sum * (self.world / global_pairs)  # DDP averages gradients over processes
-                if self.world > 1:
-                    self.acc.backward(loss)
-                else:
-                    loss.backward()
-            total += float(loss_sum.detach())
-            chosen_all.append(chosen.float())
-            rejected_all.append(rejected.float())
-            self.state.tokens += int(self._sum(float(n_tokens)))
-        if self.cfg.max_grad_norm is not None:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.state.examples += self.cfg.batch_size * self.cfg.grad_accum * self.world
-        self.state.trained_tokens += int(self._sum(float(local_trained)))
-        self._last = self._reward_figures(torch.cat(chosen_all), torch.cat(rejected_all), global_pairs)
-        return self._sum(total) / global_pairs
+    def loss_units(self, batch: dict[str, Any]) -> float:
+        return float(batch["n_rows"] // 2)
+
+    def forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        loss_sum, chosen, rejected = self.loss_module(**batch)
+        return loss_sum, (chosen.float(), rejected.float())
+
+    def after_batches(self, kept: list[Any], units: float, *, evaluating: bool) -> None:
+        empty = torch.zeros(0, device=self.device)
+        chosen = torch.cat([c for c, _ in kept]) if kept else empty
+        rejected = torch.cat([r for _, r in kept]) if kept else empty
+        if evaluating:
+            self._eval = self._reward_figures(chosen, rejected, units, prefix="eval_")
+        else:
+            self._last = self._reward_figures(chosen, rejected, units)
 
     def _reward_figures(self, chosen: torch.Tensor, rejected: torch.Tensor, n: float, prefix: str = "") -> dict[str, float]:
         margin = chosen - rejected
@@ -124,33 +112,6 @@ class PreferenceTrainer(Trainer):
             f"{prefix}reward_chosen": round(sums[2] / n, 5),
             f"{prefix}reward_rejected": round(sums[3] / n, 5),
         }
-
-    @torch.no_grad()
-    def evaluate(self) -> float | None:
-        if not self.val_rows:
-            return None
-        was_training = self.model.training
-        self.model.eval()
-        total = 0.0
-        chosen_all, rejected_all = [], []
-        pairs = self.val_rows[self.rank :: self.world]
-        bs = max(self.cfg.batch_size, 8)
-        for i in range(0, len(pairs), bs):
-            b = self._pair_tensors(pairs[i : i + bs])
-            b.pop("n_tokens")
-            with self._autocast():
-                s, chosen, rejected = self.loss_module(**b)
-            total += float(s)
-            chosen_all.append(chosen.float())
-            rejected_all.append(rejected.float())
-        if was_training:
-            self.model.train()
-        n = max(1.0, self._sum(float(len(pairs))))
-        empty = torch.zeros(0, device=self.device)
-        chosen_t = torch.cat(chosen_all) if chosen_all else empty
-        rejected_t = torch.cat(rejected_all) if rejected_all else empty
-        self._eval = self._reward_figures(chosen_t, rejected_t, n, prefix="eval_")
-        return self._sum(total) / n
 
     def step_metrics(self) -> dict[str, Any]:
         out = {**super().step_metrics(), **self._last, **self._eval}

@@ -229,21 +229,47 @@ class Trainer:
         return float(self.acc.reduce(t, reduction="sum").item())
 
     # -- one step -----------------------------------------------------------
+    # What differs between objectives (``train/dpo.py``): the micro-batch (``step_batch``), the units the
+    # summed loss is divided by (``loss_units``: trained tokens here, pairs for DPO), the forward
+    # (``forward_loss``: the summed loss and figures to keep), and what is made of those figures
+    # (``after_batches``). The step itself (gradient accumulation, DDP, loss scaling, clipping,
+    # the optimizer and schedule) is this one loop for every objective.
+    LOSS_UNITS_ARE_TRAINED_TOKENS = True
+
+    def step_batch(self, rows: list[Any]) -> dict[str, Any]:
+        """A micro-batch on the device with ``n_tokens`` and ``n_trained`` (host ints)."""
+        return self._tensors(rows)
+
+    def loss_units(self, batch: dict[str, Any]) -> float:
+        """What one micro-batch's summed loss counts: the loss of a step is the sum over all / these units."""
+        return float(batch["n_trained"])
+
+    def forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        """The micro-batch's summed loss and what ``after_batches`` needs of it (nothing here)."""
+        loss_sum, _ = self.loss_module(**batch)
+        return loss_sum, None
+
+    def after_batches(self, kept: list[Any], units: float, *, evaluating: bool) -> None:
+        """Figures from the kept outputs of a step's (or the validation set's) micro-batches."""
+
     def train_step(self, step: int) -> float:
         """One optimizer step. The device is read once, at the end (the logged loss and gradient
         norm): token counts come from the host-side batches, so nothing waits inside the step."""
-        micro = [self._tensors(rows) for rows in self._micro_batches(step)]
+        micro = [self.step_batch(rows) for rows in self._micro_batches(step)]
+        local_units = sum(self.loss_units(b) for b in micro)
         local_trained = sum(b.pop("n_trained") for b in micro)
-        global_trained = max(1.0, self._sum(float(local_trained)))
+        global_units = max(1.0, self._sum(float(local_units)))
+        global_trained = global_units if self.LOSS_UNITS_ARE_TRAINED_TOKENS else self._sum(float(local_trained))
         sums: list[torch.Tensor] = []
+        kept: list[Any] = []
         for i, b in enumerate(micro):
             n_tokens = b.pop("n_tokens")
             sync = contextlib.nullcontext() if (self.world == 1 or i == len(micro) - 1) else self.acc.no_sync(self.loss_module)
             with sync:
                 with self._autocast():
-                    loss_sum, _ = self.loss_module(**b)
-                # DDP averages gradients over processes: scale so the result is sum / global tokens.
-                loss = loss_sum * (self.world / global_trained)
+                    loss_sum, keep = self.forward_loss(b)
+                # DDP averages gradients over processes: scale so the result is sum / global units.
+                loss = loss_sum * (self.world / global_units)
                 if self.scaler is not None:
                     loss = self.scaler.scale(loss)
                 if self.world > 1:
@@ -251,6 +277,7 @@ class Trainer:
                 else:
                     loss.backward()
             sums.append(loss_sum.detach().float())
+            kept.append(keep)
             self.state.tokens += int(self._sum(float(n_tokens)))
         norm = None
         if self.cfg.max_grad_norm is not None:  # gradients are already averaged over processes here
@@ -272,7 +299,8 @@ class Trainer:
             total += v
         self.state.trained_tokens += int(global_trained)
         self.state.examples += self.cfg.batch_size * self.cfg.grad_accum * self.world
-        return self._sum(total) / global_trained
+        self.after_batches(kept, global_units, evaluating=False)
+        return self._sum(total) / global_units
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -282,19 +310,23 @@ class Trainer:
         self.model.eval()
         total = 0.0
         count = 0.0
+        kept: list[Any] = []
         rows = self.val_rows[self.rank :: self.world]
         bs = max(self.cfg.batch_size, 8)
         for i in range(0, len(rows), bs):
-            b = self._tensors(rows[i : i + bs])
+            b = self.step_batch(rows[i : i + bs])
+            count += self.loss_units(b)
             b.pop("n_tokens")
             b.pop("n_trained")
             with self._autocast():
-                s, n = self.loss_module(**b)
+                s, keep = self.forward_loss(b)
             total += float(s)
-            count += float(n)
+            kept.append(keep)
         if was_training:
             self.model.train()
-        return self._sum(total) / max(1.0, self._sum(count))
+        units = max(1.0, self._sum(count))
+        self.after_batches(kept, units, evaluating=True)
+        return self._sum(total) / units
 
     # -- checkpoints --------------------------------------------------------
     def checkpoints(self) -> list[Path]:
