@@ -119,7 +119,8 @@ class AdapterConfig(_Strict):
         gt=0,
         description=(
             "Adapt only the top N decoder layers (peft's `layers_to_transform`; null = all). The backward pass then stops at the "
-            "lowest adapted layer: with a third of the layers a step costs ~2/3 of the compute. LoRA and DoRA only."
+            "lowest adapted layer, so steps are cheaper, but the adapter learns less per step: on the demo (SmolLM2-135M, 30 "
+            "layers), the top 10 trained 1.5x faster and scored 56.5% instead of 66.0% after the same 150 steps. LoRA and DoRA only."
         ),
     )
 
