@@ -214,6 +214,36 @@ def test_top_layers_adapts_only_the_top_layers_and_merges_exactly(tiny_recipe: P
             load_recipe(path)
 
 
+def test_dora_reference_computes_its_weight_norms_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The PyTorch backend caches DoRA's weight norms (the adapter is fixed there): the logits are peft's uncached ones."""
+    import numpy as np
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import dora
+    from transformers import AutoModelForCausalLM
+
+    from ftedge.backends.torch import TorchBackend
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, init_lora_weights=False)
+    peft_model = get_peft_model(model, config).eval()
+    peft_model.save_pretrained(tmp_path / "dora")
+    ids = list(range(5, 25))
+    dora.ENABLE_DORA_CACHING = False
+    with torch.inference_mode():
+        expected = peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    backend = TorchBackend(tiny_model_dir, adapter=tmp_path / "dora")
+    try:
+        first, again = backend.logits(ids), backend.logits(ids)
+        assert dora.ENABLE_DORA_CACHING
+        layer = next(m for m in backend.model.modules() if isinstance(m, dora.DoraLinearLayer))
+        assert layer._dora_cache, "no DoRA value was cached"
+    finally:
+        dora.ENABLE_DORA_CACHING = False
+    np.testing.assert_allclose(first, expected, atol=1e-5)
+    np.testing.assert_array_equal(first, again)
+
+
 def test_old_lora_section_still_reads(tiny_recipe: Path, tmp_path: Path) -> None:
     """Recipes (and frozen run recipes) written with `lora:` load as `adapter:`; `-o lora.r=8` still works."""
     old = load_recipe(tiny_recipe)  # conftest's recipe uses lora:

@@ -50,6 +50,11 @@ class TorchBackend(Backend):
             from ftedge.hf import attach_adapter
 
             model = attach_adapter(model, adapter)
+            from peft.helpers import DoraCaching
+
+            # The adapter never changes here: DoRA's weight norms and B @ A are computed once, not on every
+            # forward (peft caches them in eval mode only, and clears them when a model trains again).
+            DoraCaching()(enabled=True)
         self.model = model.eval()
         # Decoding steps after the first run the wrapped model itself: the cache already holds what
         # the adapter adds (a prefix-tuning adapter's key/value prefix, which peft's forward would
