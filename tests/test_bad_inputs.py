@@ -240,8 +240,19 @@ def _check(case: Case, res: subprocess.CompletedProcess[str], before: dict[str, 
 
 def _run_cases(corpus: Corpus, cases: list[Case]) -> list[str]:
     befores = {c.name: _snapshot(c.run) if c.run is not None else None for c in cases}
+    # Two at a time, but never two on the same run: each command takes the run's lock, and a second one
+    # there would be (rightly) refused as "being used by another process".
+    groups: dict[object, list[int]] = {}
+    for i, c in enumerate(cases):
+        groups.setdefault(c.run if c.run is not None else i, []).append(i)
+    results: list[subprocess.CompletedProcess[str] | None] = [None] * len(cases)
+
+    def run_group(indices: list[int]) -> None:
+        for i in indices:
+            results[i] = _cli(cases[i], corpus)
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda c: _cli(c, corpus), cases))
+        list(pool.map(run_group, groups.values()))
     problems = []
     for case, res in zip(cases, results, strict=True):
         if os.environ.get("FTEDGE_SHOW_CORPUS"):
