@@ -695,13 +695,14 @@ def tied_embeddings(config: Any) -> bool:
 
 def linear_module_names(model: Any) -> set[str]:
     """Leaf names of the model's linear layers (``q_proj``, ``qkv_proj``, ``gate_up_proj``, ``lm_head``, ...)."""
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_linear(module)}
+
+
+def is_linear(module: Any) -> bool:
+    """A linear layer: torch's, or a quantized / adapter-wrapped one (bitsandbytes ``Linear4bit``, peft ``Linear``)."""
     import torch
 
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear"):
-            names.add(name.rsplit(".", 1)[-1])
-    return names
+    return isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")
 
 
 def base_has_chat_template(spec: str) -> bool | None:

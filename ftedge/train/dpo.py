@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftedge.data import EncodedPair, make_batch
+from ftedge.data import IGNORE, EncodedPair, make_batch
 from ftedge.train.loop import Trainer
 from ftedge.train.model import LabelOnlyLoss
 
@@ -83,7 +83,7 @@ class PreferenceTrainer(Trainer):
         rows = [r for pair in pairs for r in (pair.chosen, pair.rejected)]
         batch = make_batch(rows, max_length=self.cfg.max_length, packing=self.cfg.packing, pad_id=self.pad_id, segments=True)
         n_tokens = batch.pop("n_tokens")
-        n_trained = int((batch["labels"][:, 1:] != -100).sum())
+        n_trained = int((batch["labels"][:, 1:] != IGNORE).sum())
         return {k: v.to(self.device) for k, v in batch.items()} | {"n_tokens": n_tokens, "n_trained": n_trained, "n_rows": len(rows)}
 
     def loss_units(self, batch: dict[str, Any]) -> float:

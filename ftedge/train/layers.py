@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from ftedge.errors import FtedgeError
+from ftedge.hf import is_linear
 from ftedge.recipe import TrainConfig
 from ftedge.train.model import causal_lm
 
@@ -42,13 +43,7 @@ def layer_count(config: Any, setting: str) -> int:
 
 def layer_linear_names(model: nn.Module) -> list[str]:
     """Leaf names of the linear layers inside the decoder layers (``all-linear`` without the head), fused ones included."""
-    return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if LAYER.search(name + ".") and (isinstance(module, nn.Linear) or type(module).__name__.startswith("Linear"))
-        }
-    )
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if LAYER.search(name + ".") and is_linear(module)})
 
 
 def layer_of(name: str, n: int) -> int:
