@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -17,11 +18,6 @@ def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     quiet_third_party(debug)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not debug:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def quiet_third_party(debug: bool = False) -> None:
@@ -43,3 +39,12 @@ def quiet_third_party(debug: bool = False) -> None:
         # bitsandbytes warns on every import that its optional `kernels` CPU kernel (fetched from
         # the Hugging Face hub) is missing; its built-in CPU path is the one ftedge uses offline.
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        for category in (UserWarning, FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+        if not sys.stderr.isatty():  # a log file (bench workers, `ftedge run > log`): no tqdm bars ("Loading weights") in it
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            if "transformers" in sys.modules:  # it read the variable at import
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,15 @@ def test_validate_rejects_a_precision_no_exporter_builds(cli: CliRunner, tiny_re
     res = cli.invoke(main, ["validate", str(tiny_recipe), "-o", f"export.target={target}"])
     assert res.exit_code == 2
     assert "unknown quant type 'fp16'" in res.output and "int4-rtn" in res.output
+
+
+def test_a_log_file_gets_no_progress_bars(tiny_model_dir: Path) -> None:
+    """Loading a model with the CLI's logging set up and stderr going to a file (a bench worker, `ftedge run > log`):
+    no tqdm bar ("Loading weights ...") in the file; the same load without the set-up does write one."""
+    load = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})"
+    setup = "from ftedge.logs import setup_logging; setup_logging(False); "
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env) for code in (load, setup + load)]
+    assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
+    assert "Loading weights" in outs[0].stderr  # the check can fail
+    assert "Loading weights" not in outs[1].stderr and "it/s" not in outs[1].stderr, outs[1].stderr
