@@ -327,6 +327,9 @@ def test_results_json_schema_and_entries(benched) -> None:
         assert e["perplexity"] > 1.0
         assert e["ttft_ms"] > 0 and e["prefill_tok_s"] > 0 and e["decode_tok_s"] > 0 and e["decode_tok_s_p95"] > 0
         assert e["fits"] is True  # every tiny artifact is under 64 MB and 8 GB
+        phases = e["phase_seconds"]  # where the artifact's bench time went
+        assert {"quality", "drift", "speed"} <= set(phases) and all(v > 0 for v in phases.values())
+        assert e["load_seconds"] + sum(phases.values()) <= e["wall_seconds"]
     by = {e["name"]: e for e in on_disk["artifacts"]}
     assert by["pytorch"]["top1_agreement"] == 1.0 and by["pytorch"]["kl"] == 0.0
     # merged = base + adapter folded in: same behaviour as the reference, and so are the exports

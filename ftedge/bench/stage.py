@@ -301,6 +301,7 @@ def make_entry(spec: ArtifactSpec, result: dict[str, Any], target: Target, *, ba
         "max_new_tokens",
         "runtime",
         "load_seconds",
+        "phase_seconds",
         "wall_seconds",
     ):
         if extra in result:
@@ -368,12 +369,14 @@ def bench_specs(
             entries.append(entry)
             predictions[spec.name] = result.get("predictions") or []
             if entry["status"] == "ok":
+                phases = {"load": result.get("load_seconds") or 0.0, **(result.get("phase_seconds") or {})}
                 log.info(
-                    "%s: accuracy %s, decode %.1f tok/s (%.0f s)",
+                    "%s: accuracy %s, decode %.1f tok/s (%.0f s: %s)",
                     spec.name,
                     _fmt(entry["accuracy"]),
                     entry["decode_tok_s"] or 0.0,
                     result.get("wall_seconds", 0),
+                    ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()),
                 )
             else:
                 log.warning("%s: failed: %s", spec.name, entry["error"])

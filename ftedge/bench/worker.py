@@ -7,10 +7,12 @@ loses only its own entry, and the peak RSS it reports is the artifact's own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     started = time.perf_counter()
     result: dict[str, Any] = {"status": "ok"}
+    phases: dict[str, float] = {}  # wall seconds of each measurement, for the report and the ETA
+
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            phases[name] = round(time.perf_counter() - t0, 3)
+
     backend = open_backend(job)
     n_ctx = int(job.get("n_ctx") or 2048)
     try:
@@ -52,33 +64,39 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         result["runtime"] = backend.settings
         examples = job.get("examples") or []
         if examples:
-            result.update(
-                measure_quality(
-                    backend,
-                    examples,
-                    task=job.get("task", "label_match"),
-                    max_new_tokens=job.get("max_new_tokens"),
-                    n_ctx=int(job.get("n_ctx") or 2048),
-                    reference_in=Path(job["reference_in"]) if job.get("reference_in") else None,
-                    reference_out=Path(job["reference_out"]) if job.get("reference_out") else None,
+            with phase("quality"):
+                result.update(
+                    measure_quality(
+                        backend,
+                        examples,
+                        task=job.get("task", "label_match"),
+                        max_new_tokens=job.get("max_new_tokens"),
+                        n_ctx=int(job.get("n_ctx") or 2048),
+                        reference_in=Path(job["reference_in"]) if job.get("reference_in") else None,
+                        reference_out=Path(job["reference_out"]) if job.get("reference_out") else None,
+                    )
                 )
-            )
         if examples and job.get("generate"):
-            result["generations"] = generative.answers(backend, examples[: int(job["generate"])], n_ctx=n_ctx)
+            with phase("generate"):
+                result["generations"] = generative.answers(backend, examples[: int(job["generate"])], n_ctx=n_ctx)
         if job.get("general_out"):
-            result.update(forgetting.base_reference(backend, job["general"], Path(job["general_out"]), n_ctx=n_ctx))
+            with phase("drift"):
+                result.update(forgetting.base_reference(backend, job["general"], Path(job["general_out"]), n_ctx=n_ctx))
         elif job.get("general_in") and Path(job["general_in"]).is_file():
-            result.update(forgetting.drift(backend, Path(job["general_in"])))
+            with phase("drift"):
+                result.update(forgetting.drift(backend, Path(job["general_in"])))
         speed = job.get("speed")
         if speed:
-            result.update(
-                measure_speed(
-                    backend, speed["messages"], decode_tokens=speed["decode_tokens"], repeats=speed["repeats"], warmup=speed["warmup"]
+            with phase("speed"):
+                result.update(
+                    measure_speed(
+                        backend, speed["messages"], decode_tokens=speed["decode_tokens"], repeats=speed["repeats"], warmup=speed["warmup"]
+                    )
                 )
-            )
     finally:
         backend.close()
     result["seconds"] = round(time.perf_counter() - started, 3)
+    result["phase_seconds"] = phases
     return result
 
 
