@@ -3,7 +3,8 @@
 
     # the preference set of recipes/smollm2-banking77-dpo.yaml, from a trained SFT run:
     .venv/bin/python benchmarks/dpo_banking77.py build runs/banking77-sft
-    # SFT vs SFT+DPO on the held-out rows the SFT run benched (trains the DPO run; --steps for a shorter run):
+    # SFT vs SFT+DPO on the held-out rows the SFT run benched (trains the DPO run; --steps for a shorter run;
+    # the preference set is reused when --out holds one built alike, --rebuild answers again):
     .venv/bin/python benchmarks/dpo_banking77.py compare runs/banking77-sft --steps 60 [-o quant.compute_dtype=float32]
 
 ``build`` merges the SFT run if needed and answers BANKING77 rows greedily with its merged model
@@ -102,8 +103,23 @@ def build(sft_dir: Path, out: Path, *, train_rows: int, val_rows: int, seed: int
         "seconds": round(time.time() - t0, 1),
         "out": str(out),
     }
+    (out / "build.json").write_text(json.dumps({**stats, "val_rows_asked": val_rows, "seed": seed}, indent=2) + "\n")
     print(json.dumps(stats), flush=True)
     return stats
+
+
+def built_already(sft_dir: Path, out: Path, *, train_rows: int, val_rows: int, seed: int = 0) -> dict[str, Any] | None:
+    """The stats of a preference set ``build`` already wrote from the same SFT run with the same settings, else None."""
+    from ftedge.manifest import Run
+
+    try:
+        stats = json.loads((out / "build.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = (stats.get("sft_run"), stats.get("train_rows_scored"), stats.get("val_rows_asked"), stats.get("seed"))
+    if same != (str(Run.open(sft_dir).path), train_rows, val_rows, seed):
+        return None
+    return {k: v for k, v in stats.items() if k not in ("val_rows_asked", "seed")}
 
 
 def sft_accuracy(run_dir: Path) -> dict[str, Any]:
@@ -132,7 +148,12 @@ def compare(args: argparse.Namespace) -> None:
     prefs = args.out
     sft_ref = sft_accuracy(args.sft)
     n_eval = sft_ref["n"]  # the same held-out rows as the SFT run's bench
-    built = build(args.sft, prefs, train_rows=args.train_rows, val_rows=max(args.val_rows, n_eval))
+    settings = {"train_rows": args.train_rows, "val_rows": max(args.val_rows, n_eval)}
+    built = None if args.rebuild else built_already(args.sft, prefs, **settings)
+    if built is not None:
+        print(f"reusing the preference set in {prefs} (built from the same run; --rebuild to answer again)", flush=True)
+    else:
+        built = build(args.sft, prefs, **settings)
     overrides = [
         f"train.init_from={args.sft.resolve()}",
         f"data.train={prefs / 'train.jsonl'}",
@@ -160,6 +181,7 @@ def compare(args: argparse.Namespace) -> None:
         "dpo": {
             "steps": args.steps,
             "beta": run.recipe().train.beta,
+            "sft_weight": run.recipe().train.sft_weight,
             "lr": run.recipe().train.lr,
             "train": run.manifest()["stages"]["train"]["metrics"],
             "first_eval": evals[0] if evals else None,
@@ -168,7 +190,7 @@ def compare(args: argparse.Namespace) -> None:
         "accuracy": {"sft": sft_ref["accuracy"], "sft_dpo": dpo_ref["accuracy"], "n": dpo_ref.get("n_examples")},
         "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
-    out = ROOT / "benchmarks" / "results" / "dpo_banking77.json"
+    out = ROOT / "benchmarks" / "results" / args.result
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["accuracy"]), flush=True)
 
@@ -181,6 +203,8 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=3000, help="training rows to answer (the mistakes become pairs)")
     parser.add_argument("--val-rows", type=int, default=200)
     parser.add_argument("--steps", type=int, default=60, help="compare: DPO steps")
+    parser.add_argument("--rebuild", action="store_true", help="compare: answer the rows again even if --out holds a set built alike")
+    parser.add_argument("--result", default="dpo_banking77.json", help="compare: file name under benchmarks/results/")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="compare: DPO recipe override")
     args = parser.parse_args()
     from ftedge.logs import setup_logging

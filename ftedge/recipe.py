@@ -181,6 +181,15 @@ class TrainConfig(_Strict):
         ),
     )
     beta: float = Field(0.1, gt=0, description="`dpo`: strength of the pull towards the reference (higher = stay closer).")
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "`dpo`: weight of an SFT term added to the DPO loss, the chosen answers' mean token cross-entropy (RPO, Pang et "
+            "al. 2024; TRL's `loss_type: [sigmoid, sft]`): keeps the chosen answers likely while DPO pushes the rejected "
+            "ones down. 0 = plain DPO."
+        ),
+    )
     init_from: str | None = Field(
         None,
         description=(
@@ -198,6 +207,11 @@ class TrainConfig(_Strict):
         le=1.0,
         description="Layer-wise learning rates: layer i from the top trains at lr x decay^i (embeddings last); 1 = one rate.",
     )
+
+    @property
+    def dpo_settings(self) -> str:
+        """The DPO loss's settings in words (logs, validate, model card)."""
+        return f"beta {self.beta:g}" + (f", SFT term x {self.sft_weight:g}" if self.sft_weight else "")
 
 
 class ExportConfig(_Strict):
@@ -325,6 +339,8 @@ class Recipe(_Strict):
                 "train.objective=dpo needs a LoRA, DoRA or IA3 adapter (train.method qlora or lora): "
                 "its reference is the model with the adapter disabled"
             )
+        if train.sft_weight and train.objective != "dpo":
+            raise ValueError("train.sft_weight adds an SFT term to the DPO loss: it needs train.objective=dpo (or drop it)")
         if train.method != "full" and method == "prefix":
             if train.packing:
                 raise ValueError(

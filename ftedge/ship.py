@@ -212,7 +212,7 @@ def model_card(
         "|---|---|",
         f"| base model | {_cell(base_id)} |",
         f"| method | {tr.method}" + (f" ({_adapter_text(recipe.adapter)})" if tr.method != "full" else "") + " |",
-        *([f"| objective | DPO (beta {tr.beta:g}) from {_cell(str(tr.init_from))} |"] if tr.objective == "dpo" else []),
+        *([f"| objective | DPO ({tr.dpo_settings}) from {_cell(str(tr.init_from))} |"] if tr.objective == "dpo" else []),
         f"| base weights while training | {'4-bit ' + recipe.quant.type if recipe.quant.bits == 4 else f'{recipe.quant.bits}-bit float'} |",
     ]
     train = run.manifest().get("stages", {}).get("train", {}).get("metrics", {})

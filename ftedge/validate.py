@@ -128,7 +128,7 @@ def check_method(recipe: Recipe) -> list[str]:
     train = recipe.train
     what = "full fine-tuning" if train.method == "full" else f"{train.method} with a {recipe.adapter.method} adapter"
     if train.objective == "dpo":
-        what += f", objective dpo (beta {train.beta:g}; reference: the model with the adapter disabled)"
+        what += f", objective dpo ({train.dpo_settings}; reference: the model with the adapter disabled)"
     if train.unfreeze is not None or train.layer_lr_decay != 1.0:
         what += (f", unfreezing a layer every {train.unfreeze.every} steps" if train.unfreeze else "") + (
             f", layer lr decay {train.layer_lr_decay:g}" if train.layer_lr_decay != 1.0 else ""

@@ -97,9 +97,11 @@ def _policy(model_dir: Path):
     return peft_model, config
 
 
-def test_dpo_loss_and_gradients_match_trl(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_dpo_loss_and_gradients_match_trl(tiny_model_dir: Path, tmp_path: Path, sft_weight: float) -> None:
     """Same tiny data, same LoRA weights: ftedge's first-step DPO loss and LoRA gradients equal TRL's DPOTrainer's
-    (its default sigmoid loss, reference = the adapter disabled), with ftedge's rows packed and TRL's padded."""
+    (its default sigmoid loss, reference = the adapter disabled), with ftedge's rows packed and TRL's padded; with
+    ``sft_weight``, TRL's ``loss_type=["sigmoid", "sft"]`` weighted [1, sft_weight] (RPO)."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -114,7 +116,7 @@ def test_dpo_loss_and_gradients_match_trl(tiny_model_dir: Path, tmp_path: Path) 
     rows = [r for p in pairs for r in (p.chosen, p.rejected)]
     batch = make_batch(rows, max_length=64, packing=True, pad_id=tok.pad_token_id, segments=True)
     batch.pop("n_tokens")
-    loss_sum, chosen, rejected = PreferenceLoss(ours, beta)(**batch, n_rows=len(rows))
+    loss_sum, chosen, rejected = PreferenceLoss(ours, beta, sft_weight)(**batch, n_rows=len(rows))
     loss = loss_sum / len(pairs)
     loss.backward()
     our_grads = {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad}
@@ -143,6 +145,7 @@ def test_dpo_loss_and_gradients_match_trl(tiny_model_dir: Path, tmp_path: Path) 
     args = DPOConfig(
         output_dir=str(tmp_path / "trl"),
         beta=beta,
+        **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {}),
         per_device_train_batch_size=len(PAIRS),
         max_steps=1,
         learning_rate=1e-6,
@@ -230,6 +233,7 @@ def test_dpo_run_starts_from_sft_run(tiny_recipe: Path, tmp_path: Path) -> None:
         ({"objective": "dpo", "method": "full"}, {"format": "preference"}, "needs a LoRA, DoRA or IA3 adapter"),
         ({"objective": "dpo"}, {"format": "text_label"}, "go together"),
         ({}, {"format": "preference"}, "go together"),
+        ({"sft_weight": 1.0}, {}, "needs train.objective=dpo"),
     ],
 )
 def test_dpo_recipe_mistakes_are_one_line(tiny_recipe: Path, train: dict, data: dict, match: str) -> None:
@@ -268,5 +272,7 @@ def test_packed_pairs_give_each_row_its_own_sum(tiny_model_dir: Path) -> None:
         batch.pop("n_tokens")
         with torch.no_grad():
             out.append(loss.sequence_logps(batch, len(rows)))
-    assert out[0].shape == (len(rows),) and bool((out[0] < 0).all())
-    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-4)
+    (packed, counts), (padded, padded_counts) = out
+    assert packed.shape == (len(rows),) and bool((packed < 0).all())
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)
+    assert counts.tolist() == padded_counts.tolist() == [float(sum(x != -100 for x in r.labels[1:])) for r in rows]

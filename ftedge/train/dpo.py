@@ -5,7 +5,10 @@ The loss of one pair (Rafailov et al., 2023, the sigmoid form TRL's ``DPOTrainer
     -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
 
 with ``log p(answer)`` the sum of the answer tokens' log-probabilities (the end-of-turn token
-included, as in SFT). The reference is the same model with the adapter disabled (peft's
+included, as in SFT). ``train.sft_weight`` (w > 0) adds ``w`` x the chosen answers' mean token
+cross-entropy over the micro-batch (RPO, Pang et al. 2024; TRL's ``loss_type=["sigmoid", "sft"]``
+with ``loss_weights=[1, w]``, the same value): plain DPO can lower the chosen answers' likelihood too, as
+long as the rejected ones fall faster. The reference is the same model with the adapter disabled (peft's
 ``disable_adapter()``), evaluated without gradients: no second copy of the model is held, and
 with QLoRA the reference is the 4-bit base the adapter trains on. Rows are packed exactly as in
 SFT (``make_batch`` with per-example segments), and the LM head runs only on answer positions.
@@ -33,30 +36,34 @@ from ftedge.train.model import LabelOnlyLoss
 class PreferenceLoss(nn.Module):
     """``forward(batch of [chosen0, rejected0, chosen1, ...]) -> (summed pair loss, chosen rewards, rejected rewards)``."""
 
-    def __init__(self, model: nn.Module, beta: float) -> None:
+    def __init__(self, model: nn.Module, beta: float, sft_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.beta = beta
+        self.sft_weight = sft_weight
         self.tokens = LabelOnlyLoss(model)
 
-    def sequence_logps(self, batch: dict[str, torch.Tensor], n_rows: int, *, adapter: bool = True) -> torch.Tensor:
-        """Summed log-probability of each row's trained tokens, shape (n_rows,)."""
+    def sequence_logps(self, batch: dict[str, torch.Tensor], n_rows: int, *, adapter: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probability of each row's trained tokens and their number, each of shape (n_rows,)."""
         segments = batch["segments"]
         inputs = {k: v for k, v in batch.items() if k != "segments"}
         logits, target, keep = self.tokens.labelled_logits(**inputs, adapter=adapter)
         token_logps = torch.log_softmax(logits, dim=-1).gather(1, target.unsqueeze(1)).squeeze(1)
         rows = segments[:, 1:][keep]
-        return torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+        zeros = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device)
+        return zeros.index_add(0, rows, token_logps), zeros.index_add(0, rows, torch.ones_like(token_logps))
 
     def forward(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n_rows = int(batch.pop("n_rows"))
-        policy = self.sequence_logps(batch, n_rows)
+        policy, n_tokens = self.sequence_logps(batch, n_rows)
         with torch.no_grad(), _adapter_disabled(self.model):
-            ref = self.sequence_logps(batch, n_rows, adapter=False)
+            ref, _ = self.sequence_logps(batch, n_rows, adapter=False)
         chosen = self.beta * (policy[0::2] - ref[0::2])
         rejected = self.beta * (policy[1::2] - ref[1::2])
-        loss = -nn.functional.logsigmoid(chosen - rejected)
-        return loss.sum(), chosen.detach(), rejected.detach()
+        loss = -nn.functional.logsigmoid(chosen - rejected).sum()
+        if self.sft_weight:  # the chosen tokens' mean cross-entropy, counted once per pair (the step divides by pairs)
+            loss = loss + self.sft_weight * (n_rows // 2) * (-policy[0::2].sum() / n_tokens[0::2].sum().clamp(min=1.0))
+        return loss, chosen.detach(), rejected.detach()
 
 
 def _adapter_disabled(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
@@ -75,7 +82,7 @@ class PreferenceTrainer(Trainer):
     def make_loss(self, model: nn.Module) -> nn.Module:
         self._last: dict[str, float] = {}
         self._eval: dict[str, float] = {}
-        return PreferenceLoss(model, self.cfg.beta)
+        return PreferenceLoss(model, self.cfg.beta, self.cfg.sft_weight)
 
     LOSS_UNITS_ARE_TRAINED_TOKENS = False  # the DPO loss is a mean over pairs
 

@@ -119,7 +119,7 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool,
     log.info(
         "train: %s%s on %s (%s), %d steps x %d examples, %d train / %d val rows, max_length %d",
         cfg.method if cfg.method == "full" else f"{cfg.method} ({recipe.adapter.method})",
-        f", {cfg.objective} beta {cfg.beta:g}" if cfg.objective == "dpo" else "",
+        f", {cfg.objective} {cfg.dpo_settings}" if cfg.objective == "dpo" else "",
         device,
         str(dtype).removeprefix("torch."),
         trainer.steps,
