@@ -232,7 +232,7 @@ def test_dora_reference_computes_its_weight_norms_once(tiny_model_dir: Path, tmp
     dora.ENABLE_DORA_CACHING = False
     with torch.inference_mode():
         expected = peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    backend = TorchBackend(tiny_model_dir, adapter=tmp_path / "dora")
+    backend = TorchBackend(tiny_model_dir, adapter=tmp_path / "dora", merge_adapter=False)  # as on 16-bit weights
     try:
         first, again = backend.logits(ids), backend.logits(ids)
         assert dora.ENABLE_DORA_CACHING
@@ -242,6 +242,36 @@ def test_dora_reference_computes_its_weight_norms_once(tiny_model_dir: Path, tmp
         dora.ENABLE_DORA_CACHING = False
     np.testing.assert_allclose(first, expected, atol=1e-5)
     np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_float32_reference_merges_the_adapter_exactly(tiny_model_dir: Path, tmp_path: Path, use_dora: bool) -> None:
+    """On float32 weights the PyTorch backend merges a LoRA/DoRA adapter in memory: no adapter layer is left, and
+    the logits and greedy tokens are peft's unmerged ones (float32 rounding apart)."""
+    import numpy as np
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    from ftedge.backends.torch import TorchBackend
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora, init_lora_weights=False)
+    peft_model = get_peft_model(model, config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = list(range(5, 25))
+    with torch.inference_mode():
+        expected = peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    merged = TorchBackend(tiny_model_dir, adapter=tmp_path / "adapter", threads=1)
+    unmerged = TorchBackend(tiny_model_dir, adapter=tmp_path / "adapter", threads=1, merge_adapter=False)
+    assert merged.adapter_merged and merged.settings["adapter"] == "merged in memory"
+    assert not any(isinstance(m, LoraLayer) for m in merged.model.modules())
+    assert not unmerged.adapter_merged and any(isinstance(m, LoraLayer) for m in unmerged.model.modules())
+    got = merged.logits(ids)
+    assert float(np.abs(expected - TorchBackend(tiny_model_dir, threads=1).logits(ids)).max()) > 1e-2  # the adapter matters
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert list(merged.generate(ids, max_new_tokens=8, stop_ids=set())) == list(unmerged.generate(ids, max_new_tokens=8, stop_ids=set()))
 
 
 def test_old_lora_section_still_reads(tiny_recipe: Path, tmp_path: Path) -> None:

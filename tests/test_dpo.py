@@ -257,6 +257,25 @@ def test_init_from_a_missing_run_is_one_line(tiny_recipe: Path, tmp_path: Path) 
         preflight(tiny_recipe)
 
 
+def test_init_from_a_run_in_4_bits_is_refused(tiny_recipe: Path, tmp_path: Path) -> None:
+    """Quantizing an SFT run's merged model to NF4 again erases most of what it learned: init_from a run needs a float base."""
+    from ftedge.manifest import Run
+    from ftedge.recipe import load_recipe
+    from ftedge.validate import preflight
+
+    Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "sft")
+    raw = yaml.safe_load(tiny_recipe.read_text())
+    raw["train"].update(init_from=str(tmp_path / "sft"), method="qlora")
+    raw["quant"] = {"bits": 4, "compute_dtype": "float32"}
+    tiny_recipe.write_text(yaml.safe_dump(raw))
+    with pytest.raises(FtedgeError, match="train.method=qlora would quantize its merged model to 4 bits") as err:
+        preflight(tiny_recipe)
+    assert "train.method=lora" in err.value.one_line()
+    raw["train"]["method"], raw["quant"]["bits"] = "lora", 16
+    tiny_recipe.write_text(yaml.safe_dump(raw))
+    assert any(line.startswith("init_from: run") for line in preflight(tiny_recipe))
+
+
 def test_packed_pairs_give_each_row_its_own_sum(tiny_model_dir: Path) -> None:
     """make_batch's segments: packed or padded, each row's summed answer log-probability is the same."""
     from ftedge.data import make_batch
