@@ -194,8 +194,8 @@ class TrainConfig(_Strict):
         None,
         description=(
             "Start from an earlier result: a run folder (its merged model; merged first if needed), or a merged HF model "
-            "folder. The new adapter trains on top of it, and for `dpo` it is the reference. Relative paths start at the "
-            "recipe's folder."
+            "folder. The new adapter trains on top of it, and for `dpo` it is the reference. A run needs `method: lora` "
+            "(4 bits would round away what that run learned). Relative paths start at the recipe's folder."
         ),
     )
     unfreeze: UnfreezeConfig | None = Field(

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -214,24 +215,29 @@ def test_top_layers_adapts_only_the_top_layers_and_merges_exactly(tiny_recipe: P
             load_recipe(path)
 
 
+def _saved_random_adapter(model_dir: Path, out: Path, ids: list[int], *, use_dora: bool) -> np.ndarray:
+    """A LoRA/DoRA adapter with random (non-zero) weights saved to ``out``; peft's unmerged logits for ``ids``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora, init_lora_weights=False)
+    peft_model = get_peft_model(model, config).eval()
+    peft_model.save_pretrained(out)
+    with torch.inference_mode():
+        return peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
 def test_dora_reference_computes_its_weight_norms_once(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The PyTorch backend caches DoRA's weight norms (the adapter is fixed there): the logits are peft's uncached ones."""
-    import numpy as np
-    from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import dora
-    from transformers import AutoModelForCausalLM
 
     from ftedge.backends.torch import TorchBackend
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, init_lora_weights=False)
-    peft_model = get_peft_model(model, config).eval()
-    peft_model.save_pretrained(tmp_path / "dora")
     ids = list(range(5, 25))
     dora.ENABLE_DORA_CACHING = False
-    with torch.inference_mode():
-        expected = peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    expected = _saved_random_adapter(tiny_model_dir, tmp_path / "dora", ids, use_dora=True)
     backend = TorchBackend(tiny_model_dir, adapter=tmp_path / "dora", merge_adapter=False)  # as on 16-bit weights
     try:
         first, again = backend.logits(ids), backend.logits(ids)
@@ -248,21 +254,12 @@ def test_dora_reference_computes_its_weight_norms_once(tiny_model_dir: Path, tmp
 def test_float32_reference_merges_the_adapter_exactly(tiny_model_dir: Path, tmp_path: Path, use_dora: bool) -> None:
     """On float32 weights the PyTorch backend merges a LoRA/DoRA adapter in memory: no adapter layer is left, and
     the logits and greedy tokens are peft's unmerged ones (float32 rounding apart)."""
-    import numpy as np
-    from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
 
     from ftedge.backends.torch import TorchBackend
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora, init_lora_weights=False)
-    peft_model = get_peft_model(model, config).eval()
-    peft_model.save_pretrained(tmp_path / "adapter")
     ids = list(range(5, 25))
-    with torch.inference_mode():
-        expected = peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    expected = _saved_random_adapter(tiny_model_dir, tmp_path / "adapter", ids, use_dora=use_dora)
     merged = TorchBackend(tiny_model_dir, adapter=tmp_path / "adapter", threads=1)
     unmerged = TorchBackend(tiny_model_dir, adapter=tmp_path / "adapter", threads=1, merge_adapter=False)
     assert merged.adapter_merged and merged.settings["adapter"] == "merged in memory"
