@@ -693,6 +693,16 @@ def tied_embeddings(config: Any) -> bool:
     return bool(getattr(text, "tie_word_embeddings", False))
 
 
+def adapts_tied_embedding(model: Any) -> bool:
+    """Whether a PEFT model's adapter sits on the LM head or input embedding of a model that ties them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not tied_embeddings(model.config):
+        return False
+    tied = ("lm_head", "embed_tokens")
+    return any(isinstance(module, BaseTunerLayer) and name.rsplit(".", 1)[-1] in tied for name, module in model.named_modules())
+
+
 def linear_module_names(model: Any) -> set[str]:
     """Leaf names of the model's linear layers (``q_proj``, ``qkv_proj``, ``gate_up_proj``, ``lm_head``, ...)."""
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_linear(module)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -215,14 +216,14 @@ def test_top_layers_adapts_only_the_top_layers_and_merges_exactly(tiny_recipe: P
             load_recipe(path)
 
 
-def _saved_random_adapter(model_dir: Path, out: Path, ids: list[int], *, use_dora: bool) -> np.ndarray:
+def _saved_random_adapter(model_dir: Path, out: Path, ids: list[int], *, use_dora: bool, targets: Any = "all-linear") -> np.ndarray:
     """A LoRA/DoRA adapter with random (non-zero) weights saved to ``out``; peft's unmerged logits for ``ids``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora, init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora, init_lora_weights=False)
     peft_model = get_peft_model(model, config).eval()
     peft_model.save_pretrained(out)
     with torch.inference_mode():
@@ -269,6 +270,18 @@ def test_float32_reference_merges_the_adapter_exactly(tiny_model_dir: Path, tmp_
     assert float(np.abs(expected - TorchBackend(tiny_model_dir, threads=1).logits(ids)).max()) > 1e-2  # the adapter matters
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert list(merged.generate(ids, max_new_tokens=8, stop_ids=set())) == list(unmerged.generate(ids, max_new_tokens=8, stop_ids=set()))
+
+
+def test_adapter_on_a_tied_lm_head_stays_unmerged(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The tiny model ties its LM head to the embedding: merging a LoRA on lm_head would change both, so the
+    reference keeps the adapter as trained (and gives peft's logits)."""
+    from ftedge.backends.torch import TorchBackend
+
+    ids = list(range(5, 25))
+    expected = _saved_random_adapter(tiny_model_dir, tmp_path / "adapter", ids, use_dora=False, targets=["q_proj", "lm_head"])
+    backend = TorchBackend(tiny_model_dir, adapter=tmp_path / "adapter", threads=1)
+    assert backend.model.config.tie_word_embeddings and not backend.adapter_merged
+    np.testing.assert_allclose(backend.logits(ids), expected, atol=1e-5)
 
 
 def test_old_lora_section_still_reads(tiny_recipe: Path, tmp_path: Path) -> None:

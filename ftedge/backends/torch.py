@@ -33,8 +33,8 @@ class TorchBackend(Backend):
         (W + s·BA once, instead of two extra matmuls per layer and per token): the same function up to float32
         rounding (the demo's reference: logits within 7e-5, the same argmax) and 1.2-1.3x faster on a 2-core
         CPU. Never into 4-bit weights (the rounding would erase the adapter) nor 16-bit ones (bf16 keeps 8 bits
-        of a weight: too few for a small LoRA change), nor for prefix tuning (nothing to merge): those keep the
-        adapter as trained."""
+        of a weight: too few for a small LoRA change), nor for prefix tuning (nothing to merge), nor when the adapter
+        sits on a tied LM head or embedding (merging would change both): those keep the adapter as trained."""
         import torch
 
         from ftedge.hf import compute_dtype, dequantize_4bit, load_causal_lm, load_tokenizer
@@ -56,11 +56,13 @@ class TorchBackend(Backend):
             self.path, trust_remote_code=trust_remote_code, require_chat_template=False, chat_template=chat_template
         )
         if adapter is not None:
-            from ftedge.hf import attach_adapter
+            from ftedge.hf import adapts_tied_embedding, attach_adapter
             from ftedge.train.model import prefix_tokens
 
             model = attach_adapter(model, adapter)
-            exact = prefix_tokens(model) == 0 and all(p.dtype == torch.float32 for p in model.parameters())
+            exact = (
+                prefix_tokens(model) == 0 and all(p.dtype == torch.float32 for p in model.parameters()) and not adapts_tied_embedding(model)
+            )
             self.adapter_merged = exact if merge_adapter is None else merge_adapter
             if self.adapter_merged:
                 model = model.merge_and_unload()
