@@ -47,7 +47,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     started = time.perf_counter()
     result: dict[str, Any] = {"status": "ok"}
-    phases: dict[str, float] = {}  # wall seconds of each measurement, for the report and the ETA
+    phases: dict[str, float] = {}  # wall seconds of each measurement, for results.json and the log line
 
     @contextlib.contextmanager
     def phase(name: str) -> Iterator[None]:
