@@ -115,7 +115,7 @@ def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> li
     lines.extend(check_method(recipe))
     lines.append(check_dataset(recipe))
     if recipe.eval.general_prompts is not None:
-        from ftedge.bench.forgetting import read_general
+        from ftedge.formats.general_set import read_general
 
         general = read_general(recipe.eval.general_prompts)
         lines.append(f"eval.general_prompts: {len(general.prompts)} prompts, {len(general.texts)} texts for the drift check")

@@ -3,5 +3,6 @@
 - ``quants``: every GGUF type and ONNX precision ftedge builds, and their default gate thresholds;
 - ``gguf``: reading a GGUF's header, metadata and tensor table (gguf-py's reader);
 - ``chat_template``: rendering a Hugging Face chat template exactly as transformers does;
-- ``modelfile``: an Ollama Modelfile derived from a GGUF's own metadata.
+- ``modelfile``: an Ollama Modelfile derived from a GGUF's own metadata;
+- ``general_set``: a general-prompts file (JSON lines), the prompts and texts of bench's drift check.
 """
