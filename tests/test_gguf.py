@@ -49,7 +49,7 @@ def test_f16_metadata_has_template_and_special_tokens(f16: Path, model_dir: Path
 
 
 def test_k_quant_falls_back_on_short_rows_and_reports_it(f16: Path) -> None:
-    from ftedge.export.gguf import quantize_gguf
+    from ftedge.backends.llamacpp import quantize_gguf
     from ftedge.formats.gguf import inspect_gguf
 
     out = f16.parent / "model-q4_k_m.gguf"
@@ -61,7 +61,7 @@ def test_k_quant_falls_back_on_short_rows_and_reports_it(f16: Path) -> None:
 
 
 def test_unknown_quant_type_lists_valid_ones(f16: Path) -> None:
-    from ftedge.export.gguf import quantize_gguf
+    from ftedge.backends.llamacpp import quantize_gguf
 
     with pytest.raises(FtedgeError) as info:
         quantize_gguf(f16, f16.parent / "x.gguf", "q9_9")
@@ -72,7 +72,7 @@ def test_unknown_quant_type_lists_valid_ones(f16: Path) -> None:
 def test_failed_quantization_leaves_no_partial_file(f16: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import llama_cpp
 
-    from ftedge.export.gguf import quantize_gguf
+    from ftedge.backends.llamacpp import quantize_gguf
 
     def half_written(src: bytes, dst: bytes, params: object) -> int:
         Path(dst.decode()).write_bytes(b"GGUF" + b"\0" * 100)
