@@ -6,8 +6,8 @@
 * quant types: llama.cpp's quantizer from the f16 file (``ftedge.backends.llamacpp.quantize_gguf``). Rows whose
   length is not a multiple of 256 cannot hold k-quants; llama.cpp then falls back per tensor (q5_0/q8_0),
   which it reports (``QuantReport``).
-* every file is read back with the ``gguf`` reader: the chat template, BOS/EOS and the
-  end-of-turn token must be in the metadata.
+* every file is read back with ``ftedge.formats.gguf``: the chat template, BOS/EOS and the
+  end-of-turn token must be in the metadata (an end-of-turn token the converter left out is added there).
 
 All files are written to a temp path and renamed into place only when complete.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 from ftedge.atomic import atomic_path
 from ftedge.backends.llamacpp import QuantReport, quantize_gguf
 from ftedge.errors import FtedgeError, check_free_space, from_os_error, os_error_in
-from ftedge.formats.gguf import GgufInfo, inspect_gguf
+from ftedge.formats.gguf import GgufInfo, add_eot_token, inspect_gguf
 from ftedge.formats.quants import BYTES_PER_WEIGHT, GGUF_CONVERTER_TYPES
 
 log = logging.getLogger(__name__)
@@ -78,21 +78,6 @@ def check_metadata(info: GgufInfo, *, end_of_turn_id: int | None) -> dict[str, o
             hint="the merged model's tokenizer/generation config lacks them; re-run `ftedge merge --force`",
         )
     return {"chat_template": True, "bos": bos, "eos": eos, "eot": eot if eot is not None else eos}
-
-
-def add_eot_token(path: Path, eot_id: int) -> None:
-    """Rewrite ``path`` with ``tokenizer.ggml.eot_token_id`` added (atomically)."""
-    import gguf
-    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
-
-    reader = gguf.GGUFReader(path)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE]
-    arch_name = bytes(arch.parts[arch.data[0]]).decode()
-    with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch=arch_name, endianess=reader.endianess)
-        new = {gguf.Keys.Tokenizer.EOT_ID: MetadataDetails(gguf.GGUFValueType.UINT32, int(eot_id))}
-        copy_with_new_metadata(reader, writer, new, [])
-    del reader
 
 
 def build_f16(hf_dir: Path, out_path: Path, *, end_of_turn: int | None = None) -> tuple[Path, dict[str, object]]:
