@@ -42,7 +42,8 @@ from ftedge.backends import load_backend
 from ftedge.backends.base import Backend, Sampling, detect_format
 from ftedge.chat import StreamDecoder, resolve
 from ftedge.errors import FtedgeError
-from ftedge.launch import MAX_CTX, model_id, read_modelfile_system, serve_context
+from ftedge.formats.modelfile import read_modelfile_system
+from ftedge.launch import MAX_CTX, model_id, serve_context
 
 log = logging.getLogger(__name__)
 

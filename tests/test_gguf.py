@@ -159,6 +159,18 @@ def test_modelfile_from_gguf_metadata(q4_0: Path, tmp_path: Path) -> None:
     assert "You are a helpful AI assistant named SmolLM" in out.read_text()
 
 
+def test_modelfile_system_prompt_reads_back(q4_0: Path, tmp_path: Path) -> None:
+    """The SYSTEM line serve reads from a ship/ bundle is the one write_modelfile wrote (both in formats/modelfile.py)."""
+    from ftedge.formats.modelfile import read_modelfile_system, write_modelfile
+
+    assert read_modelfile_system(tmp_path) is None  # no Modelfile
+    system = "Reply with the intent label.\nOne line only."
+    write_modelfile(q4_0, tmp_path / "Modelfile", system=system)
+    assert read_modelfile_system(tmp_path) == system
+    write_modelfile(q4_0, tmp_path / "Modelfile")
+    assert read_modelfile_system(tmp_path) is None
+
+
 def test_header_reader_agrees_with_gguf_py(f16: Path, q4_0: Path) -> None:
     """inspect_gguf reads the file itself (no vocabulary decoding): same metadata, tensors and special tokens as gguf-py."""
     import gguf
