@@ -88,7 +88,7 @@ def http_run(host: str, port: int, messages: list[dict], tokens: int) -> tuple[f
 
 def local_run(backend, messages: list[dict], tokens: int) -> tuple[float, list[float], str, int]:
     """The same, in-process: chat template + tokenize + greedy generate, one stamp per token."""
-    from ftedge.chat import StreamDecoder
+    from ftedge.backends.base import StreamDecoder
 
     t0 = time.perf_counter()
     stops = backend.stop_ids

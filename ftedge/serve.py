@@ -39,11 +39,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ftedge import __version__
 from ftedge.backends import load_backend
-from ftedge.backends.base import Backend, Sampling, detect_format
-from ftedge.chat import StreamDecoder, resolve
+from ftedge.backends.base import Backend, Sampling, StreamDecoder, detect_format
 from ftedge.errors import FtedgeError
 from ftedge.formats.modelfile import read_modelfile_system
 from ftedge.launch import MAX_CTX, model_id, serve_context
+from ftedge.session import resolve
 
 log = logging.getLogger(__name__)
 

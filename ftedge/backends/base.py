@@ -158,3 +158,24 @@ class Backend(abc.ABC):
         stops = self.stop_ids
         out = [t for t in self.generate(self.chat_ids(messages), max_new_tokens=max_new_tokens, stop_ids=stops) if t not in stops]
         return self.detokenize(out)
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces as they arrive, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.backend.detokenize(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return piece
+
+    def text(self) -> str:
+        return self.backend.detokenize(self.ids)
