@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from ftedge.backends import load_backend
-from ftedge.backends.base import Backend, StreamDecoder, detect_format
+from ftedge.backends.base import Backend, detect_format
 from ftedge.errors import FtedgeError
 from ftedge.formats.gguf import inspect_gguf
 from ftedge.launch import MAX_CTX, serve_context
@@ -26,15 +26,11 @@ COMMANDS = "/reset clears the conversation, /exit (or Ctrl-D) quits"
 
 def stream_reply(backend: Backend, messages: list[dict[str, str]], *, max_new_tokens: int, write: Callable[[str], None]) -> str:
     """Generate one assistant turn, writing each text piece as it arrives; returns the full text."""
-    stops = backend.stop_ids
-    decoder = StreamDecoder(backend)
-    for token in backend.generate(backend.chat_ids(messages), max_new_tokens=max_new_tokens, stop_ids=stops):
-        if token in stops:
-            break
-        piece = decoder.push(token)
-        if piece:
-            write(piece)
-    return decoder.text()
+    with backend.stream(backend.chat_ids(messages), max_new_tokens=max_new_tokens) as reply:
+        for piece in reply.pieces():
+            if piece:
+                write(piece)
+    return reply.text()
 
 
 def fit_history(backend: Backend, messages: list[dict[str, str]], *, n_ctx: int, max_new_tokens: int) -> list[dict[str, str]]:

@@ -75,7 +75,7 @@ def base_reference(backend: Backend, general: dict[str, Any], out: Path, *, n_ct
             prompt, full = conversation_ids(backend, item["messages"], item["answer"])
         else:
             prompt = backend.chat_ids(item["messages"])
-            full = prompt + list(backend.generate(prompt, max_new_tokens=reply_tokens, stop_ids=stops))
+            full = prompt + backend.stream(prompt, max_new_tokens=reply_tokens, stop_ids=stops).run().ids  # the stop token included
         if len(full) > n_ctx or len(full) <= len(prompt):
             continue
         written += bool(item.get("answer"))

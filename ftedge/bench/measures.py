@@ -50,10 +50,11 @@ def conversation_ids(backend: Backend, messages: Sequence[dict[str, str]], targe
 
 
 def decode_answer(backend: Backend, ids: Sequence[int], max_new_tokens: int, *, given: Sequence[int] = ()) -> tuple[str, int]:
-    """Greedy answer text to ``ids`` + ``given`` (answer tokens already known), and the tokens decoded."""
+    """Greedy answer text to ``ids`` + ``given`` (answer tokens already known), and the tokens decoded (a stop token too)."""
     stops = backend.stop_ids
-    new = list(backend.generate([*ids, *given], max_new_tokens=max_new_tokens, stop_ids=stops))
-    return backend.detokenize([t for t in [*given, *new] if t not in stops]), len(new)
+    reply = backend.stream([*ids, *given], max_new_tokens=max_new_tokens, stop_ids=stops)
+    new = list(reply)
+    return backend.detokenize([t for t in [*given, *new] if t not in stops]), len(reply.ids)
 
 
 def generate_text(backend: Backend, ids: Sequence[int], max_new_tokens: int) -> str:
@@ -228,7 +229,7 @@ def measure_speed(
     gaps: list[float] = []
     for r in range(warmup + repeats):
         t0 = time.perf_counter()
-        stamps = [time.perf_counter() for _ in backend.generate(ids, max_new_tokens=decode_tokens, stop_ids=set())]
+        stamps = [time.perf_counter() for _ in backend.stream(ids, max_new_tokens=decode_tokens, stop_ids=set())]
         if r < warmup or not stamps:
             continue
         ttfts.append(stamps[0] - t0)
