@@ -27,16 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from ftedge import atomic
 from ftedge.backends.base import Backend
 from ftedge.errors import FtedgeError
 from ftedge.formats.general_set import GeneralSet, read_general
+from ftedge.formats.logits_cache import TopKCache, read_topk_cache, write_topk_cache
 from ftedge.logits import grouped_kl, log_softmax, top_k
 
 log = logging.getLogger(__name__)
 
 GENERAL_FILE = Path(__file__).resolve().parent / "general.jsonl"
 REPLY_TOKENS = 32
+BASE_KIND = "drift-base"  # the top-k cache the base model's worker writes (ftedge.formats.logits_cache)
 NOTE = (
     "drift from base: each artifact against the untuned base model on general prompts that are not your task "
     "(with short written answers, teacher-forced): KL(base || artifact) in nats and top-1 agreement per answer "
@@ -64,10 +65,7 @@ def base_reference(backend: Backend, general: dict[str, Any], out: Path, *, n_ct
     that answer, saved to ``out``; the base's general-text perplexity."""
     from ftedge.bench.measures import conversation_ids
 
-    seqs: list[np.ndarray] = []
-    starts: list[int] = []
-    top_ids: list[np.ndarray] = []
-    top_logp: list[np.ndarray] = []
+    cache = TopKCache(BASE_KIND)
     stops = backend.stop_ids
     written = 0
     for item in general.get("prompts") or []:
@@ -80,33 +78,17 @@ def base_reference(backend: Backend, general: dict[str, Any], out: Path, *, n_ct
             continue
         written += bool(item.get("answer"))
         logp = log_softmax(backend.logits(full)[len(prompt) - 1 : len(full) - 1], np.float32)  # row j predicts answer token j
-        ids_k, logp_k = top_k(logp)
-        seqs.append(np.asarray(full, dtype=np.int32))
-        starts.append(len(prompt) - 1)
-        top_ids.append(ids_k)
-        top_logp.append(logp_k)
+        cache.add(full, len(prompt) - 1, *top_k(logp))
     texts = [backend.tokenize(t)[:n_ctx] for t in general.get("texts") or []]
     texts = [t for t in texts if len(t) > 1]
     nll, count = _text_nll(backend, texts)
-    lengths = [len(s) for s in seqs]
-    with atomic.atomic_path(Path(out)) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                seq_offsets=np.cumsum([0, *lengths]).astype(np.int64),
-                seqs=np.concatenate(seqs) if seqs else np.zeros(0, np.int32),
-                starts=np.asarray(starts, dtype=np.int64),
-                row_offsets=np.cumsum([0, *(len(x) for x in top_ids)]).astype(np.int64),
-                top_ids=np.concatenate(top_ids) if top_ids else np.zeros((0, 1), np.int32),
-                top_logp=np.concatenate(top_logp) if top_logp else np.zeros((0, 1), np.float32),
-                text_offsets=np.cumsum([0, *(len(t) for t in texts)]).astype(np.int64),
-                texts=np.asarray([i for t in texts for i in t], dtype=np.int32),
-            )
+    cache.texts = [np.asarray(t, dtype=np.int32) for t in texts]
+    write_topk_cache(Path(out), cache)
     return {
-        "general_prompts": len(seqs),
+        "general_prompts": len(cache),
         "written_answers": written,
         "general_texts": len(texts),
-        "answer_tokens": sum(len(x) for x in top_ids),
+        "answer_tokens": sum(len(x) for x in cache.top_ids),
         "general_ppl": float(np.exp(nll / count)) if count else None,
     }
 
@@ -123,24 +105,19 @@ def _text_nll(backend: Backend, texts: Sequence[Sequence[int]]) -> tuple[float, 
 # -- in the worker: an artifact -------------------------------------------------------------
 def drift(backend: Backend, base_file: Path) -> dict[str, Any]:
     """KL(base || artifact) and top-1 agreement over the general prompts' answers, and general-text perplexity."""
-    with np.load(base_file) as z:
-        ref = {k: z[k] for k in z.files}
+    ref = read_topk_cache(base_file, BASE_KIND)
     vocab = backend.vocab_size
     agree = kl_sum = 0.0
     positions = 0
-    for i, start in enumerate(ref["starts"].tolist()):
-        full = ref["seqs"][ref["seq_offsets"][i] : ref["seq_offsets"][i + 1]].tolist()
-        rows = slice(int(ref["row_offsets"][i]), int(ref["row_offsets"][i + 1]))
-        r_ids, r_logp = ref["top_ids"][rows], ref["top_logp"][rows]
+    for seq, start, r_ids, r_logp in zip(ref.seqs, ref.starts, ref.top_ids, ref.top_logp, strict=True):
+        full = seq.tolist()
         if max(full) >= vocab:
             raise FtedgeError(f"{backend.path}: its vocabulary ({vocab}) does not hold the base model's tokens")
         mine = log_softmax(backend.logits(full)[start : len(full) - 1], np.float32)
         agree += float((mine.argmax(axis=-1) == r_ids[:, 0]).sum())
         kl_sum += float(grouped_kl(r_ids, r_logp, mine).sum())
         positions += len(mine)
-    offsets = ref["text_offsets"].tolist()
-    texts = [ref["texts"][a:b].tolist() for a, b in zip(offsets, offsets[1:], strict=False)]
-    nll, count = _text_nll(backend, texts)
+    nll, count = _text_nll(backend, [t.tolist() for t in ref.texts])
     return {
         "drift_kl": kl_sum / positions if positions else None,
         "drift_top1": agree / positions if positions else None,
