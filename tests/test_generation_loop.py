@@ -1,10 +1,9 @@
 """One greedy-generation loop per runtime: ``Backend.generate`` in ``ftedge/backends/``, consumed everywhere else
-through ``Backend.stream``. Bench, chat and serve answer a prompt with exactly the tokens that loop yields, and no
-module outside ``backends/`` calls a runtime's per-token generation itself."""
+through ``Backend.stream``. Bench, chat and serve answer a prompt with exactly the tokens that loop yields, (that no
+module outside ``backends/`` calls ``generate`` itself is checked in test_layout.py)."""
 
 from __future__ import annotations
 
-import ast
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,63 +132,3 @@ def test_bench_chat_and_serve_answer_with_the_backend_loop(backend, tiny_gguf: P
         assert text == expected and n_prompt == len(ids) and n_new == len([t for t in raw if t not in stops])
         assert finish == ("stop" if raw[-1] in stops else "length")
     assert len(texts) == len(PROMPTS) and all(texts)  # varied, non-empty answers: a mix-up would show
-
-
-# -- the rule, read from the code ----------------------------------------------------------------
-RUNTIME_MODULES = ("llama_cpp", "onnxruntime_genai")
-RUNTIME_IMPORTS_ALLOWED = {"ftedge/doctor.py"}  # `ftedge doctor` reports the installed runtimes' versions
-
-
-def _python_files() -> Iterator[tuple[str, ast.Module]]:
-    for path in sorted((REPO / "ftedge").rglob("*.py")):
-        rel = path.relative_to(REPO).as_posix()
-        yield rel, ast.parse(path.read_text(encoding="utf-8"), filename=rel)
-
-
-def test_only_backends_run_a_generation_loop_or_import_a_runtime() -> None:
-    """Outside ftedge/backends/, nobody calls a backend's ``generate`` (the per-token loop; ``stream`` consumes it) nor
-    imports a runtime."""
-    calls, imports = [], []
-    for rel, tree in _python_files():
-        if rel.startswith("ftedge/backends/"):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "generate":
-                calls.append(f"{rel}:{node.lineno}")
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            if rel not in RUNTIME_IMPORTS_ALLOWED and any(n.split(".")[0] in RUNTIME_MODULES for n in names):
-                imports.append(f"{rel}:{node.lineno}")
-    assert calls == [], "per-token generation outside backends/ (use Backend.stream): " + ", ".join(calls)
-    assert imports == [], "a runtime imported outside backends/: " + ", ".join(imports)
-
-
-STAGES = ("validate", "train", "merge", "export", "bench", "ship", "chat", "serve", "datacheck")
-
-
-def _stage_of(module: str) -> str | None:
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 and parts[0] == "ftedge" and parts[1] in STAGES else None
-
-
-def test_no_stage_imports_another_stage() -> None:
-    """Stages meet in commands.py and the run's manifest, never by importing each other."""
-    found = []
-    for rel, tree in _python_files():
-        own = _stage_of(rel.removesuffix(".py").replace("/", "."))
-        if own is None:
-            continue
-        for node in ast.walk(tree):
-            modules = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                modules = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "ftedge" else [])
-            elif isinstance(node, ast.Import):
-                modules = [a.name for a in node.names]
-            for module in modules:
-                other = _stage_of(module)
-                if other is not None and other != own:
-                    found.append(f"{rel}:{node.lineno} imports {module}")
-    assert found == [], "; ".join(found)

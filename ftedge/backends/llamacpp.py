@@ -90,6 +90,13 @@ class capture_native_log:
         _log_capture = None
 
 
+def runtime_version() -> str:
+    """The installed llama-cpp-python's version (imports it: an ImportError says it is missing or broken)."""
+    import llama_cpp
+
+    return str(llama_cpp.__version__)
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_amx() -> bool:
     """True when ggml's CPU backend would use AMX (built with it and the CPU advertises it)."""

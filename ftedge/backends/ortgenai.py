@@ -44,6 +44,13 @@ def read_genai_config(path: Path) -> dict:
     return cfg
 
 
+def runtime_version() -> str:
+    """The installed onnxruntime-genai's version (imports it: an ImportError says it is missing or broken)."""
+    import onnxruntime_genai as og
+
+    return str(og.__version__)
+
+
 @functools.lru_cache(maxsize=1)
 def builder_architectures() -> frozenset[str]:
     """HF architectures onnxruntime-genai's model builder accepts (read from the installed builder's source, without
