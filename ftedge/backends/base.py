@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,18 +217,20 @@ class Reply:
         self.tokens: list[int] = []
         self.ids: list[int] = []
         self.finish = "length"
-        self._source = backend.generate(ids, max_new_tokens=max_new_tokens, stop_ids=self.stops, sampling=sampling)
+        self._source = iter(backend.generate(ids, max_new_tokens=max_new_tokens, stop_ids=self.stops, sampling=sampling))
         self._decoder = StreamDecoder(backend)
 
     def __iter__(self) -> Iterator[int]:
-        with contextlib.closing(self._source) as source:
-            for token in source:
+        try:
+            for token in self._source:
                 self.ids.append(token)
                 if token in self.stops:
                     self.finish = "stop"
                     return
                 self.tokens.append(token)
                 yield token
+        finally:
+            self.close()
 
     def pieces(self) -> Iterator[str]:
         """Per new token, the text it completes (incomplete UTF-8 held back: ``rest()`` has it once the reply ends)."""
@@ -252,7 +253,10 @@ class Reply:
         return self.backend.detokenize(self.run().tokens)
 
     def close(self) -> None:
-        self._source.close()
+        """Stop the runtime's loop (a generator is closed; a plain iterator is simply dropped)."""
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()
 
     def __enter__(self) -> Reply:
         return self
