@@ -159,6 +159,23 @@ def test_modelfile_from_gguf_metadata(q4_0: Path, tmp_path: Path) -> None:
     assert "You are a helpful AI assistant named SmolLM" in out.read_text()
 
 
+def test_add_eot_token_rewrites_only_that_key(f16: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from ftedge.formats.gguf import add_eot_token, inspect_gguf
+
+    copy = shutil.copy(f16, tmp_path / "eot.gguf")
+    before = inspect_gguf(copy)
+    add_eot_token(copy, 5)
+    after = inspect_gguf(copy)
+    assert after.token_id("eot") == 5 and before.token_id("eot") != 5
+    assert {k: v for k, v in after.metadata.items() if k != "tokenizer.ggml.eot_token_id"} == {
+        k: v for k, v in before.metadata.items() if k != "tokenizer.ggml.eot_token_id"
+    }
+    assert after.tensor_names == before.tensor_names and after.tensor_types == before.tensor_types
+    assert not [p for p in tmp_path.iterdir() if p.name != "eot.gguf"]  # written atomically, nothing left behind
+
+
 def test_modelfile_system_prompt_reads_back(q4_0: Path, tmp_path: Path) -> None:
     """The SYSTEM line serve reads from a ship/ bundle is the one write_modelfile wrote (both in formats/modelfile.py)."""
     from ftedge.formats.modelfile import read_modelfile_system, write_modelfile
