@@ -82,8 +82,15 @@ def train(
     with run.lock("train") if rank == 0 else contextlib.nullcontext():
         if world == 1:
             prepare_init(run)
-        train_stage(run, resume=resume is not None)
+        train_stage(run, resume=resume is not None, data_warnings=data_warnings)
     return run
+
+
+def data_warnings(recipe: Any, tokenizer: Any, splits: Any) -> list[str]:
+    """``ftedge data check``'s findings on the splits training uses, one line each: what the train stage logs first."""
+    from ftedge.datacheck import check_data
+
+    return check_data(recipe, tokenizer=tokenizer, splits=splits).warnings()
 
 
 def prepare_init(run: Run) -> None:
@@ -218,7 +225,7 @@ def _run_stages(run: Run, *, resume: bool) -> Run:
     estimates = eta.estimate(units, eta.load_rates())
     done = {name for name in eta.STAGES if run.is_done(name)} | ({"merge", "export", "ship"} if unmergeable is not None else set())
     steps = [
-        ("train", lambda: train_stage(run, resume=resume, eta_after=eta.remaining(estimates, done, "train"))),
+        ("train", lambda: train_stage(run, resume=resume, eta_after=eta.remaining(estimates, done, "train"), data_warnings=data_warnings)),
         ("merge", lambda: merge_stage(run)),
         ("export", lambda: export_stage(run, target)),
         ("bench", lambda: bench_run(run, target)),

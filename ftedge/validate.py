@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import re
 from functools import lru_cache
 from pathlib import Path
 
+from ftedge.backends.ortgenai import builder_architectures
 from ftedge.data import check_dataset
 from ftedge.errors import FtedgeError
 from ftedge.hf import (
@@ -30,17 +29,6 @@ def gguf_converter_architectures() -> frozenset[str]:
     return frozenset(TEXT_MODEL_MAP)
 
 
-@lru_cache(maxsize=1)
-def onnx_builder_architectures() -> frozenset[str]:
-    """HF architectures onnxruntime-genai's model builder accepts (read from the installed builder)."""
-    spec = importlib.util.find_spec("onnxruntime_genai")
-    if spec is None or not spec.submodule_search_locations:
-        return frozenset()
-    builder = Path(list(spec.submodule_search_locations)[0]) / "models" / "builder.py"
-    text = builder.read_text(encoding="utf-8") if builder.is_file() else ""
-    return frozenset(re.findall(r'config\.architectures\[0\] == "(\w+)"', text))
-
-
 def base_model_line(source: BaseModelSource) -> str:
     where = {"alias": f"embedded {source.path}", "gguf": "GGUF file", "folder": "HF folder", "hub": "hub id"}[source.kind]
     return f"base model {source.spec}: {where}"
@@ -60,7 +48,7 @@ def check_export_support(arch: str | None, target: Target, source: str) -> list[
             f"{source}: base model architecture {arch} is not supported by the GGUF converter",
             hint=f"pick a supported base model or a target without GGUF (target {target.name})",
         )
-    if target.onnx and target.onnx.precisions and arch not in onnx_builder_architectures():
+    if target.onnx and target.onnx.precisions and arch not in builder_architectures():
         raise FtedgeError(
             f"{source}: base model architecture {arch} is not supported by onnxruntime-genai's builder",
             hint=f"pick a supported base model or a target without ONNX (target {target.name})",
@@ -115,7 +103,7 @@ def preflight(recipe_path: str | Path, overrides: list[str] | None = None) -> li
     lines.extend(check_method(recipe))
     lines.append(check_dataset(recipe))
     if recipe.eval.general_prompts is not None:
-        from ftedge.bench.forgetting import read_general
+        from ftedge.formats.general_set import read_general
 
         general = read_general(recipe.eval.general_prompts)
         lines.append(f"eval.general_prompts: {len(general.prompts)} prompts, {len(general.texts)} texts for the drift check")

@@ -8,17 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ftedge.backends.ortgenai import builder_architectures
 from ftedge.errors import FtedgeError
 from ftedge.hf import HUB_ARCHITECTURES
 from ftedge.targets import load_target
-from ftedge.validate import check_export_support, gguf_converter_architectures, onnx_builder_architectures, preflight
+from ftedge.validate import check_export_support, gguf_converter_architectures, preflight
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_registries_are_read_from_installed_tools() -> None:
     assert {"LlamaForCausalLM", "Qwen2ForCausalLM"} <= gguf_converter_architectures()
-    assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"} <= onnx_builder_architectures()
+    assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"} <= builder_architectures()
 
 
 def test_hub_recipes_name_exportable_models() -> None:

@@ -6,8 +6,11 @@ time, so the artifact on disk is never modified.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -39,6 +42,25 @@ def read_genai_config(path: Path) -> dict:
     if not onnx_file.is_file():
         raise FtedgeError(f"{path} is an incomplete ORT GenAI folder ({onnx_file.name} missing)", hint="re-export the model")
     return cfg
+
+
+def runtime_version() -> str:
+    """The installed onnxruntime-genai's version (imports it: an ImportError says it is missing or broken)."""
+    import onnxruntime_genai as og
+
+    return str(og.__version__)
+
+
+@functools.lru_cache(maxsize=1)
+def builder_architectures() -> frozenset[str]:
+    """HF architectures onnxruntime-genai's model builder accepts (read from the installed builder's source, without
+    importing it); empty when onnxruntime-genai is not installed."""
+    spec = importlib.util.find_spec("onnxruntime_genai")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    builder = Path(list(spec.submodule_search_locations)[0]) / "models" / "builder.py"
+    text = builder.read_text(encoding="utf-8") if builder.is_file() else ""
+    return frozenset(re.findall(r'config\.architectures\[0\] == "(\w+)"', text))
 
 
 class OrtGenAIBackend(Backend):

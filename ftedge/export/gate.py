@@ -90,8 +90,8 @@ def build_reference(
         logprobs = [log_softmax(ref.logits(s))[start:].astype(np.float32) for s in ids]
         chat_texts = [ref.apply_chat_template(p.messages) for p in prompts]
         stop_ids = ref.tokenize(chat_texts[0])
-        out = list(ref.generate(stop_ids, max_new_tokens=stop_bound, stop_ids=stops))
-        stopped = bool(out) and out[-1] in stops
+        reply = ref.stream(stop_ids, max_new_tokens=stop_bound, stop_ids=stops).run()
+        out, stopped = reply.ids, reply.finish == "stop"
     return Reference(
         prompts=list(prompts),
         texts=texts,
@@ -133,8 +133,8 @@ def tokenizer_check(backend: Any, reference: Reference) -> dict[str, Any]:
 def stop_check(backend: Any, reference: Reference) -> dict[str, Any]:
     """Greedy decoding of the first chat prompt must end with an end-of-turn id within the bound."""
     stops = backend.stop_ids
-    out = list(backend.generate(reference.stop_prompt_ids, max_new_tokens=reference.stop_bound, stop_ids=stops))
-    stopped = bool(out) and out[-1] in stops
+    reply = backend.stream(reference.stop_prompt_ids, max_new_tokens=reference.stop_bound, stop_ids=stops).run()
+    out, stopped = reply.ids, reply.finish == "stop"
     applicable = bool(reference.reference_stop.get("stopped"))
     return {
         "stopped": stopped,

@@ -13,6 +13,7 @@ Stops are the texts of the GGUF's EOS / end-of-turn tokens.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,3 +219,12 @@ def write_modelfile(gguf_path: Path, out: Path, *, system: str | None = None, mo
     text, stops = modelfile_text(info, model_ref=model_ref or f"./{Path(gguf_path).name}", system=system)
     atomic.write_text(Path(out), text)
     return stops
+
+
+def read_modelfile_system(folder: Path) -> str | None:
+    """The SYSTEM prompt of an Ollama Modelfile in ``folder`` (a ship/ bundle), if any."""
+    path = Path(folder) / "Modelfile"
+    if not path.is_file():
+        return None
+    found = re.search(r'^SYSTEM """(.*?)"""', path.read_text(errors="replace"), flags=re.S | re.M)
+    return found.group(1) if found else None

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from ftedge import atomic
@@ -44,7 +45,12 @@ def _threads() -> None:
         torch.set_num_threads(max(1, psutil.cpu_count(logical=False) or torch.get_num_threads()))
 
 
-def train_stage(run: Run, *, resume: bool = False, eta_after: float | None = None) -> dict[str, Any]:
+DataWarnings = Callable[[Any, Any, Any], list[str]]  # (recipe, tokenizer, splits) -> one line per data finding
+
+
+def train_stage(
+    run: Run, *, resume: bool = False, eta_after: float | None = None, data_warnings: DataWarnings | None = None
+) -> dict[str, Any]:
     """Train the run's recipe; returns the stage metrics.
 
     Everything after the skip check runs inside the stage (rank 0), so a failure before the first
@@ -52,7 +58,8 @@ def train_stage(run: Run, *, resume: bool = False, eta_after: float | None = Non
     the last checkpoint with ``resume``; without one (a new run, or one that failed before its first
     checkpoint) ``train/`` is emptied first, so metrics and TensorBoard events start cleanly.
     ``eta_after`` (seconds the stages after training will take, from ``ftedge run``) adds a whole-run
-    ETA to the progress bar.
+    ETA to the progress bar. ``data_warnings`` (``ftedge data check``'s findings, handed in by ``ftedge.commands``: stages
+    never import each other) are logged as warnings before the model loads.
     """
     adapter = run.artifact("adapter")
     if run.is_done("train") and adapter is not None and adapter.path.exists():
@@ -63,10 +70,18 @@ def train_stage(run: Run, *, resume: bool = False, eta_after: float | None = Non
     accelerator = Accelerator(cpu=not _cuda())
     main = accelerator.is_main_process  # under `accelerate launch`, only rank 0 touches the manifest
     with run.stage("train") if main else contextlib.nullcontext({}) as metrics:
-        return _train(run, accelerator, metrics, resume=resume, eta_after=eta_after)
+        return _train(run, accelerator, metrics, resume=resume, eta_after=eta_after, data_warnings=data_warnings)
 
 
-def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool, eta_after: float | None = None) -> dict[str, Any]:
+def _train(
+    run: Run,
+    accelerator: Any,
+    metrics: dict[str, Any],
+    *,
+    resume: bool,
+    eta_after: float | None = None,
+    data_warnings: DataWarnings | None = None,
+) -> dict[str, Any]:
     recipe = run.recipe()
     from ftedge.data import check_dataset, load_splits, tokenized_splits
 
@@ -86,10 +101,8 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool,
     cfg = recipe.train
     tokenizer = training_tokenizer(base, recipe.chat_template, trust_remote_code=recipe.trust_remote_code)
     splits = load_splits(recipe)
-    if accelerator.is_main_process:
-        from ftedge.datacheck import check_data
-
-        for line in check_data(recipe, tokenizer=tokenizer, splits=splits).warnings():
+    if accelerator.is_main_process and data_warnings is not None:
+        for line in data_warnings(recipe, tokenizer, splits):
             log.warning("data check: %s", line)
     steps = total_steps(cfg, len(splits.train), accelerator.num_processes)
     needed = steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
