@@ -582,6 +582,27 @@ def test_eval_artifacts_picks_what_to_bench(tmp_path: Path, artifacts: dict[str,
         bench.run_specs(_make_run(tmp_path / "bad", artifacts, bench_only=["gguf-q4_k_m"]))
 
 
+def test_worker_job_is_one_typed_hand_off(tmp_path: Path) -> None:
+    """The job travels as a BenchJob (the typed Target inside), written and parsed in one place; a bad job is a failed result."""
+    from ftedge.bench import worker
+    from ftedge.bench.job import BenchJob, SpeedJob
+
+    target = load_target(_tiny_target(tmp_path, runtime={"flash_attn": True, "repack": False}, threads=3))
+    job = BenchJob(name="gguf-f16", path="/m.gguf", target=target, examples=[{"messages": MESSAGES, "target": "x"}],
+                   speed=SpeedJob(MESSAGES, 8, 2, 1), reference_in="/ref.npz", generate=2)  # fmt: skip
+    back = BenchJob.read(job.write(tmp_path / "job.json"))
+    assert back == job and back.target.runtime.flash_attn is True and back.threads == 3 and back.n_ctx == 512
+    raw = json.loads((tmp_path / "job.json").read_text())
+    assert raw["target"]["name"] == "tiny-cpu" and "threads" not in raw  # the target, not loose copies of its keys
+    raw["runtime"] = {"flash_attn": False}
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(FtedgeError, match="unknown key.*runtime"):
+        BenchJob.read(tmp_path / "bad.json")
+    assert worker.main([str(tmp_path / "bad.json"), str(tmp_path / "result.json")]) == 1
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "failed" and "runtime" in result["error"] and result["peak_rss_mb"] > 0
+
+
 def test_fit_verdict_uses_the_target_budgets(tmp_path: Path) -> None:
     from ftedge.choose import fits
 
