@@ -1,7 +1,7 @@
 """``ftedge chat``: streaming greedy chat with any artifact, interactive or one-shot (``--prompt``).
 
-The artifact may be a .gguf, an ORT GenAI folder, an HF folder, or a run folder (``ftedge.session.resolve``:
-for a run the shipped GGUF, else the first GGUF that passed its parity gate, else the merged model).
+The artifact may be a .gguf, an ORT GenAI folder, an HF folder, or a run folder (``ftedge.session.resolve``;
+for a run ``ftedge.choose.default_model`` picks the shipped model, else the best passing GGUF, else the merged model).
 """
 
 from __future__ import annotations

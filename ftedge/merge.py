@@ -208,7 +208,7 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
     run.require("train", "trained adapter", "ftedge train --resume")
     require_mergeable(run.recipe(), "merge")
     out = run.path / "merged"
-    if run.is_done("merge") and not force and out.is_dir() and "merged" in run.artifacts():
+    if run.is_done("merge") and not force and out.is_dir() and run.artifact("merged") is not None:
         log.info("merge already done (%s); use --force to redo it", out)
         return out
     recipe = run.recipe()

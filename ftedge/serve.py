@@ -324,16 +324,14 @@ def resolve_artifact(artifact: Path) -> tuple[Path, str | None]:
     (the system prompt then comes from the run's recipe, else from the bundle's Modelfile)."""
     artifact = Path(artifact)
     if artifact.is_dir() and not (artifact / "genai_config.json").is_file() and not (artifact / "config.json").is_file():
+        from ftedge.choose import bundle_model
         from ftedge.manifest import find_run
 
         run = find_run(artifact)
         if run is None or artifact.resolve() != run.path:
-            ggufs = sorted(artifact.glob("*.gguf"))
-            if len(ggufs) > 1:
-                names = ", ".join(g.name for g in ggufs)
-                raise FtedgeError(f"{artifact} holds several GGUF files ({names})", hint="name the one to serve")
-            if ggufs:
-                path, system = resolve(ggufs[0])
+            model = bundle_model(artifact)
+            if model is not None:
+                path, system = resolve(model)
                 return path, system if system is not None else read_modelfile_system(artifact)
     return resolve(artifact)
 

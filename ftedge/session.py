@@ -1,7 +1,7 @@
 """What ``ftedge chat`` and ``ftedge serve`` open: the artifact a path names and the system prompt it was tuned with.
 
-A path is a .gguf file, an ORT GenAI folder, an HF folder, or a run folder; for a run the shipped GGUF is used,
-else the first GGUF that passed its parity gate, else the merged model. Neither command imports the other: both
+A path is a .gguf file, an ORT GenAI folder, an HF folder, or a run folder; for a run ``ftedge.choose.default_model``
+picks: the shipped model, else the best GGUF (or ONNX folder) that passed its parity gate, else the merged model. Neither command imports the other: both
 resolve here, and decode through the backend's one generation loop (``Backend.stream``).
 """
 
@@ -17,20 +17,19 @@ log = logging.getLogger(__name__)
 
 
 def pick_run_artifact(run: Run) -> Path:
-    """ship/*.gguf, else the first GGUF that passed its gate, else the merged model."""
-    ship = sorted((run.path / "ship").glob("*.gguf"))
-    if ship:
-        return ship[0]
-    ggufs = run.usable_models("gguf")
-    if ggufs:
-        return ggufs[0].path
-    merged = run.artifact("merged")
-    if merged is not None and merged.usable:
-        return merged.path
-    raise FtedgeError(
-        f"{run.path} has no shipped, passing GGUF or merged model to chat with",
-        hint=f"run `ftedge merge {run.path}` and `ftedge export {run.path}` first",
-    )
+    """What to chat with or serve in a run: ``ftedge.choose.default_model`` for the run's target (ship/'s model, else
+    the best passing GGUF or ONNX, else the merged model)."""
+    from ftedge.choose import default_model
+    from ftedge.targets import load_target
+
+    target = None
+    name = run.target_name()
+    if name is not None:
+        try:
+            target = load_target(name)
+        except FtedgeError:  # the profile moved since: the vocabulary's order
+            target = None
+    return default_model(run, target)
 
 
 def resolve(artifact: Path) -> tuple[Path, str | None]:

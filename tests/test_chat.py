@@ -42,7 +42,7 @@ def test_chat_on_a_run_uses_its_system_prompt_and_best_artifact(
     with pytest.raises(FtedgeError, match="ftedge merge"):
         session.pick_run_artifact(run)
     shutil.copytree(tiny_model_dir, run.path / "merged")
-    run.record_artifact("merged", run.path / "merged", stage="merge")
+    run.record_artifact("merged", run.path / "merged", stage="merge", format="hf")  # as the merge stage records it
     assert session.pick_run_artifact(run) == run.path / "merged"
     (run.path / "gguf").mkdir()
     for name, passed in (("a.q4_k_m.gguf", False), ("b.q8_0.gguf", True)):

@@ -24,6 +24,7 @@ from ftedge.errors import DiskError, FtedgeError, GateFailedError
 from ftedge.formats.quants import GGUF_CONVERTER_TYPES, check_gguf_type
 from ftedge.manifest import Run
 from ftedge.recipe import require_mergeable
+from ftedge.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def calibration_texts(recipe: Any, tokenizer: Any, n: int = CALIBRATION_TEXTS) -
 class _Exporter:
     """State shared by the artifacts of one export: the run, target and (lazily) the reference."""
 
-    def __init__(self, run: Run, target: Any, force: bool) -> None:
+    def __init__(self, run: Run, target: Target, force: bool) -> None:
         self.run, self.target, self.force = run, target, force
         self.merged = run.artifact_path("merged")
         if not (self.merged / "config.json").is_file():
@@ -137,14 +138,13 @@ class _Exporter:
                 self.record_error(key, err)
                 continue
             self.gate_and_record(key, path, fmt="gguf", quant=q, build_seconds=time.time() - t0, **extra)
-        self.write_modelfile(out_dir, quants)
+        self.write_modelfile(out_dir)
 
-    def write_modelfile(self, out_dir: Path, quants: list[str]) -> None:
+    def write_modelfile(self, out_dir: Path) -> None:
+        from ftedge.choose import best
         from ftedge.formats.modelfile import write_modelfile
 
-        passing = {a.quant: a for a in self.run.usable_models("gguf")}
-        order = ([self.target.ship] if self.target.ship else []) + quants + ["f16"]
-        chosen = next((passing[q] for q in order if q in passing), None)
+        chosen = best(self.run, "gguf", self.target)  # the target's named ship type, its quants in order, then f16
         if chosen is None:
             log.warning("no GGUF passed its gate: no Modelfile written")
             return
@@ -181,7 +181,7 @@ def gate_line(gate: dict[str, Any]) -> str:
     return f"KL {gate.get('kl', 0):.4f} (p99 {gate.get('kl_p99', 0):.4f}), top-1 {conf_text} ({gate.get('top1', 0):.3f} raw)"
 
 
-def export_stage(run: Run, target: Any, *, force: bool = False) -> None:
+def export_stage(run: Run, target: Target, *, force: bool = False) -> None:
     """Build, gate and record every artifact of ``target``; raise GateFailedError naming failures."""
     require_mergeable(run.recipe(), "export")
     run.require("merge", "merged model", "ftedge merge")

@@ -64,7 +64,7 @@ def train_stage(
     adapter = run.artifact("adapter")
     if run.is_done("train") and adapter is not None and adapter.path.exists():
         log.info("train: already done in %s (skipped)", run.path)
-        return run.manifest()["stages"]["train"].get("metrics", {})
+        return run.stage_metrics("train")
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not _cuda())
