@@ -1,8 +1,9 @@
 """What ``ftedge chat`` and ``ftedge serve`` open: the artifact a path names and the system prompt it was tuned with.
 
 A path is a .gguf file, an ORT GenAI folder, an HF folder, or a run folder; for a run ``ftedge.choose.default_model``
-picks: the shipped model, else the best GGUF (or ONNX folder) that passed its parity gate, else the merged model. Neither command imports the other: both
-resolve here, and decode through the backend's one generation loop (``Backend.stream``).
+picks: the shipped model, else the best GGUF (or ONNX folder) that passed its parity gate, else the merged model.
+Neither command imports the other: both resolve here, and decode through the backend's one generation loop
+(``Backend.stream``).
 """
 
 from __future__ import annotations
