@@ -111,8 +111,14 @@ def build_merged(base: Path, adapter: Path, mode: str, *, quant: Any, trust_remo
 
 
 def _reference_model(base: Path, adapter: Path, *, four_bit: bool, quant: Any, trust_remote_code: bool) -> Any:
-    """What was trained: the base (4-bit when QLoRA) with the adapter on top, unmerged."""
+    """What was trained: the base (4-bit when QLoRA) with the adapter on top, unmerged. On CPU the 4-bit weights are
+    dequantized once into the compute dtype, as CPU training holds them (bitsandbytes' own CPU kernels compute
+    differently on AVX-512 BF16 CPUs: the merge test's top-1 agreement fell to 0.87 on a tiny random model)."""
     model = _load_base(base, four_bit=four_bit, quant=quant, trust_remote_code=trust_remote_code)
+    if four_bit and model.device.type == "cpu":
+        from ftedge.hf import compute_dtype, dequantize_4bit
+
+        model = dequantize_4bit(model, compute_dtype(quant.compute_dtype, model.device))
     return _with_adapter(model, adapter).eval()
 
 
