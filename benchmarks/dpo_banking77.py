@@ -63,7 +63,7 @@ def answers(model_dir: Path, examples: list[Any], *, batch: int = 32, max_new_to
 
 def build(sft_dir: Path, out: Path, *, train_rows: int, val_rows: int, seed: int = 0) -> dict[str, Any]:
     from ftedge import commands
-    from ftedge.data import load_splits
+    from ftedge.data.splits import load_splits
     from ftedge.manifest import Run
 
     sft = Run.open(sft_dir)
@@ -140,7 +140,8 @@ def _same_rows(sft: list[Any], dpo: list[Any]) -> None:
 def compare(args: argparse.Namespace) -> None:
     from ftedge import commands
     from ftedge.bench.stage import SpeedConfig, bench_run
-    from ftedge.data import bench_examples, load_splits
+    from ftedge.data import bench_examples
+    from ftedge.data.splits import load_splits
     from ftedge.manifest import Run
     from ftedge.recipe import load_recipe
     from ftedge.targets import load_target

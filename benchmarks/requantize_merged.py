@@ -48,7 +48,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "requantize_merged.json")
     args = parser.parse_args()
     from ftedge import commands
-    from ftedge.data import load_splits
+    from ftedge.data.splits import load_splits
     from ftedge.logs import setup_logging
     from ftedge.manifest import Run
 

@@ -7,7 +7,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from ftedge.data import check_dataset
+from ftedge.data.splits import check_dataset
 from ftedge.errors import FtedgeError
 from ftedge.hf import (
     BaseModelSource,

@@ -351,9 +351,9 @@ def test_results_json_schema_and_entries(benched) -> None:
     for name, rows in on_disk["predictions"].items():
         assert [r["row"] for r in rows] == list(range(6)), name
         assert sum(r["correct"] for r in rows) / 6 == by[name]["accuracy"]
-    from ftedge.data import bench_examples
+    from ftedge.data.splits import run_splits
 
-    test_rows = bench_examples(run.recipe())[:6]
+    test_rows = run_splits(run).test[:6]
     assert [r["target"] for r in on_disk["predictions"]["pytorch"]] == [e.target for e in test_rows]
 
 
@@ -393,7 +393,7 @@ def test_table_lists_every_artifact(benched) -> None:
 
 def _scored_examples(run: Run) -> list[dict]:
     """The rows bench scored for a run, in order."""
-    return bench.run_examples(run.recipe())[0]
+    return bench.run_examples(run)[0]
 
 
 def test_classification_figures_come_from_every_answer(benched) -> None:

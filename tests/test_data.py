@@ -11,10 +11,13 @@ import pytest
 import yaml
 from helpers import write_text_label_csv
 
-from ftedge.data import IGNORE, ChatEncoder, Encoded, Example, check_dataset, load_splits, make_batch, tokenized_splits
+from ftedge.data.encoding import IGNORE, ChatEncoder, Encoded, tokenized_splits
+from ftedge.data.reading import Example
+from ftedge.data.splits import check_dataset, content_key, load_splits
 from ftedge.errors import FtedgeError
 from ftedge.hf import load_tokenizer
 from ftedge.recipe import load_recipe
+from ftedge.train.batch import make_batch
 
 
 def _recipe(tmp_path: Path, model_dir: Path, data: dict, **train) -> Path:
@@ -213,8 +216,6 @@ def test_packing_has_no_cross_example_attention(tiny_model_dir, tok):
 
 # -- disjoint train / validation / test splits ---------------------------------------------------------------------------
 def _keys(examples) -> set[str]:
-    from ftedge.data import content_key
-
     return {content_key(e) for e in examples}
 
 
@@ -257,8 +258,10 @@ def test_bench_rows_share_nothing_with_validation_gate_or_calibration(tmp_path, 
     import csv
 
     from ftedge.bench.stage import run_examples
-    from ftedge.data import gate_prompts
+    from ftedge.data.prompts import gate_prompts
+    from ftedge.data.splits import freeze_splits, run_splits
     from ftedge.export.stage import GATE_PROMPTS, calibration_texts
+    from ftedge.manifest import Run
 
     root = Path(__file__).resolve().parent.parent
     with open(root / "data" / "banking77" / "train.csv", newline="") as src, open(tmp_path / "sample.csv", "w", newline="") as dst:
@@ -267,15 +270,17 @@ def test_bench_rows_share_nothing_with_validation_gate_or_calibration(tmp_path, 
             if i <= 400:
                 writer.writerow(row)
     recipe = load_recipe(root / "recipes" / "smollm2-banking77.yaml", [f"data.train={tmp_path / 'sample.csv'}"], check_files=True)
-    splits = load_splits(recipe)
-    bench_rows, n_test = run_examples(recipe)
+    run = Run.create(recipe, run_dir=tmp_path / "run")
+    splits = freeze_splits(run)  # what the train stage does; merge, export and bench read them back through the run
+    assert [e.source for e in run_splits(run).test] == [e.source for e in splits.test] == [e.source for e in load_splits(recipe).test]
+    bench_rows, n_test = run_examples(run)
     assert n_test == len(splits.test) == 40 and len(bench_rows) == 40 and len(splits.val) == 40
-    bench_keys = {json.dumps([r["messages"], r["target"], False], ensure_ascii=False, sort_keys=True) for r in bench_rows}
+    bench_keys = {content_key(Example(r["messages"], r["target"])) for r in bench_rows}
     assert bench_keys == _keys(splits.test)
     assert not bench_keys & _keys(splits.val) and not bench_keys & _keys(splits.train)
-    gate = gate_prompts(recipe, GATE_PROMPTS)
+    gate = gate_prompts(run_splits(run), recipe, GATE_PROMPTS)
     assert [(p.messages, p.target) for p in gate] == [(e.messages, e.target) for e in splits.val[:GATE_PROMPTS]]
-    texts = calibration_texts(recipe, tok)
+    texts = calibration_texts(run_splits(run), tok)
     assert len(texts) == 16 and all(t.endswith("<|im_end|>") for t in texts)
     held_out_users = {e.messages[-1]["content"] for e in splits.val + splits.test}
     assert not [u for u in held_out_users if any(f"user\n{u}<|im_end|>" in t for t in texts)]

@@ -31,7 +31,7 @@ def _cfg(**kw) -> DataConfig:
 
 
 def test_preference_formats_read_alike() -> None:
-    from ftedge.data import row_to_example
+    from ftedge.data.reading import row_to_example
 
     user = [{"role": "user", "content": "i lost my card"}]
     rows = [
@@ -65,7 +65,7 @@ def test_preference_formats_read_alike() -> None:
     ],
 )
 def test_bad_preference_rows_are_one_line(row, match) -> None:
-    from ftedge.data import row_to_example
+    from ftedge.data.reading import row_to_example
 
     with pytest.raises(FtedgeError, match=match):
         row_to_example(row, "f:row 3", _cfg())
@@ -74,7 +74,8 @@ def test_bad_preference_rows_are_one_line(row, match) -> None:
 def _pairs_and_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    from ftedge.data import ChatEncoder, row_to_example
+    from ftedge.data.encoding import ChatEncoder
+    from ftedge.data.reading import row_to_example
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     examples = [row_to_example({"prompt": p, "chosen": c, "rejected": r}, f"row {i}", _cfg()) for i, (p, c, r) in enumerate(PAIRS)]
@@ -107,7 +108,7 @@ def test_dpo_loss_and_gradients_match_trl(tiny_model_dir: Path, tmp_path: Path, 
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from ftedge.data import make_batch
+    from ftedge.train.batch import make_batch
     from ftedge.train.dpo import PreferenceLoss
 
     beta = 0.1
@@ -278,7 +279,7 @@ def test_init_from_a_run_in_4_bits_is_refused(tiny_recipe: Path, tmp_path: Path)
 
 def test_packed_pairs_give_each_row_its_own_sum(tiny_model_dir: Path) -> None:
     """make_batch's segments: packed or padded, each row's summed answer log-probability is the same."""
-    from ftedge.data import make_batch
+    from ftedge.train.batch import make_batch
     from ftedge.train.dpo import PreferenceLoss
 
     _, pairs, tok = _pairs_and_tokenizer(tiny_model_dir)

@@ -246,7 +246,8 @@ def _loss_and_grads(loss_module, model, batch):
 def test_packed_attention_in_one_row_matches_rows_of_max_length(tiny_recipe, checkpointing):
     """A micro-batch laid in one unpadded row with the packed attention gives the loss and gradients of
     the same examples in padded rows of max_length with transformers' block-diagonal SDPA mask."""
-    from ftedge.data import Encoded, make_batch
+    from ftedge.data.encoding import Encoded
+    from ftedge.train.batch import make_batch
     from ftedge.train.model import LabelOnlyLoss, load_model, packed_attention_index
 
     recipe = load_recipe(tiny_recipe, [f"train.gradient_checkpointing={str(checkpointing).lower()}"])
