@@ -95,7 +95,7 @@ def _model(run: Run) -> Path:
 
 def _check_out(out: Path) -> None:
     """An existing OUT is replaced only when it is a preference set (nothing but its files): never a folder of other things."""
-    if not out.exists():
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not out.is_dir() or not (out / "build.json").is_file() or any(p.name not in FILES for p in out.iterdir()):
         raise FtedgeError(
