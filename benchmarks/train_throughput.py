@@ -96,7 +96,7 @@ def _sync() -> None:
 
 
 def _encoder(recipe: Any) -> Any:
-    from ftedge.data import ChatEncoder
+    from ftedge.data.encoding import ChatEncoder
     from ftedge.hf import load_tokenizer, resolve_base_model
 
     return ChatEncoder(load_tokenizer(resolve_base_model(recipe.base_model)), recipe.train.max_length)
@@ -110,7 +110,7 @@ def _row_tokens(recipe: Any, rows: list[Any]) -> list[int]:
 
 def _ordered_rows(recipe: Any) -> list[Any]:
     """The training examples in the order ftedge's loop consumes them (one step after another)."""
-    from ftedge.data import load_splits
+    from ftedge.data.splits import load_splits
     from ftedge.train.loop import step_examples
 
     cfg = recipe.train
@@ -321,8 +321,9 @@ def eval_loss(adapter: str, steps: int, batch: int, rows: int = EVAL_ROWS) -> fl
     import torch
     from peft import PeftModel
 
-    from ftedge.data import load_splits, make_batch
+    from ftedge.data.splits import load_splits
     from ftedge.hf import compute_dtype, load_causal_lm, pick_device, resolve_base_model
+    from ftedge.train.batch import make_batch
     from ftedge.train.model import LabelOnlyLoss
 
     recipe = _recipe(steps, batch)

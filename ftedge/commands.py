@@ -195,6 +195,23 @@ def data_check(recipe_path: Path, overrides: list[str], *, strict: bool = False,
     return report
 
 
+def data_preferences(run_dir: Path, *, out: Path | None = None, rows: int | None = None) -> dict[str, Any]:
+    """``ftedge data preferences``: the run's mistakes on its training rows as preference pairs (merged first if needed)."""
+    from ftedge.preferences import DEFAULT_ROWS, build_preferences
+
+    run = Run.open(run_dir)
+    run.require("train", "trained model", "ftedge train --resume")
+    if run.artifact("merged") is None:
+        from ftedge.merge import merge_stage
+        from ftedge.recipe import require_mergeable
+
+        require_mergeable(run.recipe(), "data preferences")
+        log.info("data preferences: merging %s first (its merged model answers)", run.path)
+        with run.lock("merge"):
+            merge_stage(run)
+    return build_preferences(run, out, rows=DEFAULT_ROWS if rows is None else rows)
+
+
 def run_all(
     recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None = None, resume: Path | None = None, force: bool = False
 ) -> Run:

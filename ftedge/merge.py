@@ -230,9 +230,11 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
     if not four_bit and mode == "dequantized":
         note = f"quant.bits={recipe.quant.bits}: training used a float base, so the merge is into the float base"
         mode = "float"
-    from ftedge.data import gate_prompts
+    from ftedge.data.prompts import gate_prompts
+    from ftedge.data.splits import run_splits
     from ftedge.hf import parameter_count
 
+    splits = run_splits(run)  # the validation rows frozen at train time (refused if the data file changed since)
     base = run.base_model()  # the recipe's base model, or train.init_from's merged model
     trust = recipe.trust_remote_code
     need = int(parameter_count(base) * BYTES_PER_WEIGHT["f32"])  # the merged model is float32
@@ -244,7 +246,7 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
         tokenizer = _tokenizer(base, adapter, trust, recipe.chat_template)
         eot = end_of_turn_id(tokenizer)
         eot_text = tokenizer.convert_ids_to_tokens(eot) if eot is not None else ""
-        prompts = gate_prompts(recipe, N_PROMPTS)
+        prompts = gate_prompts(splits, recipe, N_PROMPTS)
         texts = [p.text(tokenizer, eot=eot_text) for p in prompts]
         modes = ["dequantized", "float"] if four_bit else ["float"]
         drift, model = measure_drift(

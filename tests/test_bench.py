@@ -22,6 +22,7 @@ from helpers import LABELS, write_text_label_csv
 from ftedge.bench import stage as bench
 from ftedge.bench.measures import measure_quality, measure_speed
 from ftedge.cli import main
+from ftedge.data.splits import freeze_splits
 from ftedge.errors import FtedgeError
 from ftedge.export.gguf import convert_to_gguf
 from ftedge.logits import grouped_kl, log_softmax, top_k
@@ -132,6 +133,7 @@ def _make_run(
     }
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run = Run.create(load_recipe(folder / "recipe.yaml"), run_dir=folder / "run")
+    freeze_splits(run)  # what the train stage does: bench reads the test rows through the run
     layout = {"adapter": ("adapter", "adapter", "train", {"format": "peft"}), "merged": ("merged", "merged", "merge", {"format": "hf"}),
               "gguf": ("gguf-f16", "gguf/tiny.f16.gguf", "export", {"format": "gguf", "quant": "f16"}),
               "onnx": ("onnx-fp32", "onnx/fp32", "export", {"format": "onnx", "quant": "fp32"})}  # fmt: skip
@@ -353,9 +355,9 @@ def test_results_json_schema_and_entries(benched) -> None:
     for name, rows in on_disk["predictions"].items():
         assert [r["row"] for r in rows] == list(range(6)), name
         assert sum(r["correct"] for r in rows) / 6 == by[name]["accuracy"]
-    from ftedge.data import bench_examples
+    from ftedge.data.splits import run_splits
 
-    test_rows = bench_examples(run.recipe())[:6]
+    test_rows = run_splits(run).test[:6]
     assert [r["target"] for r in on_disk["predictions"]["pytorch"]] == [e.target for e in test_rows]
 
 
@@ -395,7 +397,7 @@ def test_table_lists_every_artifact(benched) -> None:
 
 def _scored_examples(run: Run) -> list[dict]:
     """The rows bench scored for a run, in order."""
-    return bench.run_examples(run.recipe())[0]
+    return bench.run_examples(run)[0]
 
 
 def test_classification_figures_come_from_every_answer(benched) -> None:
@@ -729,3 +731,17 @@ def test_every_backend_reports_its_context_length(artifacts: dict[str, Path]) ->
     for what, want in expected.items():
         with load_backend(artifacts[what], threads=1, n_ctx=256) as backend:
             assert backend.context_length == want, (what, backend.context_length)
+
+
+def test_bench_refuses_when_the_data_file_changed_since_training(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The test rows are the ones frozen at train time: a changed data file is refused in one line, before any worker."""
+    from helpers import make_adapter, make_run
+
+    run = make_run(tmp_path, tiny_model_dir, make_adapter(tiny_model_dir, tmp_path / "adapter"))
+    data = tmp_path / "train.csv"
+    data.write_text(data.read_text().upper())  # every row changed (case only: still another row as written)
+    with pytest.raises(FtedgeError) as err:
+        bench.bench_run(run, load_target(_tiny_target(tmp_path)), speed=FAST)
+    msg = str(err.value)
+    assert "\n" not in msg and f"data file {data} changed since run {run.path} was trained" in msg
+    assert run.stage_status("bench") == "pending" and not (run.path / "bench").exists()

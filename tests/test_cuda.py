@@ -102,8 +102,9 @@ def test_adapter_trains(device, tiny_recipe, tmp_path):
 
 def test_packed_rows_keep_examples_apart(device, tiny_model_dir):
     """The loss of examples packed into one row (position ids, no mask) equals their losses alone."""
-    from ftedge.data import Encoded, make_batch
+    from ftedge.data.encoding import Encoded
     from ftedge.hf import load_causal_lm
+    from ftedge.train.batch import make_batch
     from ftedge.train.model import LabelOnlyLoss, label_positions
 
     model = load_causal_lm(tiny_model_dir, dtype=torch.float32, device=device).eval()

@@ -63,7 +63,7 @@ def _token_id(tok: Any, text: str) -> int:
 
 
 def _prompts(fam: Family) -> list[Any]:
-    from ftedge.data import Prompt
+    from ftedge.data.prompts import Prompt
 
     head = [{"role": "system", "content": SYSTEM}] if fam.system_role and fam.name != "gemma2" else []
     rows = (("where is my new card", "card_arrival"), (LONG, "card_arrival"), ("i lost my card", "lost_or_stolen_card"))
@@ -166,7 +166,7 @@ def test_ftedge_renderer_raises_one_line_on_roles_the_template_refuses(family: s
 @pytest.mark.parametrize("family", FAMILIES)
 def test_end_of_turn_token_is_the_family_one(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """models._end_of_turn_id (merge, .gguf bases) and ChatEncoder (training) agree on the family's end-of-turn token."""
-    from ftedge.data import ChatEncoder
+    from ftedge.data.encoding import ChatEncoder
     from ftedge.hf import end_of_turn_id
 
     fam = FAMILY_SPECS[family]
@@ -178,7 +178,8 @@ def test_end_of_turn_token_is_the_family_one(family: str, family_model_dir: Call
 @pytest.mark.parametrize("family", FAMILIES)
 def test_data_encoding_trains_the_answer_and_its_end_of_turn(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """A text_label row with data.system_prompt (as every shipped recipe has): only 'label<end-of-turn>' carries loss."""
-    from ftedge.data import IGNORE, ChatEncoder, row_to_example
+    from ftedge.data.encoding import IGNORE, ChatEncoder
+    from ftedge.data.reading import row_to_example
     from ftedge.recipe import DataConfig
 
     fam = FAMILY_SPECS[family]
@@ -196,7 +197,8 @@ def test_data_encoding_trains_the_answer_and_its_end_of_turn(family: str, family
 @pytest.mark.parametrize("family", FAMILIES)
 def test_data_encoding_of_a_multi_turn_conversation(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """A ``messages`` row with two assistant turns: both answers (with their end-of-turn) carry loss."""
-    from ftedge.data import IGNORE, ChatEncoder, row_to_example
+    from ftedge.data.encoding import IGNORE, ChatEncoder
+    from ftedge.data.reading import row_to_example
     from ftedge.recipe import DataConfig
 
     fam = FAMILY_SPECS[family]
@@ -645,7 +647,8 @@ def test_ftedge_run_takes_the_family_through_every_stage(family: str, family_mod
 @pytest.mark.parametrize("name", ["chatml", "gemma", "llama3", "phi3"])
 def test_builtin_chat_templates_train_and_stop(name: str, family_model_dir: Callable[[str], Path]) -> None:
     """Each built-in template, on a vocabulary with its turn tokens: system role, end-of-turn found, only the answer trained."""
-    from ftedge.data import IGNORE, ChatEncoder, row_to_example
+    from ftedge.data.encoding import IGNORE, ChatEncoder
+    from ftedge.data.reading import row_to_example
     from ftedge.hf import end_of_turn_token, read_chat_template, system_role_supported, training_tokenizer
     from ftedge.recipe import DataConfig
 

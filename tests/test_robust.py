@@ -322,7 +322,7 @@ def test_hints_name_valid_commands(tiny_recipe: Path, tmp_path: Path) -> None:
 
 # -- label warnings ----------------------------------------------------------------------------------
 def test_label_warnings() -> None:
-    from ftedge.data import label_warnings
+    from ftedge.data.splits import label_warnings
 
     train = ["a", "a", "b", "b", "c"]
     assert label_warnings(train, ["a", "b"], "validation") == [
@@ -338,7 +338,7 @@ def test_label_warnings() -> None:
 
 def test_train_and_bench_warn_about_labels(tiny_recipe: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from ftedge.bench.stage import data_file_config, data_file_examples, warn_unlearned_labels
-    from ftedge.data import check_dataset
+    from ftedge.data.splits import check_dataset
 
     data = tmp_path / "rare.csv"
     rows = [f"text {i},common" for i in range(10)] + [f"text {i},other" for i in range(10)] + ["lonely text,rare"]

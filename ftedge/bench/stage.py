@@ -1,10 +1,10 @@
 """The bench stage: accuracy and latency of every artifact through its backend, side by side.
 
 ``bench_run`` scores every artifact of a run (the PyTorch base+adapter reference, merged, each
-GGUF quant, each ONNX variant) on the same rows of the recipe's **test** split (never trained,
-validated, gated or calibrated on; ``ftedge.data``) and prompts, under the target profile's threads
+GGUF quant, each ONNX variant) on the same rows of the **test** split frozen into the run at train time
+(never trained, validated, gated or calibrated on; ``ftedge.data.splits.run_splits``) and prompts, under the target profile's threads
 and llama.cpp runtime settings; ``bench_artifact`` does the same for one standalone ``.gguf`` or
-ORT GenAI folder, on any labelled file in a recipe format (``--data``, read by ``ftedge.data``).
+ORT GenAI folder, on any labelled file in a recipe format (``--data``, read by ``ftedge.data.reading``).
 results.json says which split and how many rows were scored, the runtime settings of each
 artifact, and every row's answer. Each artifact runs in its own process (``ftedge.bench.worker``),
 so a runtime crash loses only that artifact's entry, and peak RSS is that artifact's own.
@@ -139,12 +139,13 @@ def _example_dicts(examples: Sequence[Any]) -> list[dict[str, Any]]:
     return [{"messages": [dict(m) for m in ex.messages], "target": str(ex.target)} for ex in examples]
 
 
-def run_examples(recipe: Any) -> tuple[list[dict[str, Any]], int]:
-    """The first ``eval.max_examples`` rows of the recipe's test split as plain dicts {messages, target}, and the split's size."""
-    from ftedge.data import bench_examples
+def run_examples(run: Run) -> tuple[list[dict[str, Any]], int]:
+    """The first ``eval.max_examples`` rows of the run's test split (frozen at train time) as plain dicts {messages, target},
+    and the split's size."""
+    from ftedge.data.splits import run_splits
 
-    test = bench_examples(recipe)
-    return _example_dicts(test[: recipe.eval.max_examples]), len(test)
+    test = run_splits(run).test
+    return _example_dicts(test[: run.recipe().eval.max_examples]), len(test)
 
 
 def data_file_config(path: Path, *, recipe: Any | None = None, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
@@ -153,7 +154,7 @@ def data_file_config(path: Path, *, recipe: Any | None = None, overrides: Sequen
     ``eval.KEY=VALUE`` overrides."""
     from pydantic import ValidationError
 
-    from ftedge.data import read_rows
+    from ftedge.data.reading import read_rows
     from ftedge.recipe import DataConfig, EvalConfig, apply_overrides
 
     path = Path(path)
@@ -183,8 +184,8 @@ def data_file_config(path: Path, *, recipe: Any | None = None, overrides: Sequen
 
 
 def data_file_examples(path: Path, cfg: Any) -> list[dict[str, Any]]:
-    """Every row of a labelled data file, read by ``ftedge.data`` in the config's format, as plain dicts {messages, target}."""
-    from ftedge.data import examples_from_file
+    """Every row of a labelled data file, read by ``ftedge.data.reading`` in the config's format, as plain dicts {messages, target}."""
+    from ftedge.data.reading import examples_from_file
 
     examples = examples_from_file(Path(path), cfg)
     if not examples:
@@ -461,8 +462,8 @@ def bench_run(
     specs = run_specs(run)
     recipe = run.recipe()
     out_dir = run.path / "bench"
+    examples, n_test = run_examples(run)  # refused in one line if the data file changed since training
     with run.stage("bench") as metrics:
-        examples, n_test = run_examples(recipe)
         if not examples:
             raise FtedgeError(f"no test rows for {run.path}", hint="set data.test or data.test_fraction > 0 in the recipe")
         log.info("bench: %d of the %d test rows", len(examples), n_test)
@@ -602,14 +603,14 @@ def bench_artifact(
 
 def warn_unlearned_labels(run: Run, examples: Sequence[dict[str, Any]], what: str) -> list[str]:
     """Warn (and return the warnings) when the labels scored are ones the run's model never saw in training."""
-    from ftedge.data import label_warnings, load_splits
+    from ftedge.data.splits import label_warnings, run_splits
 
     recipe = run.recipe()
     if recipe.data.format != "text_label":
         return []
     try:
-        train = [e.target for e in load_splits(recipe).train]
-    except FtedgeError:  # the training data moved since: nothing to compare with
+        train = [e.target for e in run_splits(run).train]
+    except FtedgeError:  # the training data changed or moved since: nothing to compare with
         return []
     warnings = label_warnings(train, [str(e["target"]) for e in examples], what)
     for warning in warnings:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ftedge.data import Prompt
+from ftedge.data.prompts import Prompt
 from ftedge.errors import FtedgeError
 from ftedge.formats.quants import CONFIDENT_MARGIN, DEFAULT_GATES, MIN_CONFIDENT_POSITIONS
 from ftedge.hf import end_of_turn_id

@@ -5,7 +5,8 @@ quantization and recorded as ``gguf-f16``) and each ``target.onnx.precisions``: 
 artifact atomically, gate it against the merged PyTorch model (``ftedge.export.gate``), and record it
 as ``gguf-<quant>`` / ``onnx-<precision>`` with ``format``, ``quant``, ``status`` and ``gate``
 {kl, kl_p99, top1_confident, top1 (raw), passed, reasons, thresholds, runtime, n_prompts, ...}. The gate
-prompts are validation rows; GPTQ calibrates on training rows only (``calibration_texts``), so no
+prompts are validation rows of the splits frozen into the run at train time (``ftedge.data.splits.run_splits``); GPTQ
+calibrates on training rows only (``calibration_texts``), so no
 artifact is judged on the text it was fitted to, and the bench's test rows stay unseen by both.
 
 A failing artifact is kept on disk and recorded with ``status: failed`` and its figures; after every artifact is processed the stage raises
@@ -32,16 +33,15 @@ GATE_PROMPTS = 16
 CALIBRATION_TEXTS = 16
 
 
-def calibration_texts(recipe: Any, tokenizer: Any, n: int = CALIBRATION_TEXTS) -> list[str]:
-    """Chat-formatted training rows (prompt, answer and end-of-turn; raw text as is) for GPTQ: never validation or test rows."""
-    from ftedge.data import Prompt, training_examples
+def calibration_texts(splits: Any, tokenizer: Any, n: int = CALIBRATION_TEXTS) -> list[str]:
+    """The first ``n`` training rows of ``splits``, chat-formatted (prompt, answer and end-of-turn; raw text as is) for GPTQ:
+    never validation or test rows."""
+    from ftedge.data.prompts import Prompt
     from ftedge.hf import end_of_turn_id
 
     eot = end_of_turn_id(tokenizer)
     eot_text = tokenizer.convert_ids_to_tokens(eot) if eot is not None else None
-    return [
-        ex.target if ex.raw else Prompt(list(ex.messages), ex.target).text(tokenizer, eot=eot_text) for ex in training_examples(recipe, n)
-    ]
+    return [ex.target if ex.raw else Prompt(list(ex.messages), ex.target).text(tokenizer, eot=eot_text) for ex in splits.train[:n]]
 
 
 class _Exporter:
@@ -56,6 +56,9 @@ class _Exporter:
 
         self.tokenizer = load_tokenizer(self.merged, trust_remote_code=run.recipe().trust_remote_code)
         self.end_of_turn = end_of_turn_id(self.tokenizer)
+        from ftedge.data.splits import run_splits
+
+        self.splits = run_splits(run)  # frozen at train time: refused in one line if the data file changed since
         self._reference: Any = None
         self.summary: dict[str, dict[str, Any]] = {}
         self.failed: list[str] = []
@@ -63,11 +66,11 @@ class _Exporter:
     @property
     def reference(self) -> Any:
         if self._reference is None:
-            from ftedge.data import gate_prompts
+            from ftedge.data.prompts import gate_prompts
             from ftedge.export.gate import build_reference
 
             t0 = time.time()
-            prompts = gate_prompts(self.run.recipe(), GATE_PROMPTS)
+            prompts = gate_prompts(self.splits, self.run.recipe(), GATE_PROMPTS)
             self._reference = build_reference(self.merged, prompts, threads=self.target.threads)
             log.info("parity reference: %d prompts in %.1fs", len(prompts), time.time() - t0)
         return self._reference
@@ -164,7 +167,7 @@ class _Exporter:
             out = self.run.path / "onnx" / p
             t0 = time.time()
             try:
-                texts = texts if texts is not None else calibration_texts(self.run.recipe(), self.tokenizer)
+                texts = texts if texts is not None else calibration_texts(self.splits, self.tokenizer)
                 export_onnx(self.merged, out, p, calibration_texts=texts)
             except DiskError:  # no space, read-only, no permission: the next artifact would fail too
                 raise

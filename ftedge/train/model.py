@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftedge.data import IGNORE
+from ftedge.data.encoding import IGNORE
 from ftedge.errors import FtedgeError
 from ftedge.hf import check_lora_targets, dequantize_4bit, load_causal_lm
 from ftedge.recipe import Recipe

@@ -1,6 +1,7 @@
 """The train stage: recipe -> trained adapter in the run folder.
 
-``train_stage(run)`` resolves the base model, tokenizes the data (``ftedge.data``), loads the
+``train_stage(run)`` resolves the base model, freezes the data's splits into the run
+(``splits.json``, read back by every later stage), tokenizes them (``ftedge.data``), loads the
 model per ``train.method`` (``ftedge.train.model``) and runs the loop (``ftedge.train.loop``):
 eval every ``eval_every`` steps, resumable checkpoints in ``train/checkpoints/``,
 ``train/metrics.jsonl`` and TensorBoard events in ``train/``. The best-eval weights become
@@ -83,7 +84,8 @@ def _train(
     data_warnings: DataWarnings | None = None,
 ) -> dict[str, Any]:
     recipe = run.recipe()
-    from ftedge.data import check_dataset, load_splits, tokenized_splits
+    from ftedge.data.encoding import tokenized_splits
+    from ftedge.data.splits import check_dataset
 
     check_dataset(recipe)  # cheap one-line errors before any model loads
     from ftedge.hf import compute_dtype, pick_device, training_tokenizer
@@ -100,7 +102,7 @@ def _train(
     dtype = compute_dtype(recipe.quant.compute_dtype, device)
     cfg = recipe.train
     tokenizer = training_tokenizer(base, recipe.chat_template, trust_remote_code=recipe.trust_remote_code)
-    splits = load_splits(recipe)
+    splits = _splits(run, accelerator, resume=resume)
     if accelerator.is_main_process and data_warnings is not None:
         for line in data_warnings(recipe, tokenizer, splits):
             log.warning("data check: %s", line)
@@ -170,6 +172,18 @@ def _train(
         log.info(summary_line(metrics))
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _splits(run: Run, accelerator: Any, *, resume: bool) -> Any:
+    """The run's splits: frozen into the run now (rank 0), or on ``--resume`` the ones frozen when it started (so a
+    resumed run trains on the same rows, and refuses if its data file changed since)."""
+    from ftedge.data.splits import SPLITS_ARTIFACT, freeze_splits, load_splits, run_splits
+
+    if resume and run.artifact(SPLITS_ARTIFACT) is not None:
+        return run_splits(run)
+    if not accelerator.is_main_process:
+        return load_splits(run.recipe())
+    return freeze_splits(run)
 
 
 def _cuda() -> bool:
