@@ -44,7 +44,8 @@ def answers(model_dir: Path, examples: list[Any], *, batch: int = 32, max_new_to
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftedge.hf import end_of_turn_id, load_tokenizer
+    from ftedge.families import end_of_turn_id
+    from ftedge.loader import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     tok.padding_side = "left"

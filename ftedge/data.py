@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from ftedge.errors import FtedgeError, from_os_error
-from ftedge.hf import end_of_turn_token, fit_messages, trained_chat_template
+from ftedge.families import end_of_turn_token
+from ftedge.formats.chat_template import fit_messages, trained_chat_template
 from ftedge.recipe import DataConfig, Recipe
 
 log = logging.getLogger(__name__)
@@ -583,9 +584,9 @@ class _NotIncremental(Exception):
 class ChatEncoder:
     """Applies a tokenizer's chat template and masks everything but the assistant's tokens.
 
-    The template is the trained one (``ftedge.hf.trained_chat_template``: Qwen3's thinking off) and
+    The template is the trained one (``ftedge.formats.chat_template.trained_chat_template``: Qwen3's thinking off) and
     a system prompt is folded into the first user turn where the template has no system role
-    (``ftedge.hf.fit_messages``, Gemma 2).
+    (``ftedge.formats.chat_template.fit_messages``, Gemma 2).
     """
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:

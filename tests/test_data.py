@@ -13,7 +13,7 @@ from helpers import write_text_label_csv
 
 from ftedge.data import IGNORE, ChatEncoder, Encoded, Example, check_dataset, load_splits, make_batch, tokenized_splits
 from ftedge.errors import FtedgeError
-from ftedge.hf import load_tokenizer
+from ftedge.loader import load_tokenizer
 from ftedge.recipe import load_recipe
 
 

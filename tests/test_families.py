@@ -167,7 +167,7 @@ def test_ftedge_renderer_raises_one_line_on_roles_the_template_refuses(family: s
 def test_end_of_turn_token_is_the_family_one(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """models._end_of_turn_id (merge, .gguf bases) and ChatEncoder (training) agree on the family's end-of-turn token."""
     from ftedge.data import ChatEncoder
-    from ftedge.hf import end_of_turn_id
+    from ftedge.families import end_of_turn_id
 
     fam = FAMILY_SPECS[family]
     tok = _tok(family_model_dir(family))
@@ -355,8 +355,8 @@ def _render_go(template: str, default_system: str | None, messages: list[dict[st
 @pytest.mark.parametrize("family", FAMILIES)
 def test_modelfile_template_renders_like_transformers(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """The Ollama TEMPLATE ftedge derives from the GGUF's Jinja template renders chats as transformers does."""
+    from ftedge.formats.chat_template import fit_messages, trained_chat_template
     from ftedge.formats.modelfile import go_template
-    from ftedge.hf import fit_messages, trained_chat_template
 
     fam = FAMILY_SPECS[family]
     tok = _tok(family_model_dir(family))
@@ -518,7 +518,7 @@ def test_a_gguf_base_dequantizes_to_the_family_model(
     """models.gguf_to_hf (a .gguf as base_model): same architecture, template, tokens, and the end-of-turn as eos."""
     from transformers import AutoConfig, GenerationConfig
 
-    from ftedge.hf import gguf_to_hf
+    from ftedge.loader import gguf_to_hf
 
     fam = FAMILY_SPECS[family]
     tok0 = _tok(family_model_dir(family))
@@ -596,8 +596,8 @@ def test_ftedge_run_takes_the_family_through_every_stage(family: str, family_mod
     from safetensors import safe_open
 
     from ftedge.cli import main
+    from ftedge.formats.chat_template import trained_chat_template
     from ftedge.formats.gguf import inspect_gguf
-    from ftedge.hf import trained_chat_template
     from ftedge.manifest import Run
 
     fam = FAMILY_SPECS[family]
@@ -645,7 +645,9 @@ def test_ftedge_run_takes_the_family_through_every_stage(family: str, family_mod
 def test_builtin_chat_templates_train_and_stop(name: str, family_model_dir: Callable[[str], Path]) -> None:
     """Each built-in template, on a vocabulary with its turn tokens: system role, end-of-turn found, only the answer trained."""
     from ftedge.data import IGNORE, ChatEncoder, row_to_example
-    from ftedge.hf import end_of_turn_token, read_chat_template, system_role_supported, training_tokenizer
+    from ftedge.families import end_of_turn_token
+    from ftedge.formats.chat_template import read_chat_template, system_role_supported
+    from ftedge.loader import training_tokenizer
     from ftedge.recipe import DataConfig
 
     family = {"chatml": "qwen2", "gemma": "gemma3_text", "llama3": "llama3", "phi3": "phi3"}[name]
@@ -662,7 +664,7 @@ def test_builtin_chat_templates_train_and_stop(name: str, family_model_dir: Call
 
 
 def test_a_builtin_template_whose_turn_tokens_the_vocabulary_lacks_is_one_line(family_model_dir: Callable[[str], Path]) -> None:
-    from ftedge.hf import training_tokenizer
+    from ftedge.loader import training_tokenizer
 
     with pytest.raises(FtedgeError, match=r"chat_template 'gemma' ends a turn with '<end_of_turn>', which is not one token"):
         training_tokenizer(family_model_dir("llama3"), "gemma")

@@ -32,9 +32,8 @@ import numpy as np
 
 from ftedge.backends.base import Backend, Sampling, sample_next
 from ftedge.errors import FtedgeError
-from ftedge.formats.chat_template import render_chat_template
+from ftedge.formats.chat_template import fit_messages, render_chat_template
 from ftedge.formats.gguf import GgufInfo, inspect_gguf
-from ftedge.hf import fit_messages
 
 log = logging.getLogger(__name__)
 
