@@ -223,23 +223,21 @@ def test_data_encoding_of_a_multi_turn_conversation(family: str, family_model_di
     assert answers == ["lost_or_stolen_card" + fam.end_of_turn, "exchange_rate" + fam.end_of_turn]
 
 
-EXPECTED_LORA = {
-    "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
-}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_all_linear_targets_the_family_projections(family: str, family_model_dir: Callable[[str], Path]) -> None:
-    """peft's all-linear (the recipes' default) adapts every projection, fused ones included, and not the tied head."""
+    """peft's all-linear (the recipes' default) adapts every projection, fused ones included (the family table's
+    linear layers: Phi-3's qkv_proj and gate_up_proj), and not the tied head."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from ftedge.families import family_of
+
     model = AutoModelForCausalLM.from_pretrained(family_model_dir(family), dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
-    expected = EXPECTED_LORA.get(family, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
-    assert adapted == expected
+    entry = family_of(FAMILY_SPECS[family].model_type)
+    assert entry is not None and adapted == set(entry.linear_names)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
