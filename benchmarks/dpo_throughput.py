@@ -71,7 +71,7 @@ def _recipe(out: Path, steps: int, batch: int):
 def _useful_tokens(recipe) -> int:
     from ftedge.data.encoding import tokenized_splits
     from ftedge.data.splits import load_splits
-    from ftedge.hf import load_tokenizer, resolve_base_model
+    from ftedge.loader import load_tokenizer, resolve_base_model
 
     pairs, _ = tokenized_splits(recipe, load_tokenizer(resolve_base_model(recipe.base_model)), load_splits(recipe))
     n = recipe.train.max_steps * recipe.train.batch_size
@@ -95,7 +95,7 @@ def worker_trl(out: Path, steps: int, batch: int) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from ftedge.data.splits import load_splits
-    from ftedge.hf import load_tokenizer, resolve_base_model
+    from ftedge.loader import load_tokenizer, resolve_base_model
 
     recipe = _recipe(out, steps, batch)
     base = resolve_base_model(recipe.base_model)

@@ -181,7 +181,7 @@ def data_check(recipe_path: Path, overrides: list[str], *, strict: bool = False,
     recipe = load_recipe(recipe_path, overrides)
     tokenizer = None
     if tokens:
-        from ftedge.hf import load_tokenizer, resolve_base_model
+        from ftedge.loader import load_tokenizer, resolve_base_model
 
         tokenizer = load_tokenizer(resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code))
     report = check_data(recipe, tokenizer=tokenizer, source=str(recipe_path))
@@ -275,7 +275,7 @@ def _run_stages(run: Run, *, resume: bool) -> Run:
 def _stage_units(run: Run, target: Any) -> dict[str, float]:
     """The work of each stage of the run, for the whole-run ETA (``ftedge.eta``)."""
     from ftedge import eta
-    from ftedge.hf import resolve_base_model
+    from ftedge.loader import resolve_base_model
 
     recipe = run.recipe()
     try:  # the train stage resolves it next (cached); its errors are the train stage's to report

@@ -35,7 +35,7 @@ def check_ort_genai() -> str:
 
 
 def check_embedded_model() -> str:
-    from ftedge.hf import embedded_gguf
+    from ftedge.basemodel import embedded_gguf
 
     return f"embedded base model at {embedded_gguf('smollm2-135m-instruct')}"
 

@@ -461,7 +461,7 @@ class Run:
         recipe = self.recipe()
         if recipe.train.init_from is not None:
             return init_model(recipe.train.init_from, this=self)
-        from ftedge.hf import resolve_base_model
+        from ftedge.loader import resolve_base_model
 
         return resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
 
@@ -548,7 +548,7 @@ def init_model(spec: str | Path, *, this: Run | None = None) -> Path:
     """The model folder ``train.init_from`` starts from: a run's merged model, or the given model folder."""
     source = init_source(spec)
     if isinstance(source, Path):
-        from ftedge.hf import resolve_base_model
+        from ftedge.loader import resolve_base_model
 
         return resolve_base_model(source)
     if this is not None and source.path == this.path:

@@ -90,7 +90,7 @@ def _ci(entry: Entry, key: str, scale: float = 1.0, digits: int = 1, *, label: s
 
 def front_matter(recipe: Any, chosen: Artifact, doc: BenchResults | None) -> str:
     """Hugging Face model-card metadata: base_model, license, datasets, metrics, tags, model-index for the shipped file."""
-    from ftedge.hf import card_base_model
+    from ftedge.basemodel import card_base_model
 
     base_id, licence = card_base_model(recipe.base_model)
     classifier = recipe.data.format == "text_label"
@@ -228,7 +228,7 @@ def model_card(
 
 
 def card_base_model_text(spec: str) -> tuple[str, str | None]:
-    from ftedge.hf import card_base_model
+    from ftedge.basemodel import card_base_model
 
     base_id, licence = card_base_model(spec)
     return (f"`{base_id}`" if base_id else f"the local model `{Path(str(spec)).name}`"), licence

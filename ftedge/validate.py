@@ -6,17 +6,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from ftedge.backends.ortgenai import builder_architectures
+from ftedge.basemodel import BaseModelSource, base_has_chat_template, locate_base_model
 from ftedge.data.splits import check_dataset
 from ftedge.errors import FtedgeError
-from ftedge.hf import (
-    BaseModelSource,
-    base_has_chat_template,
-    builtin_chat_templates,
-    locate_base_model,
-    lora_target_problem,
-    read_chat_template,
-)
-from ftedge.hf import base_architecture as hf_base_architecture
+from ftedge.families import base_architecture as hf_base_architecture
+from ftedge.families import lora_target_problem
+from ftedge.formats.chat_template import builtin_chat_templates, read_chat_template
 from ftedge.recipe import Recipe, check_data_files, load_recipe, not_made_yet, unmergeable_reason
 from ftedge.targets import Target, load_target
 
@@ -92,7 +87,7 @@ def preflight(recipe_path: str | Path, overrides: list[str] | None = None, *, pe
     """Validate everything checkable without loading a model; return what was checked.
 
     The recipe's schema; the target profile; the base model by the rules training resolves it with
-    (``ftedge.hf.locate_base_model``: alias installed, folder with config.json + safetensors, GGUF
+    (``ftedge.basemodel.locate_base_model``: alias installed, folder with config.json + safetensors, GGUF
     magic and architecture from its header), its architecture against the exporters the target
     needs; the data files read, split and labelled as training will. With ``pending_ok`` (``ftedge
     validate``), an input the recipe's ``made_by`` names a command for may be missing: its line starts

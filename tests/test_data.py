@@ -15,7 +15,7 @@ from ftedge.data.encoding import IGNORE, ChatEncoder, Encoded, tokenized_splits
 from ftedge.data.reading import Example
 from ftedge.data.splits import check_dataset, content_key, load_splits
 from ftedge.errors import FtedgeError
-from ftedge.hf import load_tokenizer
+from ftedge.loader import load_tokenizer
 from ftedge.recipe import load_recipe
 from ftedge.train.batch import make_batch
 

@@ -36,10 +36,9 @@ import numpy as np
 from ftedge.atomic import atomic_path
 from ftedge.backends.base import Backend, Sampling, sample_next
 from ftedge.errors import FtedgeError, from_os_error, os_error_in
-from ftedge.formats.chat_template import render_chat_template
+from ftedge.formats.chat_template import fit_messages, render_chat_template
 from ftedge.formats.gguf import GgufInfo, inspect_gguf
 from ftedge.formats.quants import GGUF_QUANT_TYPES, check_gguf_type, gguf_file_type
-from ftedge.hf import fit_messages
 
 log = logging.getLogger(__name__)
 

@@ -115,7 +115,7 @@ def run_specs(run: Run) -> list[ArtifactSpec]:
     models.sort(key=lambda s: (order.get(s.format, 3), s.name))
     specs: list[ArtifactSpec] = []
     if adapter is not None:
-        from ftedge.hf import training_tokenizer
+        from ftedge.loader import training_tokenizer
 
         base = run.base_model()  # the recipe's base model, or train.init_from's merged model
         four_bit = recipe.quant.bits == 4
@@ -364,7 +364,7 @@ def bench_base(
     A base that cannot be resolved or run is a warning (no drift figures), not a failed bench.
     """
     from ftedge.bench import forgetting
-    from ftedge.hf import resolve_base_model
+    from ftedge.loader import resolve_base_model
 
     general = forgetting.load_general(recipe.eval.general_prompts)
     info: dict[str, Any] = {"model": str(recipe.base_model), "sources": general.sources}

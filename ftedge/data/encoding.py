@@ -17,7 +17,8 @@ from typing import Any
 from ftedge.data.reading import Example
 from ftedge.data.splits import Splits, load_splits
 from ftedge.errors import FtedgeError
-from ftedge.hf import end_of_turn_token, fit_messages, trained_chat_template
+from ftedge.families import end_of_turn_token
+from ftedge.formats.chat_template import fit_messages, trained_chat_template
 from ftedge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,9 @@ class _NotIncremental(Exception):
 class ChatEncoder:
     """Applies a tokenizer's chat template and masks everything but the assistant's tokens.
 
-    The template is the trained one (``ftedge.hf.trained_chat_template``: Qwen3's thinking off) and
+    The template is the trained one (``ftedge.formats.chat_template.trained_chat_template``: Qwen3's thinking off) and
     a system prompt is folded into the first user turn where the template has no system role
-    (``ftedge.hf.fit_messages``, Gemma 2).
+    (``ftedge.formats.chat_template.fit_messages``, Gemma 2).
     """
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftedge.data.splits import Splits
-from ftedge.hf import fit_messages
+from ftedge.formats.chat_template import fit_messages
 from ftedge.recipe import Recipe
 
 log = logging.getLogger(__name__)

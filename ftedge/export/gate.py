@@ -39,8 +39,8 @@ import numpy as np
 
 from ftedge.data.prompts import Prompt
 from ftedge.errors import FtedgeError
+from ftedge.families import end_of_turn_id
 from ftedge.formats.quants import CONFIDENT_MARGIN, DEFAULT_GATES, MIN_CONFIDENT_POSITIONS
-from ftedge.hf import end_of_turn_id
 from ftedge.logits import compare_logits, log_softmax, scored_from
 from ftedge.targets import Target
 

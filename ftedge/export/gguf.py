@@ -36,7 +36,7 @@ def convert_to_gguf(hf_dir: Path, out_path: Path, *, outtype: str = "f16", timeo
         raise FtedgeError(f"the converter writes {', '.join(GGUF_CONVERTER_TYPES)}, not {outtype!r}")
     if not (hf_dir / "config.json").is_file():
         raise FtedgeError(f"{hf_dir} is not an HF model folder (no config.json)", hint="run `ftedge merge RUN` first")
-    from ftedge.hf import parameter_count
+    from ftedge.basemodel import parameter_count
 
     check_free_space(out_path.parent, int(parameter_count(hf_dir) * BYTES_PER_WEIGHT[outtype]), f"the {outtype} GGUF {out_path.name}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -83,9 +83,10 @@ def check_metadata(info: GgufInfo, *, end_of_turn_id: int | None) -> dict[str, o
 def build_f16(hf_dir: Path, out_path: Path, *, end_of_turn: int | None = None) -> tuple[Path, dict[str, object]]:
     """HF -> GGUF f16 with verified metadata (the end-of-turn token added when the converter left it out).
 
-    ``end_of_turn`` defaults to the one the folder's tokenizer ends a turn with (``ftedge.hf.end_of_turn_id``).
+    ``end_of_turn`` defaults to the one the folder's tokenizer ends a turn with (``ftedge.families.end_of_turn_id``).
     """
-    from ftedge.hf import end_of_turn_id, load_tokenizer
+    from ftedge.families import end_of_turn_id
+    from ftedge.loader import load_tokenizer
 
     convert_to_gguf(hf_dir, out_path, outtype="f16")
     eot = end_of_turn if end_of_turn is not None else end_of_turn_id(load_tokenizer(hf_dir, require_chat_template=False))

@@ -37,7 +37,7 @@ def calibration_texts(splits: Any, tokenizer: Any, n: int = CALIBRATION_TEXTS) -
     """The first ``n`` training rows of ``splits``, chat-formatted (prompt, answer and end-of-turn; raw text as is) for GPTQ:
     never validation or test rows."""
     from ftedge.data.prompts import Prompt
-    from ftedge.hf import end_of_turn_id
+    from ftedge.families import end_of_turn_id
 
     eot = end_of_turn_id(tokenizer)
     eot_text = tokenizer.convert_ids_to_tokens(eot) if eot is not None else None
@@ -52,7 +52,8 @@ class _Exporter:
         self.merged = run.artifact_path("merged")
         if not (self.merged / "config.json").is_file():
             raise FtedgeError(f"merged model {self.merged} is missing or incomplete", hint=f"run `ftedge merge {run.path} --force`")
-        from ftedge.hf import end_of_turn_id, load_tokenizer
+        from ftedge.families import end_of_turn_id
+        from ftedge.loader import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.merged, trust_remote_code=run.recipe().trust_remote_code)
         self.end_of_turn = end_of_turn_id(self.tokenizer)

@@ -115,11 +115,11 @@ def _after_end_of_turn(text: str, eot: str) -> int:
 def chat_pieces(chat_template: str, *, bos: str = "", eos: str = "", end_of_turn: str = "") -> ChatPieces:
     """The pieces of ``chat_template`` from renders of probe chats ending on a user turn (as inference renders them).
 
-    Rendered as every ftedge runtime renders (``ftedge.hf.fit_messages``: a system prompt folded into the
+    Rendered as every ftedge runtime renders (``ftedge.formats.chat_template.fit_messages``: a system prompt folded into the
     first user turn where the template has no system role). Raises ValueError when the template renders
     something the pieces cannot express; the result is checked against the template on several chats.
     """
-    from ftedge.hf import fit_messages
+    from ftedge.formats.chat_template import fit_messages
 
     specials = {k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v}
 

@@ -88,7 +88,7 @@ def _train(
     from ftedge.data.splits import check_dataset
 
     check_dataset(recipe)  # cheap one-line errors before any model loads
-    from ftedge.hf import compute_dtype, pick_device, training_tokenizer
+    from ftedge.loader import compute_dtype, pick_device, training_tokenizer
     from ftedge.memory import peak_gpu_mb, peak_rss_mb
     from ftedge.train.loop import Trainer, fit, total_steps
     from ftedge.train.model import load_model
