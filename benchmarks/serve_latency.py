@@ -121,9 +121,9 @@ def main() -> int:
 
     from ftedge.backends import load_backend
     from ftedge.backends.base import detect_format
-    from ftedge.serve import resolve_artifact
+    from ftedge.session import resolve
 
-    path, _ = resolve_artifact(args.artifact)
+    path, _ = resolve(args.artifact)
     messages = [{"role": "user", "content": args.prompt}]  # no system prompt on either side (the server runs with --system "")
     kwargs = {"n_ctx": args.ctx} if detect_format(path) == "gguf" else {}
     backend = load_backend(path, threads=args.threads, **kwargs)

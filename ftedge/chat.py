@@ -1,6 +1,6 @@
 """``ftedge chat``: streaming greedy chat with any artifact, interactive or one-shot (``--prompt``).
 
-The artifact may be a .gguf, an ORT GenAI folder, an HF folder, or a run folder (``ftedge.session.resolve``;
+The artifact may be a .gguf, an ORT GenAI folder, an HF folder, a ship/ bundle or a run folder (``ftedge.session.resolve``;
 for a run ``ftedge.choose.default_model`` picks the shipped model, else the best passing GGUF, else the merged model).
 """
 
@@ -95,8 +95,8 @@ def chat_session(artifact: Path, *, prompt: str | None, system: str | None, max_
         raise FtedgeError(f"--max-new-tokens must be positive (got {max_new_tokens})")
     if prompt is not None and not prompt.strip():
         raise FtedgeError("--prompt is empty", hint="give the message to answer, or leave --prompt out to chat interactively")
-    path, run_system = resolve(Path(artifact))
-    system = run_system if system is None else (system or None)
+    path, served = resolve(Path(artifact))
+    system = served.text if system is None else (system or None)
     n_ctx = MAX_CTX
     if detect_format(path) == "gguf":  # the context serve opens too: the model's trained one, at most MAX_CTX
         n_ctx = serve_context(inspect_gguf(path))

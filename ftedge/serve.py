@@ -41,7 +41,6 @@ from ftedge import __version__
 from ftedge.backends import load_backend
 from ftedge.backends.base import Backend, Sampling, detect_format
 from ftedge.errors import FtedgeError
-from ftedge.formats.modelfile import read_modelfile_system
 from ftedge.launch import MAX_CTX, model_id, serve_context
 from ftedge.session import resolve
 
@@ -305,7 +304,7 @@ class Engine:
 
 def load_engine(artifact: Path, *, threads: int | None = None, n_ctx: int | None = None, system: str | None = None) -> Engine:
     """Load what ``ftedge serve ARTIFACT|RUN|SHIP_DIR`` names; ``system`` overrides the recipe's prompt ("" for none)."""
-    path, run_system = resolve_artifact(Path(artifact))
+    path, served = resolve(Path(artifact))
     fmt = detect_format(path)
     if fmt == "gguf":
         from ftedge.formats.gguf import inspect_gguf
@@ -315,25 +314,10 @@ def load_engine(artifact: Path, *, threads: int | None = None, n_ctx: int | None
         ctx = n_ctx or MAX_CTX
     backend = load_backend(path, threads=threads, n_ctx=ctx) if fmt == "gguf" else load_backend(path, threads=threads)
     ctx = min(ctx, backend.context_length)
-    system_prompt = run_system if system is None else (system or None)
+    system_prompt = served.text if system is None else (system or None)
+    if system is None:
+        log.info("system prompt: %s (from %s)", served.short(), served.source)
     return Engine(backend, name=model_id(path), n_ctx=ctx, system_prompt=system_prompt, path=path)
-
-
-def resolve_artifact(artifact: Path) -> tuple[Path, str | None]:
-    """``ftedge chat``'s resolution (file, model folder, run), plus ship/ bundles: a folder whose model is a .gguf
-    (the system prompt then comes from the run's recipe, else from the bundle's Modelfile)."""
-    artifact = Path(artifact)
-    if artifact.is_dir() and not (artifact / "genai_config.json").is_file() and not (artifact / "config.json").is_file():
-        from ftedge.choose import bundle_model
-        from ftedge.manifest import find_run
-
-        run = find_run(artifact)
-        if run is None or artifact.resolve() != run.path:
-            model = bundle_model(artifact)
-            if model is not None:
-                path, system = resolve(model)
-                return path, system if system is not None else read_modelfile_system(artifact)
-    return resolve(artifact)
 
 
 # -- responses ---------------------------------------------------------------------------------

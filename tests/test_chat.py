@@ -54,13 +54,13 @@ def test_chat_on_a_run_uses_its_system_prompt_and_best_artifact(
     assert session.pick_run_artifact(run) == run.path / "ship" / "model.gguf"
 
     path, system = session.resolve(run.path)
-    assert path == run.path / "ship" / "model.gguf" and system == "Reply with the intent label."
+    assert path == run.path / "ship" / "model.gguf" and system == session.SystemPrompt("Reply with the intent label.", "run recipe")
     assert session.resolve(run.path / "gguf" / "b.q8_0.gguf") == (run.path / "gguf" / "b.q8_0.gguf", system)  # a file inside a run
 
     from ftedge.backends import load_backend
 
     with load_backend(tiny_gguf, threads=1) as backend:
-        expected = backend.reply([{"role": "system", "content": system}, {"role": "user", "content": "hi"}], max_new_tokens=8)
+        expected = backend.reply([{"role": "system", "content": system.text}, {"role": "user", "content": "hi"}], max_new_tokens=8)
     result = CliRunner().invoke(main, ["chat", str(run.path), "-p", "hi", "--max-new-tokens", "8", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert result.output.endswith(expected + "\n")

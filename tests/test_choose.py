@@ -87,14 +87,14 @@ def test_ship_with_a_named_type_or_a_target_without_gguf(run: Run, tmp_path: Pat
 
 
 def test_chat_and_serve_default_model(run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ftedge import serve, session
+    from ftedge import session
 
     target = _target(tmp_path)
     assert choose.default_model(run, target) == run.artifact_path("gguf-q4_k_m")
     assert choose.default_model(run) == run.artifact_path("gguf-f16")
     # chat and serve on the run folder: the run's export target (the recipe's laptop-cpu profile: q4_k_m first)
     assert session.pick_run_artifact(run) == run.artifact_path("gguf-q4_k_m")
-    assert serve.resolve_artifact(run.path)[0] == run.artifact_path("gguf-q4_k_m")
+    assert session.resolve(run.path)[0] == run.artifact_path("gguf-q4_k_m")
     # no passing GGUF: the best ONNX folder, then the merged model
     for key in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m"):
         run.artifact_path(key).unlink()
@@ -112,7 +112,7 @@ def test_chat_and_serve_default_model(run: Run, tmp_path: Path, monkeypatch: pyt
 
 def test_callers_ask_choose(run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """export's Modelfile, chat and serve go through choose.best / default_model / bundle_model; ship through ship_choice."""
-    from ftedge import serve, session, ship
+    from ftedge import session, ship
     from ftedge.export.stage import _Exporter
 
     calls: list[str] = []
@@ -146,7 +146,7 @@ def test_callers_ask_choose(run: Run, tmp_path: Path, monkeypatch: pytest.Monkey
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "m.gguf").write_bytes(b"GGUF")
-    assert serve.resolve_artifact(bundle)[0] == bundle / "m.gguf" and calls == ["bundle_model"]
+    assert session.resolve(bundle)[0] == bundle / "m.gguf" and set(calls) == {"bundle_model"}
     assert ship.ship_choice is choose.ship_choice  # ship's one choice is choose's
 
 

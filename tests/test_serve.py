@@ -597,7 +597,7 @@ def test_ship_bundle_readme_and_serving_a_run_or_its_ship_folder(tmp_path: Path,
     from ftedge.launch import model_id
     from ftedge.manifest import Run
     from ftedge.recipe import load_recipe
-    from ftedge.serve import resolve_artifact
+    from ftedge.session import SystemPrompt, resolve
     from ftedge.ship import ship_stage
 
     run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "run")
@@ -612,7 +612,7 @@ def test_ship_bundle_readme_and_serving_a_run_or_its_ship_folder(tmp_path: Path,
     assert f'"model": "{model_id(ship / "tiny.q8_0.gguf")}"' in readme and "ollama create tiny -f Modelfile" in readme
     assert str(run.path) not in readme  # the bundle still stands alone
     for target in (run.path, ship):
-        assert resolve_artifact(target) == (ship / "tiny.q8_0.gguf", SYSTEM)
+        assert resolve(target) == (ship / "tiny.q8_0.gguf", SystemPrompt(SYSTEM, "run recipe"))
     several = tmp_path / "two"
     several.mkdir()
     for name in ("a.gguf", "b.gguf"):
@@ -620,7 +620,7 @@ def test_ship_bundle_readme_and_serving_a_run_or_its_ship_folder(tmp_path: Path,
     from ftedge.errors import FtedgeError
 
     with pytest.raises(FtedgeError, match="several GGUF files"):
-        resolve_artifact(several)
+        resolve(several)
 
 
 # -- the chat page in a real browser --------------------------------------------------------------
