@@ -72,6 +72,28 @@ def test_text_label_csv_masks_all_but_answer_and_end_of_turn(tmp_path, tiny_mode
     assert [e.target for e in load_splits(recipe).val] == [e.target for e in splits.val]
 
 
+def test_a_rows_own_system_field_wins_over_the_recipes_in_every_format() -> None:
+    """A `system` column/field is the row's own system prompt (as a system turn is); data.system_prompt fills the rest."""
+    from ftedge.data.reading import row_to_example
+    from ftedge.recipe import DataConfig
+
+    def first(fmt: str, row: dict, **extra) -> dict:
+        cfg = DataConfig(train=Path("x.csv"), format=fmt, system_prompt="Recipe's.", **extra)
+        return row_to_example(row, "f:row 1", cfg).messages[0]
+
+    own = {"role": "system", "content": "Mine."}
+    assert first("text_label", {"text": "hi", "label": "greet", "system": "Mine."}) == own
+    assert first("text_label", {"text": "hi", "label": "greet", "system": ""})["content"] == "Recipe's."
+    assert first("alpaca", {"instruction": "do", "output": "done", "system": "Mine."}) == own
+    assert first("completion", {"prompt": "p", "completion": "c", "system": "Mine."}) == own
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert first("messages", {"messages": turns, "system": "Mine."}) == own
+    assert first("messages", {"messages": [{"role": "system", "content": "Turn's."}, *turns], "system": "Mine."})["content"] == "Turn's."
+    assert first("preference", {"prompt": "p", "chosen": "a", "rejected": "b", "system": "Mine."}) == own
+    # a format that reads its text from a column named `system` keeps the recipe's prompt
+    assert first("text_label", {"system": "hi", "label": "greet"}, text_field="system")["content"] == "Recipe's."
+
+
 def test_alpaca_jsonl(tmp_path, tiny_model_dir, tok):
     _jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"instruction": "Say hi", "output": "hi"}] * 3)
     recipe = load_recipe(_recipe(tmp_path, tiny_model_dir, {"train": "a.jsonl", "format": "alpaca", "val_fraction": 0.0}))

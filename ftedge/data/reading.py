@@ -14,6 +14,9 @@ package). Formats (``data.format``):
   conversations that differ only in the last (assistant) turn (TRL's formats). Message lists
   may be JSON strings (CSV).
 
+A row's own system prompt (a system turn, or a ``system`` field/column in any format) wins over
+``data.system_prompt``, which goes in front of the rows that have none.
+
 Every row becomes an :class:`Example`: ``messages`` (system prompt + turns, without the final
 answer) and ``target`` (the final answer), so a bench can prompt any runtime with its own
 chat template.
@@ -31,6 +34,7 @@ from ftedge.errors import FtedgeError, from_os_error
 from ftedge.recipe import DataConfig
 
 ROLES = ("system", "user", "assistant")
+SYSTEM_FIELD = "system"  # a row's own system prompt, in any format (it wins over data.system_prompt)
 HF_SUFFIXES = (".parquet", ".arrow")
 # Files `datasets.save_to_disk` writes: a folder without one of them holds no dataset.
 HF_FOLDER_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
@@ -176,10 +180,28 @@ def _with_system(system: str | None, turns: list[dict[str, str]]) -> list[dict[s
     return turns
 
 
+def row_system(row: dict[str, Any], cfg: DataConfig) -> str | None:
+    """The system prompt a row is read with: its own ``system`` field when it holds text (and is not one of the
+    format's configured fields), else ``data.system_prompt``."""
+    own = row.get(SYSTEM_FIELD)
+    fields = (
+        cfg.text_field,
+        cfg.label_field,
+        cfg.messages_field,
+        cfg.prompt_field,
+        cfg.completion_field,
+        cfg.chosen_field,
+        cfg.rejected_field,
+    )
+    if isinstance(own, str) and own.strip() and SYSTEM_FIELD not in fields:
+        return own
+    return cfg.system_prompt
+
+
 def row_to_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Example:
     """One row in the recipe's format, as an Example (raises FtedgeError naming the row)."""
     fmt = cfg.format
-    system = cfg.system_prompt
+    system = row_system(row, cfg)
     if fmt == "text_label":
         text = _field(row, cfg.text_field, where, fmt)
         label = _field(row, cfg.label_field, where, fmt)
@@ -246,7 +268,7 @@ def _messages_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Examp
         _field(row, cfg.messages_field, where, "messages")
     clean = _turns(row.get(cfg.messages_field), where, cfg.messages_field)
     _ends_with_answer(clean, where)
-    return Example(_with_system(cfg.system_prompt, clean[:-1]), clean[-1]["content"], where)
+    return Example(_with_system(row_system(row, cfg), clean[:-1]), clean[-1]["content"], where)
 
 
 def _as_messages(value: Any) -> Any:
@@ -299,7 +321,7 @@ def _preference_example(row: dict[str, Any], where: str, cfg: DataConfig) -> Exa
     for name, text in ((cfg.chosen_field, chosen_text), (cfg.rejected_field, rejected_text)):
         if not text.strip():
             raise FtedgeError(f"{where}: {name!r} is an empty answer", hint="fill the answer or drop the row")
-    return Example(_with_system(cfg.system_prompt, messages), chosen_text, where, rejected=rejected_text)
+    return Example(_with_system(row_system(row, cfg), messages), chosen_text, where, rejected=rejected_text)
 
 
 def _answer_text(value: Any, where: str, name: str) -> str:
