@@ -126,6 +126,11 @@ class EvalInfo(_Strict):
     split: Literal["test", "file"] | None = Field(None, description="`test`: a run's test split; `file`: bench --data.")
     n_available: int | None = None
     data: str | None = Field(None, description="bench --data: the file scored.")
+    system_prompt: str | None = Field(None, description="The system prompt in front of every row without its own (None: none).")
+    system_prompt_source: str | None = Field(
+        None, description="Where it came from: `run recipe`, `ship/Modelfile` (a bundle's), `--recipe`, `-o data.system_prompt`, `none`."
+    )
+    own_system_rows: int | None = Field(None, description="Rows asked with a system prompt of their own (a `system` column or turn).")
 
 
 class SpeedInfo(_Strict):

@@ -7,6 +7,7 @@ Threads are 1: llama.cpp's spinning worker threads collapse on an oversubscribed
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -387,12 +388,17 @@ def test_table_lists_every_artifact(benched) -> None:
 
     from ftedge.bench import report
 
-    _, doc, _ = benched
+    run, doc, _ = benched
     console = Console(record=True, width=200)
     report.print_table(doc, console=console)
     text = console.export_text()
     for name in ("pytorch (ref)", "merged", "gguf-f16", "onnx-fp32"):
         assert name in text
+    # a run is benched with its recipe's system prompt, and the table and report.md say so
+    assert doc.eval.system_prompt_source == "run recipe" and doc.eval.own_system_rows == 0
+    assert "system prompt: Reply with the intent label. (from run recipe)" in text
+    assert "system prompt: Reply with the intent label. (from run recipe)" in (run.path / "bench" / "report.md").read_text()
+    assert all(ex["messages"][0]["content"] == doc.eval.system_prompt for ex in _scored_examples(run))
 
 
 def _scored_examples(run: Run) -> list[dict]:
@@ -655,6 +661,94 @@ def test_bench_data_in_recipe_formats(tmp_path: Path, artifacts: dict[str, Path]
         artifacts["gguf"], load_target(_tiny_target(tmp_path)), data=chats, overrides=["data.format=messages"], speed=FAST
     )
     assert doc.eval.task == "label_match" and len(doc.predictions["merged.f16"]) == 2
+
+
+def _spy_jobs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every BenchJob the stage hands a worker (the rows exactly as the worker sends them through ``chat_ids``)."""
+    jobs: list = []
+    real = bench.run_worker
+
+    def spy(job, work_dir, **kwargs):
+        jobs.append(job)
+        return real(job, work_dir, **kwargs)
+
+    monkeypatch.setattr(bench, "run_worker", spy)
+    return jobs
+
+
+def test_a_shipped_gguf_is_benched_with_the_system_prompt_it_is_served_with(
+    tmp_path: Path, artifacts: dict[str, Path], tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ftedge bench RUN/ship/MODEL.gguf --data FILE` asks what chat and serve ask: the run recipe's system prompt."""
+
+    from ftedge.backends import load_backend
+
+    system = load_recipe(tiny_recipe).data.system_prompt
+    assert system
+    run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "run")
+    (run.path / "ship").mkdir()
+    shipped = Path(shutil.copy(artifacts["gguf"], run.path / "ship" / "tiny.f16.gguf"))
+    data = write_text_label_csv(tmp_path / "test.csv", n=3)  # text,category: no system column
+    out = tmp_path / "out.json"
+    jobs = _spy_jobs(monkeypatch)
+    target = _tiny_target(tmp_path)
+    result = CliRunner().invoke(main, ["bench", str(shipped), "--target", str(target), "--data", str(data), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"system prompt: {system} (from run recipe)" in result.output
+    asked = [ex["messages"] for ex in jobs[0].examples]
+    assert len(asked) == 3 and all(m[0] == {"role": "system", "content": system} and m[1]["role"] == "user" for m in asked)
+    doc = load_results(out)
+    assert (doc.eval.system_prompt, doc.eval.system_prompt_source, doc.eval.own_system_rows) == (system, "run recipe", 0)
+    with load_backend(shipped, threads=1, n_ctx=512) as backend:  # the runtime's own count of the first row's prompt
+        with_system, bare = len(backend.chat_ids(asked[0])), len(backend.chat_ids(asked[0][1:]))
+    assert doc.speed.prompt_tokens == with_system != bare
+    # the same bundle copied out of its run: its Modelfile's SYSTEM line, as `ftedge serve ship/` reads it
+    from ftedge.formats.modelfile import write_modelfile
+    from ftedge.session import SystemPrompt, resolve
+
+    alone = tmp_path / "elsewhere" / "ship"
+    alone.mkdir(parents=True)
+    copied = Path(shutil.copy(shipped, alone / shipped.name))
+    write_modelfile(copied, alone / "Modelfile", system="Answer with one label.")
+    assert resolve(alone) == (copied, SystemPrompt("Answer with one label.", "ship/Modelfile"))
+    doc = bench.bench_artifact(copied, load_target(target), data=data, speed=FAST)
+    assert (doc.eval.system_prompt, doc.eval.system_prompt_source) == ("Answer with one label.", "ship/Modelfile")
+    assert jobs[-1].examples[0]["messages"][0] == {"role": "system", "content": "Answer with one label."}
+    # -o data.system_prompt= (empty) asks without one, and says so
+    doc = bench.bench_artifact(copied, load_target(target), data=data, overrides=["data.system_prompt="], speed=FAST)
+    assert doc.eval.system_prompt is None and doc.eval.system_prompt_source == "-o data.system_prompt"
+    assert [m["role"] for m in jobs[-1].examples[0]["messages"]] == ["user"]
+
+
+def test_bench_data_with_a_system_column_asks_each_row_with_its_own(
+    tmp_path: Path, artifacts: dict[str, Path], tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row's own system prompt (a `system` column) wins over the artifact's; rows without one get the artifact's."""
+
+    run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "run")
+    (run.path / "gguf").mkdir()
+    model = Path(shutil.copy(artifacts["gguf"], run.path / "gguf" / "tiny.f16.gguf"))
+    data = tmp_path / "test.csv"
+    rows = [("where is my new card", "card_arrival", "Row one's prompt."), ("i lost my card", "lost_or_stolen_card", "Row two's.")]
+    rows.append(("rate for pounds", "exchange_rate", ""))  # an empty cell: the artifact's prompt
+    with open(data, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "category", "system"])
+        w.writerows(rows)
+    jobs = _spy_jobs(monkeypatch)
+    target = _tiny_target(tmp_path)
+    result = CliRunner().invoke(main, ["bench", str(model), "--target", str(target), "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    asked = [ex["messages"][0]["content"] for ex in jobs[0].examples]
+    assert asked == ["Row one's prompt.", "Row two's.", "Reply with the intent label."]
+    assert "system prompt: Reply with the intent label. (from run recipe); 2 of 3 rows with their own" in result.output
+    # every row with its own; -o data.system_prompt only fills the rows without one
+    data.write_text("text,category,system\nhello,card_arrival,Mine.\n")
+    doc = bench.bench_artifact(model, load_target(target), data=data, overrides=["data.system_prompt=Other."], speed=FAST)
+    assert jobs[-1].examples[0]["messages"][0]["content"] == "Mine." and doc.eval.own_system_rows == 1
+    from ftedge.bench.report import doc_system_line
+
+    assert doc_system_line(doc) == "system prompt: each row's own (from the data: a system column or turn)"
 
 
 def test_standalone_speed_only(tmp_path: Path, artifacts: dict[str, Path]) -> None:

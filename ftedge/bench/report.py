@@ -14,6 +14,7 @@ from typing import Any
 
 from ftedge import atomic
 from ftedge.results import BenchResults, Entry, write_results
+from ftedge.session import NO_SYSTEM, SystemPrompt
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,27 @@ def drift_line(doc: BenchResults) -> str | None:
     )
 
 
+def system_line(system: SystemPrompt, own: int, n: int) -> str:
+    """One line naming the system prompt the rows were asked with and where it came from."""
+    if n and own >= n:
+        return "system prompt: each row's own (from the data: a system column or turn)"
+    if system.source == NO_SYSTEM:
+        line = "system prompt: none (no run recipe or bundle Modelfile names one; -o data.system_prompt=... sets one)"
+    else:
+        line = f"system prompt: {system.short()} (from {system.source})"
+    if own:
+        line += f"; {own} of {n} rows with their own (from the data: a system column or turn)"
+    return line
+
+
+def doc_system_line(doc: BenchResults) -> str | None:
+    """:func:`system_line` of a results document (None when it does not say: speed only, or an older file)."""
+    ev = doc.eval
+    if ev.system_prompt_source is None:
+        return None
+    return system_line(SystemPrompt(ev.system_prompt, ev.system_prompt_source), ev.own_system_rows or 0, ev.n_examples)
+
+
 def print_table(doc: BenchResults, console: Any | None = None) -> None:
     from rich.console import Console
 
@@ -147,6 +169,9 @@ def print_table(doc: BenchResults, console: Any | None = None) -> None:
         if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
             console = Console(width=180)
     console.print(table(doc))
+    said = doc_system_line(doc)
+    if said:
+        console.print(said, markup=False, highlight=False)
     line = drift_line(doc)
     if line:
         console.print(line, markup=False, highlight=False)
@@ -189,6 +214,7 @@ def markdown(doc: BenchResults) -> str:
         f"max size {target.max_size_mb or '—'} MB, max RAM {target.max_ram_mb or '—'} MB",
         f"- quality: task `{doc.eval.task or 'none (speed only)'}`, {_rows(doc)}"
         + (f", reference **{doc.reference}**" if doc.reference else ""),
+        *([f"- {doc_system_line(doc)}"] if doc_system_line(doc) else []),
         f"- llama.cpp: {_runtime(target.runtime)}",
         f"- speed: greedy, {speed.prompt_tokens or '?'}-token prompt, {speed.decode_tokens} decoded tokens, "
         f"{speed.repeats} repeats after {speed.warmup} warm-up",

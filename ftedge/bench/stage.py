@@ -35,6 +35,7 @@ from ftedge.choose import fits
 from ftedge.errors import FtedgeError
 from ftedge.manifest import Run
 from ftedge.results import MEASURED_KEYS, BenchResults, DriftBase, Entry, EvalInfo, HostInfo, SpeedInfo, TargetInfo, write_results
+from ftedge.session import RUN_RECIPE, SystemPrompt, served_system_prompt
 from ftedge.targets import Target
 
 log = logging.getLogger(__name__)
@@ -466,7 +467,9 @@ def bench_run(
     with run.stage("bench") as metrics:
         if not examples:
             raise FtedgeError(f"no test rows for {run.path}", hint="set data.test or data.test_fraction > 0 in the recipe")
-        log.info("bench: %d of the %d test rows", len(examples), n_test)
+        system = SystemPrompt(recipe.data.system_prompt, RUN_RECIPE)
+        own_system = own_system_rows(examples, system.text)
+        log.info("bench: %d of the %d test rows; %s", len(examples), n_test, report.system_line(system, own_system, len(examples)))
         warn_unlearned_labels(run, examples, "the test rows")
         task = recipe.eval.task
         drift_base, general_in = bench_base(recipe, target, out_dir / "work", command=command) if recipe.eval.drift else (None, None)
@@ -498,6 +501,7 @@ def bench_run(
             predictions=predictions,
         )
         doc.drift_base = drift_base
+        doc.eval.system_prompt, doc.eval.system_prompt_source, doc.eval.own_system_rows = system.text, system.source, own_system
         if target.ship == "auto":
             from ftedge.choose import ship_decision
 
@@ -529,6 +533,8 @@ def bench_artifact(
 
     ``data`` is read in ``recipe``'s data format (its fields and system prompt), else as a text,label file, with
     ``data.KEY=VALUE`` / ``eval.KEY=VALUE`` ``overrides`` (e.g. ``data.system_prompt=...``, ``eval.task=perplexity``).
+    Each row is asked with the system prompt its runtime would add (:func:`data_system_prompt`), unless it has its own;
+    results.json's ``eval`` and the terminal say which.
     """
     from ftedge.bench import report
 
@@ -548,16 +554,17 @@ def bench_artifact(
         quant = _hf_dtype(path)
     examples: list[dict[str, Any]] = []
     task, cap = None, None
+    system: SystemPrompt | None = None
+    own_system = 0
     if data is not None:
         from ftedge.recipe import load_recipe
 
         cfg, ev = data_file_config(data, recipe=load_recipe(recipe, check_files=False) if recipe else None, overrides=overrides)
-        examples = data_file_examples(data, cfg)
+        system = data_system_prompt(path, cfg, recipe_given=recipe is not None, overrides=overrides)
+        examples = data_file_examples(data, cfg.model_copy(update={"system_prompt": system.text}))
+        own_system = own_system_rows(examples, system.text)
         task, cap = ev.task, ev.max_new_tokens
-        if cfg.system_prompt is None and not any(m["role"] == "system" for ex in examples for m in ex["messages"]):
-            log.info(
-                "scoring %s without a system prompt: pass -o data.system_prompt=... (or --recipe) if the model was tuned with one", data
-            )
+        log.info("bench: %d rows of %s; %s", len(examples), data, report.system_line(system, own_system, len(examples)))
         from ftedge.manifest import find_run
 
         trained_in = find_run(path)
@@ -595,10 +602,28 @@ def bench_artifact(
     )
     if data is not None:
         doc.eval.data = str(Path(data).resolve())
+    if system is not None:
+        doc.eval.system_prompt, doc.eval.system_prompt_source, doc.eval.own_system_rows = system.text, system.source, own_system
     if json_path is not None:
         write_results(doc, Path(json_path))
     report.print_table(doc)
     return doc
+
+
+def data_system_prompt(artifact: Path, cfg: Any, *, recipe_given: bool, overrides: Sequence[str]) -> SystemPrompt:
+    """The system prompt in front of the ``--data`` rows that have none of their own: ``-o data.system_prompt=...``
+    (empty for none), else ``--recipe``'s, else the one ``artifact`` is served with (``ftedge.session.served_system_prompt``:
+    the recipe of the run it lives in, else its ship/ bundle's Modelfile), else none."""
+    if any(item.split("=", 1)[0].strip() == "data.system_prompt" for item in overrides):
+        return SystemPrompt(cfg.system_prompt or None, "-o data.system_prompt")
+    if recipe_given and cfg.system_prompt:
+        return SystemPrompt(cfg.system_prompt, "--recipe")
+    return served_system_prompt(artifact)
+
+
+def own_system_rows(examples: Sequence[dict[str, Any]], default: str | None) -> int:
+    """How many rows were asked with a system prompt of their own (a ``system`` column or system turn), not ``default``."""
+    return sum(1 for ex in examples if ex["messages"] and ex["messages"][0]["role"] == "system" and ex["messages"][0]["content"] != default)
 
 
 def warn_unlearned_labels(run: Run, examples: Sequence[dict[str, Any]], what: str) -> list[str]:
