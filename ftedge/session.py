@@ -57,18 +57,21 @@ def pick_run_artifact(run: Run) -> Path:
 
 def served_system_prompt(model: Path) -> SystemPrompt:
     """The system prompt ``model`` (a .gguf, an ORT GenAI folder or an HF folder) is served with: the recipe of the run it
-    lives in (ship/, gguf/, onnx/, merged/), else the SYSTEM line of the Modelfile of the bundle it is the model of (a
-    ship/ folder copied out of its run), else none."""
+    lives in (ship/, gguf/, onnx/, merged/), else (no run, or a recipe without one) the SYSTEM line of the Modelfile of
+    the bundle it is the model of (a ship/ folder copied out of its run), else none."""
     from ftedge.choose import bundle_model
     from ftedge.formats.modelfile import read_modelfile_system
 
     model = Path(model)
     run = find_run(model)
+    recipe: SystemPrompt | None = None
     if run is not None:
         try:
-            return SystemPrompt(run.recipe().data.system_prompt, RUN_RECIPE)
+            recipe = SystemPrompt(run.recipe().data.system_prompt, RUN_RECIPE)
         except FtedgeError:  # the run's recipe is unreadable: what its bundle says, if anything
-            pass
+            recipe = None
+    if recipe is not None and recipe.text is not None:
+        return recipe
     folder = model.parent
     if (folder / "Modelfile").is_file():
         try:
@@ -79,7 +82,7 @@ def served_system_prompt(model: Path) -> SystemPrompt:
             text = read_modelfile_system(folder)
             if text is not None:
                 return SystemPrompt(text, f"{folder.name}/Modelfile")
-    return SystemPrompt(None, NO_SYSTEM)
+    return recipe or SystemPrompt(None, NO_SYSTEM)
 
 
 def resolve(artifact: Path) -> tuple[Path, SystemPrompt]:

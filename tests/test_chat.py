@@ -135,3 +135,33 @@ def test_an_over_long_prompt_names_the_real_context_and_option(tiny_gguf: Path) 
     line = result.output.strip()
     assert len(line.splitlines()) == 1 and "context of 512 tokens" in line and "keeps 64 for the reply" in line
     assert "or lower --max-new-tokens" in line  # the prompt alone fits 512: a shorter reply would make room
+
+
+def test_served_system_prompt_is_the_runs_recipe_else_its_bundles_modelfile(tmp_path: Path, tiny_recipe: Path) -> None:
+    """The one answer chat, serve and bench share: which system prompt a model is served with, and from where."""
+    import yaml
+
+    from ftedge.session import SystemPrompt, served_system_prompt
+
+    def bundle(folder: Path, system: str | None, models: tuple[str, ...] = ("m.gguf",)) -> Path:
+        folder.mkdir(parents=True)
+        for name in models:
+            (folder / name).write_bytes(b"GGUF")
+        (folder / "Modelfile").write_text("FROM ./m.gguf\n" + (f'SYSTEM """{system}"""\n' if system else ""))
+        return folder / models[0]
+
+    assert served_system_prompt(bundle(tmp_path / "alone" / "ship", "From the Modelfile.")) == SystemPrompt(
+        "From the Modelfile.", "ship/Modelfile"
+    )
+    assert served_system_prompt(bundle(tmp_path / "bare" / "ship", None)) == SystemPrompt(None, "none")
+    assert served_system_prompt(bundle(tmp_path / "two", "Whose?", ("m.gguf", "n.gguf"))) == SystemPrompt(None, "none")
+    run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "run")
+    assert served_system_prompt(bundle(run.path / "ship", "Edited by hand.")) == SystemPrompt("Reply with the intent label.", "run recipe")
+    raw = yaml.safe_load(tiny_recipe.read_text())
+    raw["data"]["system_prompt"] = None
+    tiny_recipe.write_text(yaml.safe_dump(raw))
+    silent = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "silent")
+    assert served_system_prompt(bundle(silent.path / "ship", "Only here.")) == SystemPrompt("Only here.", "ship/Modelfile")
+    (silent.path / "ship" / "Modelfile").unlink()
+    assert served_system_prompt(silent.path / "ship" / "m.gguf") == SystemPrompt(None, "run recipe")
+    assert SystemPrompt("word " * 20, "x").short() == ("word " * 12).strip() + "…" and SystemPrompt(None, "none").short() == "none"
