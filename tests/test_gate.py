@@ -68,7 +68,7 @@ PROMPTS = [Prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "cont
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, confident_model_dir: Path, confident_ggufs: dict[str, Path]):
     """The reference: the tiny model trained on PROMPTS' rows, confident on them (margins > 1 nat) as tuned models are."""
-    from helpers import make_tiny_model
+    from tiny_models import make_tiny_model
 
     from ftedge.export.gate import build_reference
     from ftedge.export.gguf import build_f16

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import trained_tiny_model
+from tiny_models import trained_tiny_model
 
 from ftedge.errors import FtedgeError
 
