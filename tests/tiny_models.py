@@ -96,18 +96,21 @@ def chat_rows(tokenizer) -> list[str]:
     return texts
 
 
-def trained_tiny_model(out: Path, tokenizer_dir: Path, *, steps: int = 60, seed: int = 0, sharpen: float = 1.0) -> Path:
+def trained_tiny_model(
+    out: Path, tokenizer_dir: Path, *, steps: int = 60, seed: int = 0, sharpen: float = 1.0, **overrides: Any
+) -> Path:
     """The tiny model, trained (embeddings frozen, answer tokens only: ~5 s) to answer and end with <|im_end|>.
 
     ``sharpen`` multiplies the final norm's weight, so every logit and every top-1 margin scales by it (argmaxes
     unchanged): a model as confident of its answers as a tuned one (margins of several nats), without longer training.
+    ``overrides`` change the config (e.g. ``hidden_size=256``: rows as wide as llama.cpp's k-quant blocks).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(2)
     torch.manual_seed(seed)
-    make_tiny_model(out, tokenizer_dir, seed=seed, pad_token_id=None)
+    make_tiny_model(out, tokenizer_dir, seed=seed, **{"pad_token_id": None, **overrides})
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     texts = chat_rows(tok)
