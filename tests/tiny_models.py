@@ -96,9 +96,7 @@ def chat_rows(tokenizer) -> list[str]:
     return texts
 
 
-def trained_tiny_model(
-    out: Path, tokenizer_dir: Path, *, steps: int = 60, seed: int = 0, sharpen: float = 1.0, **overrides: Any
-) -> Path:
+def trained_tiny_model(out: Path, tokenizer_dir: Path, *, steps: int = 60, seed: int = 0, sharpen: float = 1.0, **overrides: Any) -> Path:
     """The tiny model, trained (embeddings frozen, answer tokens only: ~5 s) to answer and end with <|im_end|>.
 
     ``sharpen`` multiplies the final norm's weight, so every logit and every top-1 margin scales by it (argmaxes
