@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ftedge import atomic  # noqa: E402
+from ftedge.basemodel import cache_dir  # noqa: E402
 from ftedge.export.gguf import convert_to_gguf, quantize_gguf  # noqa: E402
-from ftedge.hf import cache_dir, resolve_base_model  # noqa: E402
+from ftedge.loader import resolve_base_model  # noqa: E402
 
 TARGET_PCT = 3.0
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread in a small mountain village."}]

@@ -35,7 +35,7 @@ DPO_RECIPE = ROOT / "recipes" / "smollm2-banking77-dpo.yaml"
 
 
 def write_pairs(path: Path, n: int, seed: int = 0) -> None:
-    from ftedge.data import load_splits
+    from ftedge.data.splits import load_splits
     from ftedge.recipe import load_recipe
 
     splits = load_splits(load_recipe(SFT_RECIPE))
@@ -69,8 +69,9 @@ def _recipe(out: Path, steps: int, batch: int):
 
 
 def _useful_tokens(recipe) -> int:
-    from ftedge.data import load_splits, tokenized_splits
-    from ftedge.hf import load_tokenizer, resolve_base_model
+    from ftedge.data.encoding import tokenized_splits
+    from ftedge.data.splits import load_splits
+    from ftedge.loader import load_tokenizer, resolve_base_model
 
     pairs, _ = tokenized_splits(recipe, load_tokenizer(resolve_base_model(recipe.base_model)), load_splits(recipe))
     n = recipe.train.max_steps * recipe.train.batch_size
@@ -93,8 +94,8 @@ def worker_trl(out: Path, steps: int, batch: int) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from trl import DPOConfig, DPOTrainer
 
-    from ftedge.data import load_splits
-    from ftedge.hf import load_tokenizer, resolve_base_model
+    from ftedge.data.splits import load_splits
+    from ftedge.loader import load_tokenizer, resolve_base_model
 
     recipe = _recipe(out, steps, batch)
     base = resolve_base_model(recipe.base_model)

@@ -70,7 +70,7 @@ def export_carry(dest: Path) -> Path:
     """The SmolLM2 tokenizer and SmolLM2-135M's config, read from the embedded GGUF, into ``dest``."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ftedge.hf import embedded_gguf
+    from ftedge.basemodel import embedded_gguf
 
     gguf = embedded_gguf("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -12,7 +12,7 @@ processed per second of training). Adapter size is the adapter's safetensors fil
     .venv/bin/python benchmarks/methods.py -o quant.compute_dtype=float32   # CPUs without AVX512-BF16/AMX
 
 Writes benchmarks/results/methods.json (with the machine's load average, which makes tok/s
-loose on a shared machine) and prints the README table. Runs go to benchmarks/work/methods/.
+loose on a shared machine) and prints the table in docs/methods.md. Runs go to benchmarks/work/methods/.
 """
 
 from __future__ import annotations

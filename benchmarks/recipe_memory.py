@@ -128,7 +128,7 @@ def build_base(name: str, out: Path, tokenizer_dir: Path) -> int:
 def smollm2_tokenizer(out: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from ftedge.hf import embedded_gguf
+    from ftedge.basemodel import embedded_gguf
 
     gguf = embedded_gguf("smollm2-135m-instruct")
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)

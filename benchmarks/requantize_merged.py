@@ -48,14 +48,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "requantize_merged.json")
     args = parser.parse_args()
     from ftedge import commands
-    from ftedge.data import load_splits
+    from ftedge.data.splits import run_splits
     from ftedge.logs import setup_logging
     from ftedge.manifest import Run
 
     setup_logging(False)
     run = Run.open(args.run)
     merged = commands.merge(run.path)  # skipped when done
-    examples = load_splits(run.recipe()).test[: args.rows]
+    examples = run_splits(run).test[: args.rows]  # the test rows frozen into the run
     result = {
         "schema": 1,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -88,18 +88,12 @@ def http_run(host: str, port: int, messages: list[dict], tokens: int) -> tuple[f
 
 def local_run(backend, messages: list[dict], tokens: int) -> tuple[float, list[float], str, int]:
     """The same, in-process: chat template + tokenize + greedy generate, one stamp per token."""
-    from ftedge.chat import StreamDecoder
-
     t0 = time.perf_counter()
-    stops = backend.stop_ids
-    decoder = StreamDecoder(backend)
     stamps: list[float] = []
-    for tok in backend.generate(backend.chat_ids(messages), max_new_tokens=tokens, stop_ids=stops):
-        if tok in stops:
-            break
-        decoder.push(tok)
+    reply = backend.stream(backend.chat_ids(messages), max_new_tokens=tokens)
+    for _ in reply.pieces():  # the stream serve decodes with
         stamps.append(time.perf_counter())
-    return t0, stamps, decoder.text(), len(stamps)
+    return t0, stamps, reply.text(), len(stamps)
 
 
 def summarize(runs: list[tuple[float, list[float], str, int]]) -> dict:

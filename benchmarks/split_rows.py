@@ -30,7 +30,7 @@ def main() -> int:
     ap.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
 
-    from ftedge.data import load_splits, prompt_text
+    from ftedge.data.splits import load_splits, prompt_text
     from ftedge.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.override)

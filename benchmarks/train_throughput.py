@@ -96,8 +96,8 @@ def _sync() -> None:
 
 
 def _encoder(recipe: Any) -> Any:
-    from ftedge.data import ChatEncoder
-    from ftedge.hf import load_tokenizer, resolve_base_model
+    from ftedge.data.encoding import ChatEncoder
+    from ftedge.loader import load_tokenizer, resolve_base_model
 
     return ChatEncoder(load_tokenizer(resolve_base_model(recipe.base_model)), recipe.train.max_length)
 
@@ -110,7 +110,7 @@ def _row_tokens(recipe: Any, rows: list[Any]) -> list[int]:
 
 def _ordered_rows(recipe: Any) -> list[Any]:
     """The training examples in the order ftedge's loop consumes them (one step after another)."""
-    from ftedge.data import load_splits
+    from ftedge.data.splits import load_splits
     from ftedge.train.loop import step_examples
 
     cfg = recipe.train
@@ -160,7 +160,7 @@ def worker_trl(steps: int, batch: int, warmup: int, out: Path, extra: list[str],
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from ftedge.hf import compute_dtype, pick_device, resolve_base_model
+    from ftedge.loader import compute_dtype, pick_device, resolve_base_model
 
     recipe = _recipe(steps, batch, extra)
     base = resolve_base_model(recipe.base_model)
@@ -260,7 +260,7 @@ def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
 def _config(recipe: Any) -> Any:
     from transformers import AutoConfig
 
-    from ftedge.hf import resolve_base_model
+    from ftedge.loader import resolve_base_model
 
     return AutoConfig.from_pretrained(str(resolve_base_model(recipe.base_model)))
 
@@ -321,8 +321,9 @@ def eval_loss(adapter: str, steps: int, batch: int, rows: int = EVAL_ROWS) -> fl
     import torch
     from peft import PeftModel
 
-    from ftedge.data import load_splits, make_batch
-    from ftedge.hf import compute_dtype, load_causal_lm, pick_device, resolve_base_model
+    from ftedge.data.splits import load_splits
+    from ftedge.loader import compute_dtype, load_causal_lm, pick_device, resolve_base_model
+    from ftedge.train.batch import make_batch
     from ftedge.train.model import LabelOnlyLoss
 
     recipe = _recipe(steps, batch)
@@ -478,7 +479,7 @@ def mfu_basis(args: argparse.Namespace, out: Path) -> dict:
     """FLOPs per useful token of the rows the runs train on, and the GEMM rate (own process, same threads)."""
     import torch
 
-    from ftedge.hf import compute_dtype, pick_device
+    from ftedge.loader import compute_dtype, pick_device
 
     recipe = _recipe(args.steps, args.batch)
     enc = _encoder(recipe)

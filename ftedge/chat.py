@@ -1,7 +1,7 @@
 """``ftedge chat``: streaming greedy chat with any artifact, interactive or one-shot (``--prompt``).
 
-The artifact may be a .gguf, an ORT GenAI folder, an HF folder, or a run folder; for a run the
-shipped GGUF is used, else the first GGUF that passed its parity gate, else the merged model.
+The artifact may be a .gguf, an ORT GenAI folder, an HF folder, or a run folder (``ftedge.session.resolve``;
+for a run ``ftedge.choose.default_model`` picks the shipped model, else the best passing GGUF, else the merged model).
 """
 
 from __future__ import annotations
@@ -17,80 +17,20 @@ from ftedge.backends.base import Backend, detect_format
 from ftedge.errors import FtedgeError
 from ftedge.formats.gguf import inspect_gguf
 from ftedge.launch import MAX_CTX, serve_context
-from ftedge.manifest import Run, find_run
+from ftedge.session import resolve
 
 log = logging.getLogger(__name__)
 
 COMMANDS = "/reset clears the conversation, /exit (or Ctrl-D) quits"
 
 
-def pick_run_artifact(run: Run) -> Path:
-    """ship/*.gguf, else the first GGUF that passed its gate, else the merged model."""
-    ship = sorted((run.path / "ship").glob("*.gguf"))
-    if ship:
-        return ship[0]
-    ggufs = run.usable_models("gguf")
-    if ggufs:
-        return ggufs[0].path
-    merged = run.artifact("merged")
-    if merged is not None and merged.usable:
-        return merged.path
-    raise FtedgeError(
-        f"{run.path} has no shipped, passing GGUF or merged model to chat with",
-        hint=f"run `ftedge merge {run.path}` and `ftedge export {run.path}` first",
-    )
-
-
-def resolve(artifact: Path) -> tuple[Path, str | None]:
-    """The model path to load and the default system prompt (the run's recipe, if any)."""
-    artifact = Path(artifact)
-    if not artifact.exists():
-        raise FtedgeError(f"{artifact} not found", hint="give a .gguf file, an ORT GenAI folder, an HF folder or a run folder")
-    run = find_run(artifact)
-    system = None
-    if run is not None:
-        try:
-            system = run.recipe().data.system_prompt
-        except FtedgeError:
-            system = None
-        if artifact.resolve() == run.path:
-            artifact = pick_run_artifact(run)
-            log.info("chatting with %s", run.rel(artifact))
-    return artifact, system
-
-
-class StreamDecoder:
-    """Turns token ids into text pieces as they arrive, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.backend.detokenize(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return piece
-
-    def text(self) -> str:
-        return self.backend.detokenize(self.ids)
-
-
 def stream_reply(backend: Backend, messages: list[dict[str, str]], *, max_new_tokens: int, write: Callable[[str], None]) -> str:
     """Generate one assistant turn, writing each text piece as it arrives; returns the full text."""
-    stops = backend.stop_ids
-    decoder = StreamDecoder(backend)
-    for token in backend.generate(backend.chat_ids(messages), max_new_tokens=max_new_tokens, stop_ids=stops):
-        if token in stops:
-            break
-        piece = decoder.push(token)
-        if piece:
-            write(piece)
-    return decoder.text()
+    with backend.stream(backend.chat_ids(messages), max_new_tokens=max_new_tokens) as reply:
+        for piece in reply.pieces():
+            if piece:
+                write(piece)
+    return reply.text()
 
 
 def fit_history(backend: Backend, messages: list[dict[str, str]], *, n_ctx: int, max_new_tokens: int) -> list[dict[str, str]]:

@@ -82,8 +82,15 @@ def train(
     with run.lock("train") if rank == 0 else contextlib.nullcontext():
         if world == 1:
             prepare_init(run)
-        train_stage(run, resume=resume is not None)
+        train_stage(run, resume=resume is not None, data_warnings=data_warnings)
     return run
+
+
+def data_warnings(recipe: Any, tokenizer: Any, splits: Any) -> list[str]:
+    """``ftedge data check``'s findings on the splits training uses, one line each: what the train stage logs first."""
+    from ftedge.datacheck import check_data
+
+    return check_data(recipe, tokenizer=tokenizer, splits=splits).warnings()
 
 
 def prepare_init(run: Run) -> None:
@@ -174,7 +181,7 @@ def data_check(recipe_path: Path, overrides: list[str], *, strict: bool = False,
     recipe = load_recipe(recipe_path, overrides)
     tokenizer = None
     if tokens:
-        from ftedge.hf import load_tokenizer, resolve_base_model
+        from ftedge.loader import load_tokenizer, resolve_base_model
 
         tokenizer = load_tokenizer(resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code))
     report = check_data(recipe, tokenizer=tokenizer, source=str(recipe_path))
@@ -186,6 +193,23 @@ def data_check(recipe_path: Path, overrides: list[str], *, strict: bool = False,
     if strict and report.leakage and leakage is not None:
         raise FtedgeError(f"{recipe_path}: leakage: {leakage.summary}", hint="remove the shared rows from the validation/test data")
     return report
+
+
+def data_preferences(run_dir: Path, *, out: Path | None = None, rows: int | None = None) -> dict[str, Any]:
+    """``ftedge data preferences``: the run's mistakes on its training rows as preference pairs (merged first if needed)."""
+    from ftedge.preferences import DEFAULT_ROWS, build_preferences
+
+    run = Run.open(run_dir)
+    run.require("train", "trained model", "ftedge train --resume")
+    if run.artifact("merged") is None:
+        from ftedge.merge import merge_stage
+        from ftedge.recipe import require_mergeable
+
+        require_mergeable(run.recipe(), "data preferences")
+        log.info("data preferences: merging %s first (its merged model answers)", run.path)
+        with run.lock("merge"):
+            merge_stage(run)
+    return build_preferences(run, out, rows=DEFAULT_ROWS if rows is None else rows)
 
 
 def run_all(
@@ -218,7 +242,7 @@ def _run_stages(run: Run, *, resume: bool) -> Run:
     estimates = eta.estimate(units, eta.load_rates())
     done = {name for name in eta.STAGES if run.is_done(name)} | ({"merge", "export", "ship"} if unmergeable is not None else set())
     steps = [
-        ("train", lambda: train_stage(run, resume=resume, eta_after=eta.remaining(estimates, done, "train"))),
+        ("train", lambda: train_stage(run, resume=resume, eta_after=eta.remaining(estimates, done, "train"), data_warnings=data_warnings)),
         ("merge", lambda: merge_stage(run)),
         ("export", lambda: export_stage(run, target)),
         ("bench", lambda: bench_run(run, target)),
@@ -251,7 +275,7 @@ def _run_stages(run: Run, *, resume: bool) -> Run:
 def _stage_units(run: Run, target: Any) -> dict[str, float]:
     """The work of each stage of the run, for the whole-run ETA (``ftedge.eta``)."""
     from ftedge import eta
-    from ftedge.hf import resolve_base_model
+    from ftedge.loader import resolve_base_model
 
     recipe = run.recipe()
     try:  # the train stage resolves it next (cached); its errors are the train stage's to report

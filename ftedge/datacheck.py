@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftedge.data import Example, Splits, load_splits, normalize, prompt_text, read_rows, row_to_example
+from ftedge.data.reading import Example, read_rows, row_to_example
+from ftedge.data.splits import Splits, load_splits, normalize, prompt_text
 from ftedge.errors import FtedgeError
 from ftedge.recipe import Recipe
 
@@ -280,7 +281,7 @@ def empty_answers(df: Any, preference: bool) -> Finding:
 
 
 def too_long(splits: dict[str, list[Example]], tokenizer: Any, max_length: int) -> Finding:
-    from ftedge.data import ChatEncoder
+    from ftedge.data.encoding import ChatEncoder
 
     enc = ChatEncoder(tokenizer, max_length)
     over: list[str] = []

@@ -1,7 +1,7 @@
-"""Generate the README's recipe and target reference from the schemas, so it cannot drift.
+"""Generate the recipe and target reference (docs/reference.md) from the schemas, so it cannot drift.
 
-``python -m ftedge.docs`` rewrites the block between the markers in README.md;
-``python -m ftedge.docs --check`` fails when README.md is stale (a test runs this).
+``python -m ftedge.docs`` rewrites the block between the markers in docs/reference.md;
+``python -m ftedge.docs --check`` fails when docs/reference.md is stale (a test runs this).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ftedge.targets import Target
 
 BEGIN = "<!-- BEGIN GENERATED REFERENCE (python -m ftedge.docs) -->"
 END = "<!-- END GENERATED REFERENCE -->"
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 
 
 def _table(model: type[BaseModel]) -> str:
@@ -32,21 +33,21 @@ def reference() -> str:
     return "\n\n".join([BEGIN, "### Recipe keys", _table(Recipe), "### Target profile keys (`export/*.yaml`)", _table(Target), END])
 
 
-def render(readme: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit("README.md has no generated-reference markers")
-    head, _, rest = readme.partition(BEGIN)
+def render(page: str) -> str:
+    if BEGIN not in page or END not in page:
+        raise SystemExit(f"{REFERENCE.name} has no generated-reference markers")
+    head, _, rest = page.partition(BEGIN)
     _, _, tail = rest.partition(END)
     return head + reference() + tail
 
 
 def main(argv: list[str]) -> int:
-    path = Path(__file__).resolve().parent.parent / "README.md"
+    path = REFERENCE
     text = path.read_text(encoding="utf-8")
     new = render(text)
     if "--check" in argv:
         if new != text:
-            sys.stderr.write("README.md reference is stale: run `python -m ftedge.docs`\n")
+            sys.stderr.write("docs/reference.md is stale: run `python -m ftedge.docs`\n")
             return 1
         return 0
     path.write_text(new, encoding="utf-8")

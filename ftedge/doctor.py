@@ -23,19 +23,19 @@ def check_converter() -> str:
 
 
 def check_llama_cpp() -> str:
-    import llama_cpp
+    from ftedge.backends.llamacpp import runtime_version
 
-    return f"llama-cpp-python {llama_cpp.__version__}"
+    return f"llama-cpp-python {runtime_version()}"
 
 
 def check_ort_genai() -> str:
-    import onnxruntime_genai as og
+    from ftedge.backends.ortgenai import runtime_version
 
-    return f"onnxruntime-genai {og.__version__}"
+    return f"onnxruntime-genai {runtime_version()}"
 
 
 def check_embedded_model() -> str:
-    from ftedge.hf import embedded_gguf
+    from ftedge.basemodel import embedded_gguf
 
     return f"embedded base model at {embedded_gguf('smollm2-135m-instruct')}"
 

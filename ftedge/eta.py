@@ -33,7 +33,7 @@ KEEP = 0.5  # weight of the previous rate when a new measurement comes in
 
 
 def rates_path() -> Path:
-    from ftedge.hf import cache_dir
+    from ftedge.basemodel import cache_dir
 
     return cache_dir() / RATES_FILE
 

@@ -7,7 +7,6 @@ Kept free of heavy imports: ship/ writes these lines, ``ftedge serve`` uses the 
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from pathlib import Path
 
@@ -27,15 +26,6 @@ def model_id(path: str | Path) -> str:
     """The name a served artifact answers to: the file name without .gguf, or the folder name."""
     path = Path(path)
     return path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
-
-
-def read_modelfile_system(folder: Path) -> str | None:
-    """The SYSTEM prompt of an Ollama Modelfile in ``folder`` (a ship/ bundle), if any."""
-    path = Path(folder) / "Modelfile"
-    if not path.is_file():
-        return None
-    found = re.search(r'^SYSTEM """(.*?)"""', path.read_text(errors="replace"), flags=re.S | re.M)
-    return found.group(1) if found else None
 
 
 def launch_section(gguf_path: Path, model_name: str, system_prompt: str | None, *, port: int = DEFAULT_PORT) -> str:

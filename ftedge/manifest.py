@@ -13,7 +13,8 @@ marked ``interrupted`` by the next command that opens the run.
 
 Stages read artifacts through :class:`Artifact` (a typed view of a manifest entry: its format,
 quant type and parity-gate verdict) and the queries of :class:`Run` (``models()``,
-``usable_models()``), never by parsing keys or entries themselves.
+``usable_models()``, ``artifact()``, ``stage_record()``, ``stage_metrics()``, ``target_name()``), never by parsing
+keys or entries themselves.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,21 @@ class Artifact:
         return None
 
     @property
+    def size_bytes(self) -> int | None:
+        size = self.entry.get("size_bytes")
+        return size if isinstance(size, int) else None
+
+    @property
+    def source(self) -> str | None:
+        """The artifact this one was made from or holds (a Modelfile's GGUF, ship/'s model), when recorded."""
+        return self.entry.get("source")
+
+    @property
+    def mode(self) -> str | None:
+        """How a merged model was written (``float`` / ``dequantized``: the recipe's ``export.merge_into``), when recorded."""
+        return self.entry.get("mode")
+
+    @property
     def is_model(self) -> bool:
         return self.format in MODEL_FORMATS and self.stage in MODEL_STAGES
 
@@ -96,6 +112,19 @@ class Artifact:
     def usable(self) -> bool:
         """On disk and not failed at its gate: fit to chat with, bench or ship."""
         return self.path.exists() and self.gate_passed is not False
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """A stage's entry in the manifest, typed."""
+
+    name: str
+    status: str  # pending, running, done, failed, interrupted
+    started: str | None = None
+    finished: str | None = None
+    seconds: float | None = None
+    error: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def utc_now() -> str:
@@ -304,8 +333,36 @@ class Run:
         return stale
 
     # -- stages -------------------------------------------------------------
+    def stage_record(self, stage: str) -> StageRecord:
+        """A stage's record (status, timings, error, metrics); ``pending`` when it never ran."""
+        st = self.manifest().get("stages", {}).get(stage) or {}
+        metrics = st.get("metrics")
+        return StageRecord(
+            name=stage,
+            status=str(st.get("status", "pending")),
+            started=st.get("started"),
+            finished=st.get("finished"),
+            seconds=st.get("seconds"),
+            error=st.get("error"),
+            metrics=dict(metrics) if isinstance(metrics, dict) else {},
+        )
+
+    def stage_metrics(self, stage: str) -> dict[str, Any]:
+        """The metrics a stage recorded (train: steps, best_eval_loss, ...; export: target, artifacts; ...); {} when none."""
+        return self.stage_record(stage).metrics
+
+    def target_name(self) -> str | None:
+        """The target profile the run was exported for (export's record), else the recipe's ``export.target``."""
+        name = self.stage_metrics("export").get("target")
+        if isinstance(name, str):
+            return name
+        try:
+            return self.recipe().export.target
+        except FtedgeError:
+            return None
+
     def stage_status(self, stage: str) -> str:
-        return self.manifest().get("stages", {}).get(stage, {}).get("status", "pending")
+        return self.stage_record(stage).status
 
     def is_done(self, stage: str) -> bool:
         return self.stage_status(stage) == "done"
@@ -404,7 +461,7 @@ class Run:
         recipe = self.recipe()
         if recipe.train.init_from is not None:
             return init_model(recipe.train.init_from, this=self)
-        from ftedge.hf import resolve_base_model
+        from ftedge.loader import resolve_base_model
 
         return resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
 
@@ -491,7 +548,7 @@ def init_model(spec: str | Path, *, this: Run | None = None) -> Path:
     """The model folder ``train.init_from`` starts from: a run's merged model, or the given model folder."""
     source = init_source(spec)
     if isinstance(source, Path):
-        from ftedge.hf import resolve_base_model
+        from ftedge.loader import resolve_base_model
 
         return resolve_base_model(source)
     if this is not None and source.path == this.path:

@@ -26,8 +26,8 @@ from typing import Any
 
 from ftedge.atomic import atomic_path
 from ftedge.errors import FtedgeError, check_free_space
+from ftedge.families import end_of_turn_id
 from ftedge.formats.quants import BYTES_PER_WEIGHT
-from ftedge.hf import end_of_turn_id
 from ftedge.manifest import Run
 from ftedge.recipe import require_mergeable
 
@@ -71,7 +71,7 @@ def _load_base(base: Path, *, four_bit: bool, quant: Any, trust_remote_code: boo
     on ``device`` (default: the GPU when there is one, else the CPU)."""
     import torch
 
-    from ftedge.hf import compute_dtype, load_causal_lm, pick_device
+    from ftedge.loader import compute_dtype, load_causal_lm, pick_device
 
     device = device or pick_device()
     if four_bit:
@@ -81,7 +81,7 @@ def _load_base(base: Path, *, four_bit: bool, quant: Any, trust_remote_code: boo
 
 
 def _with_adapter(model: Any, adapter: Path) -> Any:
-    from ftedge.hf import attach_adapter
+    from ftedge.loader import attach_adapter
 
     try:
         return attach_adapter(model, adapter)
@@ -100,7 +100,7 @@ def build_merged(base: Path, adapter: Path, mode: str, *, quant: Any, trust_remo
         raise FtedgeError(f"unknown merge mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
     if mode == "dequantized":
         model = _load_base(base, four_bit=True, quant=quant, trust_remote_code=trust_remote_code, device=device)
-        from ftedge.hf import dequantize_4bit
+        from ftedge.loader import dequantize_4bit
 
         model = dequantize_4bit(model).to(torch.float32)
     else:
@@ -111,8 +111,14 @@ def build_merged(base: Path, adapter: Path, mode: str, *, quant: Any, trust_remo
 
 
 def _reference_model(base: Path, adapter: Path, *, four_bit: bool, quant: Any, trust_remote_code: bool) -> Any:
-    """What was trained: the base (4-bit when QLoRA) with the adapter on top, unmerged."""
+    """What was trained: the base (4-bit when QLoRA) with the adapter on top, unmerged. On CPU the 4-bit weights are
+    dequantized once into the compute dtype, as CPU training holds them (bitsandbytes' own CPU kernels compute
+    differently on AVX-512 BF16 CPUs: the merge test's top-1 agreement fell to 0.87 on a tiny random model)."""
     model = _load_base(base, four_bit=four_bit, quant=quant, trust_remote_code=trust_remote_code)
+    if four_bit and model.device.type == "cpu":
+        from ftedge.loader import compute_dtype, dequantize_4bit
+
+        model = dequantize_4bit(model, compute_dtype(quant.compute_dtype, model.device))
     return _with_adapter(model, adapter).eval()
 
 
@@ -136,7 +142,8 @@ def _save(model: Any, tokenizer: Any, base: Path, out: Path, tokenizer_source: P
     chat template, and a generation config ending on the end-of-turn token."""
     from transformers import GenerationConfig
 
-    from ftedge.hf import copy_tokenizer_files, write_chat_template
+    from ftedge.formats.chat_template import write_chat_template
+    from ftedge.loader import copy_tokenizer_files
 
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer_source is None or not copy_tokenizer_files(tokenizer_source, out):
@@ -163,8 +170,8 @@ def _tokenizer_source(base: Path, adapter: Path) -> Path:
 
 
 def _tokenizer(base: Path, adapter: Path, trust_remote_code: bool, chat_template: str | None = None) -> Any:
-    """The tokenizer the model was trained with (``ftedge.hf.training_tokenizer``: the trained chat template)."""
-    from ftedge.hf import training_tokenizer
+    """The tokenizer the model was trained with (``ftedge.loader.training_tokenizer``: the trained chat template)."""
+    from ftedge.loader import training_tokenizer
 
     return training_tokenizer(_tokenizer_source(base, adapter), chat_template, trust_remote_code=trust_remote_code)
 
@@ -208,7 +215,7 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
     run.require("train", "trained adapter", "ftedge train --resume")
     require_mergeable(run.recipe(), "merge")
     out = run.path / "merged"
-    if run.is_done("merge") and not force and out.is_dir() and "merged" in run.artifacts():
+    if run.is_done("merge") and not force and out.is_dir() and run.artifact("merged") is not None:
         log.info("merge already done (%s); use --force to redo it", out)
         return out
     recipe = run.recipe()
@@ -224,9 +231,11 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
     if not four_bit and mode == "dequantized":
         note = f"quant.bits={recipe.quant.bits}: training used a float base, so the merge is into the float base"
         mode = "float"
-    from ftedge.data import gate_prompts
-    from ftedge.hf import parameter_count
+    from ftedge.basemodel import parameter_count
+    from ftedge.data.prompts import gate_prompts
+    from ftedge.data.splits import run_splits
 
+    splits = run_splits(run)  # the validation rows frozen at train time (refused if the data file changed since)
     base = run.base_model()  # the recipe's base model, or train.init_from's merged model
     trust = recipe.trust_remote_code
     need = int(parameter_count(base) * BYTES_PER_WEIGHT["f32"])  # the merged model is float32
@@ -238,7 +247,7 @@ def merge_stage(run: Run, *, into: str | None = None, force: bool = False) -> Pa
         tokenizer = _tokenizer(base, adapter, trust, recipe.chat_template)
         eot = end_of_turn_id(tokenizer)
         eot_text = tokenizer.convert_ids_to_tokens(eot) if eot is not None else ""
-        prompts = gate_prompts(recipe, N_PROMPTS)
+        prompts = gate_prompts(splits, recipe, N_PROMPTS)
         texts = [p.text(tokenizer, eot=eot_text) for p in prompts]
         modes = ["dequantized", "float"] if four_bit else ["float"]
         drift, model = measure_drift(

@@ -271,6 +271,10 @@ class EvalConfig(_Strict):
     )
 
 
+# Recipe keys naming an input an earlier command can make (``Recipe.made_by``).
+MADE_BY_KEYS = ("data.train", "data.val", "data.test", "train.init_from", "eval.general_prompts")
+
+
 class Recipe(_Strict):
     name: str = Field(description="Run name prefix: runs go to runs/<name>-<UTC timestamp>/.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     base_model: str = Field(
@@ -298,6 +302,14 @@ class Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization, schedule, batching, checkpoints, evaluation.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Where to ship: target profile and merge mode.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="How bench scores each artifact.")
+    made_by: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Inputs an earlier command makes, as recipe key -> that command (e.g. `data.train: ftedge data preferences runs/sft -o "
+            f"runs/prefs`); keys: {', '.join(MADE_BY_KEYS)}. `ftedge validate` accepts them not made yet and names the command; "
+            "training refuses until they exist."
+        ),
+    )
 
     @field_validator("name")
     @classmethod
@@ -350,6 +362,9 @@ class Recipe(_Strict):
                 raise ValueError("train.unfreeze and train.layer_lr_decay act on layers; adapter.method=prefix has no per-layer weights")
         if self.adapter.top_layers is not None and (train.method == "full" or method not in ("lora", "dora")):
             raise ValueError("adapter.top_layers works with LoRA and DoRA adapters (peft's layers_to_transform); drop it for this method")
+        unknown = sorted(set(self.made_by) - set(MADE_BY_KEYS))
+        if unknown:
+            raise ValueError(f"made_by: {', '.join(unknown)} is not an input a command makes (one of {', '.join(MADE_BY_KEYS)})")
         return self
 
 
@@ -467,7 +482,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_f
     return recipe
 
 
-def check_data_files(recipe: Recipe, *, source: str) -> None:
+def check_data_files(recipe: Recipe, *, source: str, pending_ok: bool = False) -> list[str]:
+    """Refuse a data file that is not there; one the recipe's ``made_by`` names a command for is refused with that command,
+    or with ``pending_ok`` returned as a line saying which command makes it."""
+    pending: list[str] = []
     for key, value in (
         ("data.train", recipe.data.train),
         ("data.val", recipe.data.val),
@@ -475,7 +493,18 @@ def check_data_files(recipe: Recipe, *, source: str) -> None:
         ("eval.general_prompts", recipe.eval.general_prompts),
     ):
         if value is not None and not Path(value).exists():
-            raise FtedgeError(f"{source}: {key}: file {value} not found", hint=f"fix the path or pass -o {key}=PATH")
+            pending.append(not_made_yet(recipe, key, value, source=source, pending_ok=pending_ok))
+    return pending
+
+
+def not_made_yet(recipe: Recipe, key: str, value: str | Path, *, source: str, pending_ok: bool = False) -> str:
+    """``key``'s input ``value`` is missing: a line naming the command that makes it (``pending_ok``), else a one-line error."""
+    command = recipe.made_by.get(key)
+    if command is None:
+        raise FtedgeError(f"{source}: {key}: file {value} not found", hint=f"fix the path or pass -o {key}=PATH")
+    if not pending_ok:
+        raise FtedgeError(f"{source}: {key}: {value} is not made yet", hint=f"run `{command}` first (the recipe's made_by)")
+    return f"{key}: {value} not made yet: `{command}` makes it"
 
 
 def dump_recipe(recipe: Recipe) -> str:

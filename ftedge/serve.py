@@ -40,9 +40,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ftedge import __version__
 from ftedge.backends import load_backend
 from ftedge.backends.base import Backend, Sampling, detect_format
-from ftedge.chat import StreamDecoder, resolve
 from ftedge.errors import FtedgeError
-from ftedge.launch import MAX_CTX, model_id, read_modelfile_system, serve_context
+from ftedge.formats.modelfile import read_modelfile_system
+from ftedge.launch import MAX_CTX, model_id, serve_context
+from ftedge.session import resolve
 
 log = logging.getLogger(__name__)
 
@@ -273,40 +274,33 @@ class Engine:
             )
         budget = room if job.max_tokens is None else job.max_tokens
         job.emit("ready", n_prompt)
-        stops = self.stop_ids
-        decoder = StreamDecoder(backend)
         matcher = StopMatcher(job.stops)
-        n_new, finish, cut = 0, "length", False
+        finish, cut = "length", False
         t0 = time.perf_counter()
         t_first = t0
-        with contextlib.closing(backend.generate(ids, max_new_tokens=budget, stop_ids=stops, sampling=job.sampling)) as tokens:
-            for token in tokens:
+        with backend.stream(ids, max_new_tokens=budget, stop_ids=self.stop_ids, sampling=job.sampling) as reply:
+            for piece in reply.pieces():
                 if job.cancel.is_set():
-                    log.info("client left: generation stopped after %d tokens", n_new)
+                    log.info("client left: generation stopped after %d tokens", len(reply.tokens) - 1)
                     return
                 if self.stopping.is_set():
                     job.emit("error", shutting_down())
                     return
-                if token in stops:
-                    finish = "stop"
-                    break
-                n_new += 1
-                if n_new == 1:
+                if len(reply.tokens) == 1:
                     t_first = time.perf_counter()
-                text, hit = matcher.push(decoder.push(token))
+                text, hit = matcher.push(piece)
                 if text:
                     job.emit("text", text)
                 if hit:
                     finish, cut = "stop", True
                     break
         if not cut:  # what the decoder and the stop matcher still hold back belongs to the reply
-            full = decoder.text()
-            rest = full[len(decoder.emitted) :] if full.startswith(decoder.emitted) else ""
-            text, _ = matcher.push(rest)
+            finish = reply.finish
+            text, _ = matcher.push(reply.rest())
             tail = text + matcher.flush()
             if tail:
                 job.emit("text", tail)
-        job.emit("done", finish, n_prompt, n_new, (t_first - t0, time.perf_counter() - t_first))
+        job.emit("done", finish, n_prompt, len(reply.tokens), (t_first - t0, time.perf_counter() - t_first))
 
 
 def load_engine(artifact: Path, *, threads: int | None = None, n_ctx: int | None = None, system: str | None = None) -> Engine:
@@ -330,16 +324,14 @@ def resolve_artifact(artifact: Path) -> tuple[Path, str | None]:
     (the system prompt then comes from the run's recipe, else from the bundle's Modelfile)."""
     artifact = Path(artifact)
     if artifact.is_dir() and not (artifact / "genai_config.json").is_file() and not (artifact / "config.json").is_file():
+        from ftedge.choose import bundle_model
         from ftedge.manifest import find_run
 
         run = find_run(artifact)
         if run is None or artifact.resolve() != run.path:
-            ggufs = sorted(artifact.glob("*.gguf"))
-            if len(ggufs) > 1:
-                names = ", ".join(g.name for g in ggufs)
-                raise FtedgeError(f"{artifact} holds several GGUF files ({names})", hint="name the one to serve")
-            if ggufs:
-                path, system = resolve(ggufs[0])
+            model = bundle_model(artifact)
+            if model is not None:
+                path, system = resolve(model)
                 return path, system if system is not None else read_modelfile_system(artifact)
     return resolve(artifact)
 

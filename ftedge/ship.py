@@ -8,15 +8,14 @@ llama.cpp and Ollama, and for serving it over an OpenAI-compatible API (``ftedge
 ``llama-server``, Ollama, LM Studio: ftedge.launch). Nothing in it refers to the run folder or
 the virtual environment. It is recorded as artifact ``ship`` once complete.
 
-Which GGUF: the target's ``ship`` type, or with ``ship: auto`` the decision ``ftedge.choose.ship_decision``
-takes on the bench's results (``bench/results.json``, recorded as artifact ``bench-results``; read
-here as data, never through bench's code). ONNX folders are never shipped: the bundle's Modelfile,
-llama.cpp and LM Studio lines need a GGUF.
+Which GGUF: ``ftedge.choose.ship_choice``: the target's ``ship`` type, or with ``ship: auto`` the decision
+``ftedge.choose.ship_decision`` takes on the bench's results (``bench/results.json``, recorded as artifact
+``bench-results``; read here through ``ftedge.results``, never through bench's code). ONNX folders are shipped
+only for a target without GGUF: the bundle's Modelfile, llama.cpp and LM Studio lines need a GGUF.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -25,60 +24,23 @@ from typing import Any
 import yaml
 
 from ftedge import atomic
-from ftedge.choose import decision_markdown, ship_decision, show_metric
-from ftedge.errors import FtedgeError, StageMissingError
+from ftedge.choose import ShipChoice, decision_markdown, ship_choice, show_metric
 from ftedge.formats.modelfile import write_modelfile
 from ftedge.launch import launch_section
 from ftedge.manifest import Artifact, Run
 from ftedge.recipe import require_mergeable
+from ftedge.results import BenchResults, Entry, ShipDecision, load_results
 from ftedge.targets import MB, Target
 
 log = logging.getLogger(__name__)
 
 
-def choose_gguf(run: Run, target: Target) -> Artifact:
-    """The target's `ship` quant if it passed its gate, else the first passing quantized GGUF of the target, else any passing GGUF."""
-    passing = {a.quant: a for a in run.usable_models("gguf")}
-    if not passing:
-        raise FtedgeError(
-            f"no GGUF artifact in {run.path} passed its parity gate",
-            hint=f"see `ftedge export {run.path}` output; loosen the target's gates only if the figures are acceptable",
-        )
-    named = [target.ship] if target.ship and target.ship != "auto" else []
-    order = named + list(target.gguf.quants if target.gguf else []) + sorted(q for q in passing if q)
-    return next(passing[q] for q in order if q in passing)
-
-
-def bench_results(run: Run) -> dict[str, Any] | None:
-    """The run's bench results (artifact ``bench-results``, results.json schema 1), None when bench has not run."""
+def bench_results(run: Run) -> BenchResults | None:
+    """The run's bench results (artifact ``bench-results``), None when bench has not run."""
     art = run.artifact("bench-results")
     if art is None or not art.path.is_file():
         return None
-    try:
-        doc = json.loads(art.path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise FtedgeError(f"{art.path} cannot be read ({err})", hint=f"run `ftedge bench {run.path}` again") from None
-    return doc if isinstance(doc, dict) and isinstance(doc.get("artifacts"), list) else None
-
-
-def choose_auto(run: Run, target: Target, doc: dict[str, Any] | None) -> tuple[Artifact, dict[str, Any]]:
-    """`ship: auto`: the GGUF ``ship_decision`` picks from the bench results, and the decision (``as_dict`` form)."""
-    if doc is None or not run.is_done("bench"):
-        raise StageMissingError(
-            f"ship: auto picks from the bench results, and {run.path} has none",
-            hint=f"run `ftedge bench {run.path}` first, or name the quant to ship in the target (ship: q4_k_m)",
-        )
-    usable = {a.key: a for a in run.usable_models("gguf")}
-    decision = ship_decision(doc, target, available=set(usable))
-    log.info("%s", decision.summary)
-    for c in decision.candidates:
-        if c.verdict != "reference":
-            log.info("  %s: %s: %s", c.name, c.verdict, c.reason)
-    if decision.chosen is None:
-        raise FtedgeError(
-            decision.summary, hint="see bench/report.md; export a smaller quant, raise the target's budgets, or set ship: TYPE by hand"
-        )
-    return usable[decision.chosen], decision.as_dict()
+    return load_results(art.path)
 
 
 def ship_readme(model_file: str, model_name: str, system_prompt: str | None, stop: list[str]) -> str:
@@ -117,18 +79,18 @@ def _cell(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def _ci(entry: dict[str, Any], key: str, scale: float = 1.0, digits: int = 1, *, label: str | None = None) -> str:
+def _ci(entry: Entry, key: str, scale: float = 1.0, digits: int = 1, *, label: str | None = None) -> str:
     """`` [low, high]`` of an entry's 95% interval; with ``label``, `` (95% CI low-high{label})``."""
-    ci = entry.get(f"{key}_ci")
+    ci = entry.value(f"{key}_ci")
     if not ci:
         return ""
     low, high = f"{scale * ci[0]:.{digits}f}", f"{scale * ci[1]:.{digits}f}"
     return f" [{low}, {high}]" if label is None else f" (95% CI {low}-{high}{label})"
 
 
-def front_matter(recipe: Any, chosen: Artifact, doc: dict[str, Any] | None) -> str:
+def front_matter(recipe: Any, chosen: Artifact, doc: BenchResults | None) -> str:
     """Hugging Face model-card metadata: base_model, license, datasets, metrics, tags, model-index for the shipped file."""
-    from ftedge.hf import card_base_model
+    from ftedge.basemodel import card_base_model
 
     base_id, licence = card_base_model(recipe.base_model)
     classifier = recipe.data.format == "text_label"
@@ -141,27 +103,27 @@ def front_matter(recipe: Any, chosen: Artifact, doc: dict[str, Any] | None) -> s
     meta["metrics"] = ["accuracy", "f1"] if classifier else ["perplexity", "chrf"]
     meta["pipeline_tag"] = "text-generation"
     meta["tags"] = ["ftedge", "gguf", chosen.quant or "gguf", recipe.train.method] + (["text-classification"] if classifier else ["chat"])
-    entry = next((e for e in (doc or {}).get("artifacts", []) if e.get("name") == chosen.key and e.get("status") == "ok"), None)
-    if entry is not None:
+    entry = doc.entry(chosen.key) if doc is not None else None
+    if entry is not None and entry.ok:
         figures = []
-        if entry.get("accuracy") is not None:
+        if entry.accuracy is not None:
             figures.append(
-                {"type": "accuracy", "value": round(entry["accuracy"], 4), "name": "Accuracy" + _ci(entry, "accuracy", 100, label="%")}
+                {"type": "accuracy", "value": round(entry.accuracy, 4), "name": "Accuracy" + _ci(entry, "accuracy", 100, label="%")}
             )
-        if entry.get("macro_f1") is not None:
-            figures.append({"type": "f1", "value": entry["macro_f1"], "name": "Macro-F1"})
-        if entry.get("perplexity") is not None:
+        if entry.macro_f1 is not None:
+            figures.append({"type": "f1", "value": entry.macro_f1, "name": "Macro-F1"})
+        if entry.perplexity is not None:
             figures.append(
                 {
                     "type": "perplexity",
-                    "value": round(entry["perplexity"], 4),
+                    "value": round(entry.perplexity, 4),
                     "name": "Answer perplexity" + _ci(entry, "perplexity", 1, 3, label=""),
                 }
             )
-        if entry.get("chrf") is not None:
-            figures.append({"type": "chrf", "value": entry["chrf"], "name": "chrF" + _ci(entry, "chrf", label="")})
-        if figures:
-            split = (doc or {}).get("eval", {}).get("split") or "held-out"
+        if entry.chrf is not None:
+            figures.append({"type": "chrf", "value": entry.chrf, "name": "chrF" + _ci(entry, "chrf", label="")})
+        if figures and doc is not None:
+            split = doc.eval.split or "held-out"
             meta["model-index"] = [
                 {
                     "name": recipe.name,
@@ -178,7 +140,7 @@ def front_matter(recipe: Any, chosen: Artifact, doc: dict[str, Any] | None) -> s
 
 
 def model_card(
-    run: Run, recipe: Any, chosen: Artifact, model_file: str, doc: dict[str, Any] | None, decision: dict[str, Any] | None, target: Target
+    run: Run, recipe: Any, chosen: Artifact, model_file: str, doc: BenchResults | None, decision: ShipDecision | None, target: Target
 ) -> str:
     """The model-card sections (after the front matter): intended use, training, data, evaluation, drift, limits, choice."""
     cfg, tr = recipe.data, recipe.train
@@ -215,7 +177,7 @@ def model_card(
         *([f"| objective | DPO ({tr.dpo_settings}) from {_cell(str(tr.init_from))} |"] if tr.objective == "dpo" else []),
         f"| base weights while training | {'4-bit ' + recipe.quant.type if recipe.quant.bits == 4 else f'{recipe.quant.bits}-bit float'} |",
     ]
-    train = run.manifest().get("stages", {}).get("train", {}).get("metrics", {})
+    train = run.stage_metrics("train")
     steps = train.get("steps", tr.max_steps)
     lines += [
         f"| steps | {steps} (batch {tr.batch_size} x {tr.grad_accum} accumulation, max {tr.max_length} tokens"
@@ -229,17 +191,16 @@ def model_card(
     if train.get("seconds") is not None:
         lines.append(f"| training time | {train['seconds'] / 60:.1f} min |")
     merged = run.artifact("merged")
-    if merged is not None and merged.entry.get("merge_into"):
-        lines.append(f"| merged into | {merged.entry['merge_into']} base |")
+    if merged is not None and merged.mode:
+        lines.append(f"| merged into | {merged.mode} base |")
     lines += ["", "## Data", ""]
     lines.append(
         f"- training file: `{Path(cfg.train).name}` (format `{cfg.format}`)"
         + (f", validation file `{Path(cfg.val).name}`" if cfg.val else "")
     )
     if doc is not None:
-        ev = doc.get("eval", {})
-        split = ev.get("split") or "held-out"
-        lines.append(f"- evaluation: {ev.get('n_examples', 0)} {split} rows, scored by `ftedge bench` (task `{ev.get('task') or 'none'}`)")
+        ev = doc.eval
+        lines.append(f"- evaluation: {ev.n_examples} {ev.split or 'held-out'} rows, scored by `ftedge bench` (task `{ev.task or 'none'}`)")
     lines += evaluation_section(doc, chosen.key, classifier)
     lines += drift_card_section(doc)
     lines += ["", "## Limits", ""]
@@ -267,29 +228,25 @@ def model_card(
 
 
 def card_base_model_text(spec: str) -> tuple[str, str | None]:
-    from ftedge.hf import card_base_model
+    from ftedge.basemodel import card_base_model
 
     base_id, licence = card_base_model(spec)
     return (f"`{base_id}`" if base_id else f"the local model `{Path(str(spec)).name}`"), licence
 
 
-def _labels(doc: dict[str, Any] | None, name: str) -> list[str]:
-    for e in (doc or {}).get("artifacts", []):
-        if e.get("name") == name and e.get("per_label"):
-            return sorted(e["per_label"])
-    return []
+def _labels(doc: BenchResults | None, name: str) -> list[str]:
+    entry = doc.entry(name) if doc is not None else None
+    return sorted(entry.per_label) if entry is not None and entry.per_label else []
 
 
-def evaluation_section(doc: dict[str, Any] | None, shipped: str, classifier: bool) -> list[str]:
+def evaluation_section(doc: BenchResults | None, shipped: str, classifier: bool) -> list[str]:
     """Every benched artifact's quality (with 95% intervals), size and speed; the shipped one in bold."""
     lines = ["", "## Evaluation", ""]
     if doc is None:
         return lines + ["Not benched: run `ftedge bench` on the run for quality and speed figures."]
-    target = doc.get("target", {})
-    host = doc.get("host", {})
     lines.append(
-        f"Measured by `ftedge bench` on {host.get('cpu')} ({target.get('threads')} threads), against the reference "
-        f"`{doc.get('reference')}`; 95% bootstrap intervals over the test rows in brackets."
+        f"Measured by `ftedge bench` on {doc.host.cpu} ({doc.target.threads} threads), against the reference "
+        f"`{doc.reference}`; 95% bootstrap intervals over the test rows in brackets."
     )
     lines.append("")
     head = (
@@ -298,43 +255,41 @@ def evaluation_section(doc: dict[str, Any] | None, shipped: str, classifier: boo
         + ["ppl", "decode tok/s", "peak RSS MB", "fits"]
     )
     lines += ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
-    for e in doc.get("artifacts", []):
-        if e.get("status") != "ok":
-            lines.append(f"| {_cell(e.get('name'))} | failed | " + " | ".join("—" for _ in head[2:]) + " |")
+    for e in doc.artifacts:
+        if not e.ok:
+            lines.append(f"| {_cell(e.name)} | failed | " + " | ".join("—" for _ in head[2:]) + " |")
             continue
-        name = f"**{e['name']} (shipped)**" if e["name"] == shipped else e["name"] + (" (reference)" if e.get("reference") else "")
-        row = [name, e.get("quant") or "—", "—" if e.get("size_bytes") is None else f"{e['size_bytes'] / MB:,.1f}"]
+        name = f"**{e.name} (shipped)**" if e.name == shipped else e.name + (" (reference)" if e.reference else "")
+        row = [name, e.quant or "—", "—" if e.size_bytes is None else f"{e.size_bytes / MB:,.1f}"]
         if classifier:
-            acc = e.get("accuracy")
             row += [
-                "—" if acc is None else f"{100 * acc:.1f}{_ci(e, 'accuracy', 100)}",
-                "—" if e.get("macro_f1") is None else f"{e['macro_f1']:.3f}",
+                "—" if e.accuracy is None else f"{100 * e.accuracy:.1f}{_ci(e, 'accuracy', 100)}",
+                "—" if e.macro_f1 is None else f"{e.macro_f1:.3f}",
             ]
         else:
-            row.append("—" if e.get("chrf") is None else f"{e['chrf']:.1f}{_ci(e, 'chrf')}")
-        ppl = e.get("perplexity")
+            row.append("—" if e.chrf is None else f"{e.chrf:.1f}{_ci(e, 'chrf')}")
         row += [
-            "—" if ppl is None else f"{ppl:.3f}{_ci(e, 'perplexity', 1, 3)}",
-            "—" if e.get("decode_tok_s") is None else f"{e['decode_tok_s']:.1f}",
-            "—" if e.get("peak_rss_mb") is None else f"{e['peak_rss_mb']:,.0f}",
-            {True: "yes", False: "no", None: "—"}[e.get("fits")],
+            "—" if e.perplexity is None else f"{e.perplexity:.3f}{_ci(e, 'perplexity', 1, 3)}",
+            "—" if e.decode_tok_s is None else f"{e.decode_tok_s:.1f}",
+            "—" if e.peak_rss_mb is None else f"{e.peak_rss_mb:,.0f}",
+            {True: "yes", False: "no", None: "—"}[e.fits],
         ]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return lines
 
 
-def drift_card_section(doc: dict[str, Any] | None) -> list[str]:
-    base = (doc or {}).get("drift_base")
-    if not base or base.get("status") != "ok":
+def drift_card_section(doc: BenchResults | None) -> list[str]:
+    base = doc.drift_base if doc is not None else None
+    if doc is None or base is None or base.status != "ok":
         return []
-    ok = [e for e in doc.get("artifacts", []) if e.get("status") == "ok" and e.get("drift_kl") is not None]
-    base_ppl = base.get("general_ppl")
+    ok = [e for e in doc.artifacts if e.ok and e.drift_kl is not None]
+    base_ppl = base.general_ppl
     lines = [
         "",
         "## Drift from base (forgetting)",
         "",
-        f"Each artifact against the untuned base model on {base.get('general_prompts')} general prompts that are not the "
-        f"task (KL and top-1 agreement over their short written answers) and {base.get('general_texts')} paragraphs of general text "
+        f"Each artifact against the untuned base model on {base.general_prompts} general prompts that are not the "
+        f"task (KL and top-1 agreement over their short written answers) and {base.general_texts} paragraphs of general text "
         f"(perplexity; the base's: {show_metric('perplexity', base_ppl)}). The reference's drift is what tuning cost; more "
         "than the reference's is what quantization added.",
         "",
@@ -342,10 +297,10 @@ def drift_card_section(doc: dict[str, Any] | None) -> list[str]:
         "|---|---:|---:|---:|---:|",
     ]
     for e in ok:
-        ppl = e.get("general_ppl")
+        ppl = e.general_ppl
         ratio = f"{ppl / base_ppl:.2f}x" if ppl and base_ppl else "—"
-        top1 = "—" if e.get("drift_top1") is None else f"{100 * e['drift_top1']:.1f}%"
-        lines.append(f"| {_cell(e['name'])} | {e['drift_kl']:.4f} | {top1} | {show_metric('perplexity', ppl)} | {ratio} |")
+        top1 = "—" if e.drift_top1 is None else f"{100 * e.drift_top1:.1f}%"
+        lines.append(f"| {_cell(e.name)} | {e.drift_kl or 0.0:.4f} | {top1} | {show_metric('perplexity', ppl)} | {ratio} |")
     return lines
 
 
@@ -365,14 +320,11 @@ def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
         return out
     recipe = run.recipe()
     require_mergeable(recipe, "ship")
-    if not (target.gguf and target.gguf.quants):  # a target without GGUF ships its best ONNX folder
-        return ship_onnx(run, target, out)
     doc = bench_results(run)
-    decision: dict[str, Any] | None = None
-    if target.ship == "auto":
-        chosen, decision = choose_auto(run, target, doc)
-    else:
-        chosen = choose_gguf(run, target)
+    choice = ship_choice(run, target, doc)
+    if choice.artifact.format == "onnx":  # a target without GGUF ships its best ONNX folder
+        return ship_onnx(run, choice, out)
+    chosen, decision = choice.artifact, choice.decision
     model_name = recipe.name.lower()
     model_file = f"{model_name}.{chosen.quant or 'gguf'}.gguf"
     with run.stage("ship") as metrics:
@@ -386,29 +338,15 @@ def ship_stage(run: Run, target: Target, *, force: bool = False) -> Path:
             card = model_card(run, recipe, chosen, model_file, doc, decision, target)
             readme = front_matter(recipe, chosen, doc) + "\n" + head + card + "\n" + mark + usage
             atomic.write_text(tmp / "README.md", readme)
-        rule = "auto" if decision is not None else (target.ship or "first passing")
-        run.record_artifact("ship", out, stage="ship", format="bundle", source=chosen.key, model_file=model_file, rule=rule)
-        metrics.update(source=chosen.key, model_file=model_file, rule=rule)
+        run.record_artifact("ship", out, stage="ship", format="bundle", source=chosen.key, model_file=model_file, rule=choice.rule)
+        metrics.update(source=chosen.key, model_file=model_file, rule=choice.rule)
         if decision is not None:
-            metrics["decision"] = decision["summary"]
+            metrics["decision"] = decision.summary
     log.info("shipped %s as %s", chosen.key, out / model_file)
     return out
 
 
 # --------------------------------------------------------------------------- targets without GGUF
-def choose_onnx(run: Run, target: Target) -> Artifact:
-    """The first of the target's ONNX precisions that passed its gate."""
-    passing = {a.quant: a for a in run.usable_models("onnx")}
-    order = list(target.onnx.precisions if target.onnx else []) + sorted(q for q in passing if q)
-    chosen = next((passing[q] for q in order if q in passing), None)
-    if chosen is None:
-        raise FtedgeError(
-            f"no ONNX artifact in {run.path} passed its parity gate (target {target.name} has no GGUF)",
-            hint=f"see `ftedge export {run.path}` output; loosen the target's gates only if the figures are acceptable",
-        )
-    return chosen
-
-
 def onnx_readme(folder: str, model_name: str, system_prompt: str | None) -> str:
     sys_opt = f' --system "{system_prompt}"' if system_prompt else ""
     return f"""# {model_name}
@@ -434,9 +372,9 @@ Any onnxruntime-genai program can load the folder too (`og.Model("{folder}")`); 
 """
 
 
-def ship_onnx(run: Run, target: Target, out: Path) -> Path:
+def ship_onnx(run: Run, choice: ShipChoice, out: Path) -> Path:
     """``run/ship`` from the best passing ONNX folder (a target without GGUF), with a README; recorded as 'ship'."""
-    chosen = choose_onnx(run, target)
+    chosen = choice.artifact
     recipe = run.recipe()
     model_name = recipe.name.lower()
     folder = f"{model_name}.onnx-{chosen.quant}"

@@ -33,7 +33,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     embedded model (the GPU check carries one: benchmarks/gpu_check.sh)."""
     from transformers import AutoTokenizer
 
-    from ftedge.hf import embedded_gguf
+    from ftedge.basemodel import embedded_gguf
 
     out = tmp_path_factory.mktemp("tokenizer")
     carried = os.environ.get("FTEDGE_TEST_TOKENIZER")

@@ -79,6 +79,7 @@ def make_run(tmp: Path, base: Path, adapter: Path, *, qlora: bool = False, name:
     """A run whose train stage is done, with ``adapter`` recorded as artifact 'adapter'."""
     import shutil
 
+    from ftedge.data.splits import freeze_splits
     from ftedge.manifest import Run
     from ftedge.recipe import load_recipe
 
@@ -106,6 +107,7 @@ def make_run(tmp: Path, base: Path, adapter: Path, *, qlora: bool = False, name:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     run = Run.create(load_recipe(path), run_dir=tmp / "run")
     with run.stage("train"):
+        freeze_splits(run)  # what the train stage does first
         shutil.copytree(adapter, run.path / "adapter")
         run.record_artifact("adapter", run.path / "adapter", stage="train")
     return run

@@ -23,11 +23,13 @@ from helpers import LABELS, make_adapter, write_text_label_csv
 from ftedge.bench import stage as bench
 from ftedge.bench.measures import measure_quality, measure_speed
 from ftedge.cli import main
+from ftedge.data.splits import freeze_splits
 from ftedge.errors import FtedgeError
 from ftedge.export.gguf import convert_to_gguf
 from ftedge.logits import grouped_kl, log_softmax, top_k
 from ftedge.manifest import Run
 from ftedge.recipe import load_recipe
+from ftedge.results import BenchResults, Entry, load_results
 from ftedge.targets import load_target
 
 FAST = bench.SpeedConfig(decode_tokens=8, repeats=2, warmup=1)
@@ -128,6 +130,7 @@ def _make_run(
     }
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run = Run.create(load_recipe(folder / "recipe.yaml"), run_dir=folder / "run")
+    freeze_splits(run)  # what the train stage does: bench reads the test rows through the run
     layout = {"adapter": ("adapter", "adapter", "train", {"format": "peft"}), "merged": ("merged", "merged", "merge", {"format": "hf"}),
               "gguf": ("gguf-f16", "gguf/tiny.f16.gguf", "export", {"format": "gguf", "quant": "f16"}),
               "onnx": ("onnx-fp32", "onnx/fp32", "export", {"format": "onnx", "quant": "fp32"})}  # fmt: skip
@@ -141,7 +144,7 @@ def _make_run(
 
 
 @pytest.fixture(scope="module")
-def benched(tmp_path_factory: pytest.TempPathFactory, artifacts: dict[str, Path]) -> tuple[Run, dict, Path]:
+def benched(tmp_path_factory: pytest.TempPathFactory, artifacts: dict[str, Path]) -> tuple[Run, BenchResults, Path]:
     folder = tmp_path_factory.mktemp("bench-run")
     run = _make_run(folder, artifacts, drift=True)  # drift from base is measured here once, for every test that reads this run
     json_copy = folder / "copy" / "results.json"
@@ -298,7 +301,7 @@ class _Paced:
     def chat_ids(self, messages) -> list[int]:
         return list(range(40))
 
-    def generate(self, ids, max_new_tokens: int, stop_ids=()):
+    def stream(self, ids, max_new_tokens: int, stop_ids=()):
         import time
 
         time.sleep(self.first)
@@ -343,11 +346,12 @@ def test_results_json_schema_and_entries(benched) -> None:
     run, doc, json_copy = benched
     on_disk = json.loads((run.path / "bench" / "results.json").read_text())
     assert on_disk["schema"] == 1 and on_disk == json.loads(json_copy.read_text())
+    assert load_results(json_copy) == doc  # what bench returned is what it wrote, read back through the schema
     names = [e["name"] for e in on_disk["artifacts"]]
     assert names == ["pytorch", "merged", "gguf-f16", "onnx-fp32"]
     assert on_disk["reference"] == "pytorch"
     for e in on_disk["artifacts"]:
-        assert set(bench.ENTRY_KEYS) <= set(e), e
+        assert set(Entry.model_fields) <= set(e), e
         assert e["status"] == "ok", e
         assert e["size_bytes"] > 0 and e["peak_rss_mb"] > 10
         assert e["accuracy"] is not None and 0.0 <= e["accuracy"] <= 1.0
@@ -382,9 +386,9 @@ def test_results_json_schema_and_entries(benched) -> None:
     for name, rows in on_disk["predictions"].items():
         assert [r["row"] for r in rows] == list(range(6)), name
         assert sum(r["correct"] for r in rows) / 6 == by[name]["accuracy"]
-    from ftedge.data import bench_examples
+    from ftedge.data.splits import run_splits
 
-    test_rows = bench_examples(run.recipe())[:6]
+    test_rows = run_splits(run).test[:6]
     assert [r["target"] for r in on_disk["predictions"]["pytorch"]] == [e.target for e in test_rows]
 
 
@@ -424,7 +428,7 @@ def test_table_lists_every_artifact(benched) -> None:
 
 def _scored_examples(run: Run) -> list[dict]:
     """The rows bench scored for a run, in order."""
-    return bench.run_examples(run.recipe())[0]
+    return bench.run_examples(run)[0]
 
 
 def test_classification_figures_come_from_every_answer(benched) -> None:
@@ -432,17 +436,17 @@ def test_classification_figures_come_from_every_answer(benched) -> None:
     predictions = json.loads((run.path / "bench" / "predictions.json").read_text())
     held_out = _scored_examples(run)
     gold = sorted({ex["target"] for ex in held_out})
-    for e in doc["artifacts"]:
-        pairs = predictions[e["name"]]
+    for e in doc.artifacts:
+        pairs = predictions[e.name]
         assert [p["target"] for p in pairs] == [ex["target"] for ex in held_out]  # every example, in order
-        assert e["accuracy"] == sum(p["correct"] for p in pairs) / len(pairs)
-        low, high = e["accuracy_ci"]
-        assert 0.0 <= low <= e["accuracy"] <= high <= 1.0
-        assert sorted(e["per_label"]) == gold and sum(v["support"] for v in e["per_label"].values()) == len(held_out)
-        assert e["macro_f1"] == pytest.approx(np.mean([v["f1"] for v in e["per_label"].values()]), abs=1e-3)
-        assert sum(c["count"] for c in e["confusions"]) == sum(not p["correct"] for p in pairs)
-        assert all(c["gold"] != c["predicted"] for c in e["confusions"])
-        assert e["perplexity_ci"][0] < e["perplexity_ci"][1]
+        assert e.accuracy == sum(p["correct"] for p in pairs) / len(pairs)
+        low, high = e.accuracy_ci
+        assert 0.0 <= low <= e.accuracy <= high <= 1.0
+        assert sorted(e.per_label) == gold and sum(v["support"] for v in e.per_label.values()) == len(held_out)
+        assert e.macro_f1 == pytest.approx(np.mean([v["f1"] for v in e.per_label.values()]), abs=1e-3)
+        assert sum(c["count"] for c in e.confusions) == sum(not p["correct"] for p in pairs)
+        assert all(c["gold"] != c["predicted"] for c in e.confusions)
+        assert e.perplexity_ci[0] < e.perplexity_ci[1]
 
 
 def test_the_worker_returns_every_answer_not_a_sample(artifacts: dict[str, Path]) -> None:
@@ -459,17 +463,17 @@ def test_the_worker_returns_every_answer_not_a_sample(artifacts: dict[str, Path]
 
 def test_drift_from_base_in_the_run(benched) -> None:
     _, doc, _ = benched
-    base = doc["drift_base"]
-    assert base["status"] == "ok" and base["general_prompts"] == 40 and base["general_texts"] == 6 and base["general_ppl"] > 1
-    by = {e["name"]: e for e in doc["artifacts"]}
+    base = doc.drift_base
+    assert base.status == "ok" and base.general_prompts == 40 and base.general_texts == 6 and base.general_ppl > 1
+    by = {e.name: e for e in doc.artifacts}
     ref = by["pytorch"]
-    assert ref["drift_kl"] > 1e-5  # the random non-zero LoRA moved the model away from its base
-    assert 0.0 <= ref["drift_top1"] <= 1.0 and ref["drift_positions"] == base["answer_tokens"] > 40 and base["written_answers"] == 40
-    assert ref["general_ppl"] != pytest.approx(base["general_ppl"], rel=1e-6)
+    assert ref.drift_kl > 1e-5  # the random non-zero LoRA moved the model away from its base
+    assert 0.0 <= ref.drift_top1 <= 1.0 and ref.drift_positions == base.answer_tokens > 40 and base.written_answers == 40
+    assert ref.general_ppl != pytest.approx(base.general_ppl, rel=1e-6)
     for name in ("merged", "gguf-f16", "onnx-fp32"):  # faithful exports of the tuned model drift as much as it does
-        assert by[name]["drift_kl"] == pytest.approx(ref["drift_kl"], rel=0.2, abs=2e-4), name
-        assert by[name]["general_ppl"] == pytest.approx(ref["general_ppl"], rel=0.02), name
-    md = (Path(doc["subject"]) / "bench" / "report.md").read_text()
+        assert by[name].drift_kl == pytest.approx(ref.drift_kl, rel=0.2, abs=2e-4), name
+        assert by[name].general_ppl == pytest.approx(ref.general_ppl, rel=0.02), name
+    md = (Path(doc.subject) / "bench" / "report.md").read_text()
     assert "## Drift from base" in md and "catastrophic forgetting" in md
 
 
@@ -496,10 +500,10 @@ def test_plot_shows_intervals_and_sizes(benched) -> None:
     _, doc, _ = benched
     key, _, points = plot_points(doc)
     assert key == "accuracy" and len(points) == 4
-    by = {e["name"]: e for e in doc["artifacts"]}
+    by = {e.name: e for e in doc.artifacts}
     for p in points:
         e = by[p["name"]]
-        assert p["y"] - p["yerr"][0] == pytest.approx(e["accuracy_ci"][0]) and p["y"] + p["yerr"][1] == pytest.approx(e["accuracy_ci"][1])
+        assert p["y"] - p["yerr"][0] == pytest.approx(e.accuracy_ci[0]) and p["y"] + p["yerr"][1] == pytest.approx(e.accuracy_ci[1])
     areas = {p["name"]: p["area"] for p in points}
     assert areas["gguf-f16"] < areas["merged"] and max(areas.values()) == MAX_AREA  # f16 is half the f32's bytes
 
@@ -515,7 +519,7 @@ def test_chat_run_shows_answers_side_by_side_with_chrf(tmp_path: Path, artifacts
     doc = bench.bench_run(run, load_target(_tiny_target(tmp_path, onnx=None)), speed=FAST)
     held_out = _scored_examples(run)
     assert len(held_out) == 2
-    by = {e["name"]: e for e in doc["artifacts"]}
+    by = {e.name: e for e in doc.artifacts}
     assert set(by) == {"pytorch", "gguf-f16"}
     md = (run.path / "bench" / "report.md").read_text()
     assert "## Answers side by side" in md and "chrF" in md
@@ -525,12 +529,12 @@ def test_chat_run_shows_answers_side_by_side_with_chrf(tmp_path: Path, artifacts
     }
     for name, open_backend in runtimes.items():
         e = by[name]
-        assert e["status"] == "ok" and e["accuracy"] is None and e["macro_f1"] is None and e["perplexity"] > 1
-        assert 0.0 <= e["chrf"] <= 100.0 and e["chrf_ci"][0] <= e["chrf_ci"][1]
-        assert len(e["generations"]) == 2
+        assert e.status == "ok" and e.accuracy is None and e.macro_f1 is None and e.perplexity > 1
+        assert 0.0 <= e.chrf <= 100.0 and e.chrf_ci[0] <= e.chrf_ci[1]
+        assert len(e.generations) == 2
         with open_backend() as backend:
             tokens = budget(backend, [ex["target"] for ex in held_out])
-            for g, ex in zip(e["generations"], held_out, strict=True):
+            for g, ex in zip(e.generations, held_out, strict=True):
                 assert g["prompt"] == ex["messages"][-1]["content"] and g["reference"] == ex["target"]
                 stops = backend.stop_ids
                 new = [t for t in backend.generate(backend.chat_ids(ex["messages"]), max_new_tokens=tokens, stop_ids=stops)]
@@ -564,22 +568,22 @@ def test_ship_auto_decides_from_the_bench_results_and_writes_a_model_card(ship_c
     from ftedge.ship import ship_stage
 
     run, doc, target = ship_choice
-    by = {e["name"]: e for e in doc["artifacts"]}
-    assert by["gguf-q4_0"]["size_bytes"] < by["gguf-q8_0"]["size_bytes"] < by["gguf-f16"]["size_bytes"]
-    reference = by["pytorch"]["accuracy"]
-    assert by["gguf-q4_0"]["accuracy"] < reference - 0.10 and by["gguf-q8_0"]["accuracy"] == by["gguf-f16"]["accuracy"] == reference
-    decision = doc["ship_decision"]
-    assert decision["metric"] == "accuracy" and decision["tolerance"] == 10 and decision["reference"] == "pytorch"
+    by = {e.name: e for e in doc.artifacts}
+    assert by["gguf-q4_0"].size_bytes < by["gguf-q8_0"].size_bytes < by["gguf-f16"].size_bytes
+    reference = by["pytorch"].accuracy
+    assert by["gguf-q4_0"].accuracy < reference - 0.10 and by["gguf-q8_0"].accuracy == by["gguf-f16"].accuracy == reference
+    decision = doc.ship_decision
+    assert decision.metric == "accuracy" and decision.tolerance == 10 and decision.reference == "pytorch"
     # the rule decides: the smallest is too far from the reference, the next smallest is within tolerance, the largest loses on size
-    verdicts = {c["name"]: c["verdict"] for c in decision["candidates"]}
-    reasons = {c["name"]: c["reason"] for c in decision["candidates"]}
-    assert decision["chosen"] == "gguf-q8_0" and decision["within_tolerance"]
+    verdicts = {c.name: c.verdict for c in decision.candidates}
+    reasons = {c.name: c.reason for c in decision.candidates}
+    assert decision.chosen == "gguf-q8_0" and decision.within_tolerance
     assert verdicts == {"pytorch": "reference", "gguf-f16": "qualifies", "gguf-q8_0": "chosen", "gguf-q4_0": "rejected"}
-    gap = 100 * (reference - by["gguf-q4_0"]["accuracy"])
+    gap = 100 * (reference - by["gguf-q4_0"].accuracy)
     assert f"{gap:.2f} points worse than the reference (tolerance 10.00 points)" in reasons["gguf-q4_0"]
     assert reasons["gguf-f16"].endswith("; larger than gguf-q8_0")
     md = (run.path / "bench" / "report.md").read_text()
-    assert "## Ship decision (`ship: auto`)" in md and decision["summary"] in md
+    assert "## Ship decision (`ship: auto`)" in md and decision.summary in md
     benched_md = (benched[0].path / "bench" / "report.md").read_text()
     assert "ONNX: ship/ holds a GGUF" in benched_md  # why an ONNX folder is never shipped
 
@@ -594,11 +598,11 @@ def test_ship_auto_decides_from_the_bench_results_and_writes_a_model_card(ship_c
     assert meta["metrics"] == ["accuracy", "f1"] and {"ftedge", "gguf", "q8_0", "lora"} <= set(meta["tags"])
     figures = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     shipped = by["gguf-q8_0"]
-    assert figures == {"accuracy": round(shipped["accuracy"], 4), "f1": shipped["macro_f1"], "perplexity": round(shipped["perplexity"], 4)}
+    assert figures == {"accuracy": round(shipped.accuracy, 4), "f1": shipped.macro_f1, "perplexity": round(shipped.perplexity, 4)}
     sections = ["## Intended use", "## Training recipe", "## Data", "## Evaluation", "## Limits", "## Why this file"]
     positions = [body.index(s) for s in [*sections, "## Chat with it", "## Serve it"]]
     assert positions == sorted(positions)
-    assert "**gguf-q8_0 (shipped)**" in body and decision["summary"] in body
+    assert "**gguf-q8_0 (shipped)**" in body and decision.summary in body
     for name in ("pytorch", "gguf-f16", "gguf-q4_0"):
         assert f"| {name}" in body
     # the card of a run whose bench measured drift from base (the module's run) has that section before its limits
@@ -630,7 +634,7 @@ def test_a_crashing_worker_loses_only_its_artifact(tmp_path: Path, artifacts: di
     assert by["gguf-f16"]["status"] == "failed" and "SIGABRT" in by["gguf-f16"]["error"]
     assert by["gguf-f16"]["decode_tok_s"] is None and by["gguf-f16"]["fits"] is None
     assert "gguf-f16" in (run.path / "bench" / "report.md").read_text()
-    assert doc["artifacts"][1]["status"] == "failed" and run.is_done("bench")
+    assert doc.artifacts[1].status == "failed" and run.is_done("bench")
 
 
 def test_eval_artifacts_picks_what_to_bench(tmp_path: Path, artifacts: dict[str, Path]) -> None:
@@ -647,13 +651,36 @@ def test_eval_artifacts_picks_what_to_bench(tmp_path: Path, artifacts: dict[str,
         bench.run_specs(_make_run(tmp_path / "bad", artifacts, bench_only=["gguf-q4_k_m"]))
 
 
+def test_worker_job_is_one_typed_hand_off(tmp_path: Path) -> None:
+    """The job travels as a BenchJob (the typed Target inside), written and parsed in one place; a bad job is a failed result."""
+    from ftedge.bench import worker
+    from ftedge.bench.job import BenchJob, SpeedJob
+
+    target = load_target(_tiny_target(tmp_path, runtime={"flash_attn": True, "repack": False}, threads=3))
+    job = BenchJob(name="gguf-f16", path="/m.gguf", target=target, examples=[{"messages": MESSAGES, "target": "x"}],
+                   speed=SpeedJob(MESSAGES, 8, 2, 1), reference_in="/ref.npz", generate=2)  # fmt: skip
+    back = BenchJob.read(job.write(tmp_path / "job.json"))
+    assert back == job and back.target.runtime.flash_attn is True and back.threads == 3 and back.n_ctx == 512
+    raw = json.loads((tmp_path / "job.json").read_text())
+    assert raw["target"]["name"] == "tiny-cpu" and "threads" not in raw  # the target, not loose copies of its keys
+    raw["runtime"] = {"flash_attn": False}
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(FtedgeError, match="unknown key.*runtime"):
+        BenchJob.read(tmp_path / "bad.json")
+    assert worker.main([str(tmp_path / "bad.json"), str(tmp_path / "result.json")]) == 1
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "failed" and "runtime" in result["error"] and result["peak_rss_mb"] > 0
+
+
 def test_fit_verdict_uses_the_target_budgets(tmp_path: Path) -> None:
+    from ftedge.choose import fits
+
     target = load_target(_tiny_target(tmp_path, max_size_mb=1, max_ram_mb=100))
-    assert bench.fits(512 * 1024, 50.0, target) is True
-    assert bench.fits(2 * 1024 * 1024, 50.0, target) is False
-    assert bench.fits(512 * 1024, 150.0, target) is False
+    assert fits(512 * 1024, 50.0, target) is True
+    assert fits(2 * 1024 * 1024, 50.0, target) is False
+    assert fits(512 * 1024, 150.0, target) is False
     no_budget = load_target(_tiny_target(tmp_path, max_size_mb=None, max_ram_mb=None))
-    assert bench.fits(10**12, 10**6, no_budget) is None
+    assert fits(10**12, 10**6, no_budget) is None
 
 
 # -- standalone artifacts and bad input -----------------------------------------------
@@ -694,13 +721,13 @@ def test_bench_data_in_recipe_formats(tmp_path: Path, artifacts: dict[str, Path]
     doc = bench.bench_artifact(
         artifacts["gguf"], load_target(_tiny_target(tmp_path)), data=chats, overrides=["data.format=messages"], speed=FAST
     )
-    assert doc["eval"]["task"] == "label_match" and len(doc["predictions"]["merged.f16"]) == 2
+    assert doc.eval.task == "label_match" and len(doc.predictions["merged.f16"]) == 2
 
 
 def test_standalone_speed_only(tmp_path: Path, artifacts: dict[str, Path]) -> None:
     doc = bench.bench_artifact(artifacts["onnx"], load_target(_tiny_target(tmp_path)), speed=FAST)
-    e = doc["artifacts"][0]
-    assert e["accuracy"] is None and e["perplexity"] is None and e["decode_tok_s"] > 0 and e["ttft_ms"] > 0
+    e = doc.artifacts[0]
+    assert e.accuracy is None and e.perplexity is None and e.decode_tok_s > 0 and e.ttft_ms > 0
 
 
 def _bench_cli(*args: str) -> tuple[int, str]:
@@ -771,3 +798,17 @@ def test_every_backend_reports_its_context_length(artifacts: dict[str, Path]) ->
     for what, want in expected.items():
         with load_backend(artifacts[what], threads=1, n_ctx=256) as backend:
             assert backend.context_length == want, (what, backend.context_length)
+
+
+def test_bench_refuses_when_the_data_file_changed_since_training(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The test rows are the ones frozen at train time: a changed data file is refused in one line, before any worker."""
+    from helpers import make_adapter, make_run
+
+    run = make_run(tmp_path, tiny_model_dir, make_adapter(tiny_model_dir, tmp_path / "adapter"))
+    data = tmp_path / "train.csv"
+    data.write_text(data.read_text().upper())  # every row changed (case only: still another row as written)
+    with pytest.raises(FtedgeError) as err:
+        bench.bench_run(run, load_target(_tiny_target(tmp_path)), speed=FAST)
+    msg = str(err.value)
+    assert "\n" not in msg and f"data file {data} changed since run {run.path} was trained" in msg
+    assert run.stage_status("bench") == "pending" and not (run.path / "bench").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ftedge import chat
+from ftedge import chat, session
 from ftedge.cli import main
 from ftedge.errors import FtedgeError
 from ftedge.manifest import Run
@@ -34,22 +34,22 @@ def test_chat_on_a_run_uses_its_system_prompt_and_best_artifact(
 
     run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "run")
     with pytest.raises(FtedgeError, match="ftedge merge"):
-        chat.pick_run_artifact(run)
+        session.pick_run_artifact(run)
     shutil.copytree(tiny_model_dir, run.path / "merged")
-    run.record_artifact("merged", run.path / "merged", stage="merge")
-    assert chat.pick_run_artifact(run) == run.path / "merged"
+    run.record_artifact("merged", run.path / "merged", stage="merge", format="hf")  # as the merge stage records it
+    assert session.pick_run_artifact(run) == run.path / "merged"
     (run.path / "gguf").mkdir()
     for name, passed in (("a.q4_k_m.gguf", False), ("b.q8_0.gguf", True)):
         shutil.copy(tiny_gguf, run.path / "gguf" / name)
         run.record_artifact(f"gguf-{name.split('.')[1]}", run.path / "gguf" / name, stage="export", format="gguf", gate={"passed": passed})
-    assert chat.pick_run_artifact(run) == run.path / "gguf" / "b.q8_0.gguf"  # the first one failed its gate
+    assert session.pick_run_artifact(run) == run.path / "gguf" / "b.q8_0.gguf"  # the first one failed its gate
     (run.path / "ship").mkdir()
     shutil.copy(tiny_gguf, run.path / "ship" / "model.gguf")
-    assert chat.pick_run_artifact(run) == run.path / "ship" / "model.gguf"
+    assert session.pick_run_artifact(run) == run.path / "ship" / "model.gguf"
 
-    path, system = chat.resolve(run.path)
+    path, system = session.resolve(run.path)
     assert path == run.path / "ship" / "model.gguf" and system == "Reply with the intent label."
-    assert chat.resolve(run.path / "gguf" / "b.q8_0.gguf") == (run.path / "gguf" / "b.q8_0.gguf", system)  # a file inside a run
+    assert session.resolve(run.path / "gguf" / "b.q8_0.gguf") == (run.path / "gguf" / "b.q8_0.gguf", system)  # a file inside a run
 
     from ftedge.backends import load_backend
 
@@ -84,12 +84,13 @@ def test_interactive_session_streams_keeps_history_and_resets(tiny_model_dir: Pa
 
 
 def test_stream_decoder_matches_full_detokenization(tiny_model_dir: Path) -> None:
+    from ftedge.backends.base import StreamDecoder
     from ftedge.backends.torch import TorchBackend
 
     backend = TorchBackend(tiny_model_dir, threads=1)
     text = "Grüße aus Köln — 東京 🚀 ok"
     ids = backend.tokenize(text)
-    decoder = chat.StreamDecoder(backend)
+    decoder = StreamDecoder(backend)
     pieces = [decoder.push(t) for t in ids]
     assert "".join(pieces) == backend.detokenize(ids) == text
     assert all("\ufffd" not in p for p in pieces)

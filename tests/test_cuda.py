@@ -59,7 +59,7 @@ def _linear4bit(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def test_qlora_base_is_nf4_with_double_quant(device, tiny_recipe, tmp_path):
-    from ftedge.hf import compute_dtype, load_causal_lm
+    from ftedge.loader import compute_dtype, load_causal_lm
     from ftedge.train.model import load_model
 
     recipe = _qlora(tiny_recipe, tmp_path, "nf4").recipe()
@@ -102,8 +102,9 @@ def test_adapter_trains(device, tiny_recipe, tmp_path):
 
 def test_packed_rows_keep_examples_apart(device, tiny_model_dir):
     """The loss of examples packed into one row (position ids, no mask) equals their losses alone."""
-    from ftedge.data import Encoded, make_batch
-    from ftedge.hf import load_causal_lm
+    from ftedge.data.encoding import Encoded
+    from ftedge.loader import load_causal_lm
+    from ftedge.train.batch import make_batch
     from ftedge.train.model import LabelOnlyLoss, label_positions
 
     model = load_causal_lm(tiny_model_dir, dtype=torch.float32, device=device).eval()
@@ -191,7 +192,7 @@ def test_resume_is_exact(device, tiny_recipe, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_bf16_and_fp16_compute_train(device, tiny_recipe, tmp_path, dtype):
-    from ftedge.hf import compute_dtype
+    from ftedge.loader import compute_dtype
     from ftedge.train import train_stage
     from ftedge.train.model import load_model
 

@@ -11,10 +11,13 @@ import pytest
 import yaml
 from helpers import write_text_label_csv
 
-from ftedge.data import IGNORE, ChatEncoder, Encoded, Example, check_dataset, load_splits, make_batch, tokenized_splits
+from ftedge.data.encoding import IGNORE, ChatEncoder, Encoded, tokenized_splits
+from ftedge.data.reading import Example
+from ftedge.data.splits import check_dataset, content_key, load_splits
 from ftedge.errors import FtedgeError
-from ftedge.hf import load_tokenizer
+from ftedge.loader import load_tokenizer
 from ftedge.recipe import load_recipe
+from ftedge.train.batch import make_batch
 
 
 def _recipe(tmp_path: Path, model_dir: Path, data: dict, **train) -> Path:
@@ -213,8 +216,6 @@ def test_packing_has_no_cross_example_attention(tiny_model_dir, tok):
 
 # -- disjoint train / validation / test splits ---------------------------------------------------------------------------
 def _keys(examples) -> set[str]:
-    from ftedge.data import content_key
-
     return {content_key(e) for e in examples}
 
 
@@ -257,8 +258,10 @@ def test_bench_rows_share_nothing_with_validation_gate_or_calibration(tmp_path, 
     import csv
 
     from ftedge.bench.stage import run_examples
-    from ftedge.data import gate_prompts
+    from ftedge.data.prompts import gate_prompts
+    from ftedge.data.splits import freeze_splits, run_splits
     from ftedge.export.stage import GATE_PROMPTS, calibration_texts
+    from ftedge.manifest import Run
 
     root = Path(__file__).resolve().parent.parent
     with open(root / "data" / "banking77" / "train.csv", newline="") as src, open(tmp_path / "sample.csv", "w", newline="") as dst:
@@ -267,17 +270,83 @@ def test_bench_rows_share_nothing_with_validation_gate_or_calibration(tmp_path, 
             if i <= 400:
                 writer.writerow(row)
     recipe = load_recipe(root / "recipes" / "smollm2-banking77.yaml", [f"data.train={tmp_path / 'sample.csv'}"], check_files=True)
-    splits = load_splits(recipe)
-    bench_rows, n_test = run_examples(recipe)
+    run = Run.create(recipe, run_dir=tmp_path / "run")
+    splits = freeze_splits(run)  # what the train stage does; merge, export and bench read them back through the run
+    assert [e.source for e in run_splits(run).test] == [e.source for e in splits.test] == [e.source for e in load_splits(recipe).test]
+    bench_rows, n_test = run_examples(run)
     assert n_test == len(splits.test) == 40 and len(bench_rows) == 40 and len(splits.val) == 40
-    bench_keys = {json.dumps([r["messages"], r["target"], False], ensure_ascii=False, sort_keys=True) for r in bench_rows}
+    bench_keys = {content_key(Example(r["messages"], r["target"])) for r in bench_rows}
     assert bench_keys == _keys(splits.test)
     assert not bench_keys & _keys(splits.val) and not bench_keys & _keys(splits.train)
-    gate = gate_prompts(recipe, GATE_PROMPTS)
+    gate = gate_prompts(run_splits(run), recipe, GATE_PROMPTS)
     assert [(p.messages, p.target) for p in gate] == [(e.messages, e.target) for e in splits.val[:GATE_PROMPTS]]
-    texts = calibration_texts(recipe, tok)
+    texts = calibration_texts(run_splits(run), tok)
     assert len(texts) == 16 and all(t.endswith("<|im_end|>") for t in texts)
     held_out_users = {e.messages[-1]["content"] for e in splits.val + splits.test}
     assert not [u for u in held_out_users if any(f"user\n{u}<|im_end|>" in t for t in texts)]
     train_users = {e.messages[-1]["content"] for e in splits.train}
     assert all(any(f"user\n{u}<|im_end|>" in t for u in train_users) for t in texts)  # the check above can fail
+
+
+def test_rows_differing_only_in_case_or_spacing_land_in_one_split(tmp_path, tiny_model_dir):
+    from ftedge.data.splits import normalize, prompt_text
+
+    rows = []
+    for i in range(30):
+        text, label = f"where is my card number {i}", "ab"[i % 2]
+        rows += [{"text": text, "label": label}, {"text": "  " + text.upper().replace(" ", " \t ") + " ", "label": label}]
+    _jsonl(tmp_path / "d.jsonl", rows)
+    data = {"train": "d.jsonl", "val_fraction": 0.2, "test_fraction": 0.2, "seed": 1}
+    splits = load_splits(load_recipe(_recipe(tmp_path, tiny_model_dir, data)))
+    where: dict[str, set[str]] = {}
+    for name in ("train", "val", "test"):
+        for ex in getattr(splits, name):
+            where.setdefault(normalize(prompt_text(ex)), set()).add(name)
+    assert len(where) == 30 and all(len(names) == 1 for names in where.values()), where
+    assert {name for names in where.values() for name in names} == {"train", "val", "test"}
+    assert sum(len(getattr(splits, name)) for name in ("train", "val", "test")) == 60  # both spellings kept, as written
+    # a separate test file: training rows that differ from a test row only in case or spacing are left out of training
+    _jsonl(tmp_path / "te.jsonl", [{"text": "WHERE is my   card number 0", "label": "a"}])
+    splits = load_splits(load_recipe(_recipe(tmp_path, tiny_model_dir, {**data, "test": "te.jsonl", "val_fraction": 0.0})))
+    assert not [e for e in splits.train if normalize(prompt_text(e)) == "where is my card number 0"]
+    assert [e.messages[-1]["content"] for e in splits.left_out] == [rows[0]["text"], rows[1]["text"]]
+
+
+def test_frozen_splits_read_back_and_refuse_a_changed_data_file(tmp_path, tiny_model_dir):
+    from ftedge.atomic import sha256_file
+    from ftedge.data.splits import freeze_splits, run_splits
+    from ftedge.manifest import Run
+
+    rows = [{"text": f"question {i}", "label": "ab"[i % 2]} for i in range(30)]
+    data = _jsonl(tmp_path / "tr.jsonl", rows)
+    recipe = load_recipe(_recipe(tmp_path, tiny_model_dir, {"train": "tr.jsonl", "val_fraction": 0.2, "test_fraction": 0.2}))
+    run = Run.create(recipe, run_dir=tmp_path / "run")
+    frozen = freeze_splits(run)
+    doc = json.loads((run.path / "splits.json").read_text())
+    assert doc["files"]["train"] == {"path": str(data.resolve()), "sha256": sha256_file(data), "rows": 30}
+    assert run.artifact("splits").entry["test"] == len(frozen.test) > 0
+
+    def rows_of(s):
+        return {name: [(e.source, e.messages, e.target) for e in getattr(s, name)] for name in ("train", "val", "test", "left_out")}
+
+    assert rows_of(run_splits(run)) == rows_of(frozen) == rows_of(load_splits(recipe))
+    with open(data, "a") as fh:  # a row added: the frozen rows are all still there; the new one is in no split
+        fh.write(json.dumps({"text": "brand new", "label": "a"}) + "\n")
+    assert rows_of(run_splits(run)) == rows_of(frozen)
+    assert len(load_splits(recipe).train) + len(load_splits(recipe).val) + len(load_splits(recipe).test) == 31
+
+    lines = data.read_text().splitlines()
+    lines[4] = json.dumps({"text": "question 4", "label": "b"})  # one answer changed
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FtedgeError) as err:
+        run_splits(run)
+    msg = str(err.value)
+    assert "\n" not in msg and f"data file {data.resolve()} changed since run {run.path} was trained" in msg
+    assert "1 of the 30 rows its splits hold changed or are gone (first: " in msg and "tr.jsonl:line 5)" in msg
+    assert f"`ftedge train {run.path}/recipe.yaml`" in msg
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))  # the last row removed
+    with pytest.raises(FtedgeError, match=r"1 of the 30 rows .* \(first: row 30 \(the file now has 29 rows\)\)"):
+        run_splits(run)
+    data.unlink()
+    with pytest.raises(FtedgeError, match="tr.jsonl changed since run .*: the file is gone"):
+        run_splits(run)

@@ -129,10 +129,9 @@ def test_unreadable_and_empty_rows_are_all_listed(tmp_path: Path, tiny_model_dir
 
 
 def test_train_starts_with_the_checks_as_warnings(messy: Path, tmp_path: Path, monkeypatch, caplog) -> None:
-    from ftedge.manifest import Run
-    from ftedge.recipe import load_recipe
+    """`ftedge train` (commands.train) hands the data checks to the train stage, which logs them before the model loads."""
+    from ftedge import commands
     from ftedge.train import model as train_model
-    from ftedge.train import train_stage
 
     class Stop(Exception):
         pass
@@ -141,9 +140,8 @@ def test_train_starts_with_the_checks_as_warnings(messy: Path, tmp_path: Path, m
         raise Stop
 
     monkeypatch.setattr(train_model, "load_model", stop)
-    run = Run.create(load_recipe(messy), run_dir=tmp_path / "run")
     with caplog.at_level(logging.WARNING), pytest.raises(Stop):
-        train_stage(run)
+        commands.train(messy, [], run_dir=tmp_path / "run")
     warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data check:")]
     assert any(w.startswith("data check: leakage: 1 held-out row") for w in warned)
     assert any("duplicates" in w for w in warned) and any("rare label" in w for w in warned)

@@ -31,7 +31,7 @@ def _cfg(**kw) -> DataConfig:
 
 
 def test_preference_formats_read_alike() -> None:
-    from ftedge.data import row_to_example
+    from ftedge.data.reading import row_to_example
 
     user = [{"role": "user", "content": "i lost my card"}]
     rows = [
@@ -65,7 +65,7 @@ def test_preference_formats_read_alike() -> None:
     ],
 )
 def test_bad_preference_rows_are_one_line(row, match) -> None:
-    from ftedge.data import row_to_example
+    from ftedge.data.reading import row_to_example
 
     with pytest.raises(FtedgeError, match=match):
         row_to_example(row, "f:row 3", _cfg())
@@ -74,7 +74,8 @@ def test_bad_preference_rows_are_one_line(row, match) -> None:
 def _pairs_and_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    from ftedge.data import ChatEncoder, row_to_example
+    from ftedge.data.encoding import ChatEncoder
+    from ftedge.data.reading import row_to_example
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     examples = [row_to_example({"prompt": p, "chosen": c, "rejected": r}, f"row {i}", _cfg()) for i, (p, c, r) in enumerate(PAIRS)]
@@ -107,7 +108,7 @@ def test_dpo_loss_and_gradients_match_trl(tiny_model_dir: Path, tmp_path: Path, 
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from ftedge.data import make_batch
+    from ftedge.train.batch import make_batch
     from ftedge.train.dpo import PreferenceLoss
 
     beta = 0.1
@@ -278,7 +279,7 @@ def test_init_from_a_run_in_4_bits_is_refused(tiny_recipe: Path, tmp_path: Path)
 
 def test_packed_pairs_give_each_row_its_own_sum(tiny_model_dir: Path) -> None:
     """make_batch's segments: packed or padded, each row's summed answer log-probability is the same."""
-    from ftedge.data import make_batch
+    from ftedge.train.batch import make_batch
     from ftedge.train.dpo import PreferenceLoss
 
     _, pairs, tok = _pairs_and_tokenizer(tiny_model_dir)
@@ -295,3 +296,77 @@ def test_packed_pairs_give_each_row_its_own_sum(tiny_model_dir: Path) -> None:
     assert packed.shape == (len(rows),) and bool((packed < 0).all())
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)
     assert counts.tolist() == padded_counts.tolist() == [float(sum(x != -100 for x in r.labels[1:])) for r in rows]
+
+
+# -- `ftedge data preferences RUN`: a run's own mistakes as preference pairs -------------------------------------------
+def _greedy_answers(model_dir: Path, examples) -> list[str]:
+    """Plain transformers greedy decoding up to <|im_end|>: what the run's merged model answers, found without ftedge
+    (budget: the longest gold answer, its end-of-turn and 8 tokens of slack, as ftedge's)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    max_new_tokens = max(len(tok(ex.target, add_special_tokens=False)["input_ids"]) for ex in examples) + 9
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    with torch.inference_mode():
+        for ex in examples:
+            ids = tok(tok.apply_chat_template(ex.messages, tokenize=False, add_generation_prompt=True), return_tensors="pt")
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eot, pad_token_id=eot)
+            out.append(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return out
+
+
+def test_data_preferences_pairs_the_runs_mistakes_on_training_rows(tmp_path: Path, tokenizer_dir: Path) -> None:
+    from click.testing import CliRunner
+    from helpers import make_adapter, make_run
+    from tiny_models import trained_tiny_model
+
+    from ftedge import commands
+    from ftedge.cli import main
+    from ftedge.data.splits import load_splits, normalize, run_splits
+    from ftedge.recipe import load_recipe
+
+    base = trained_tiny_model(tmp_path / "base", tokenizer_dir, steps=40)  # some answers right, some wrong
+    run = make_run(tmp_path, base, make_adapter(base, tmp_path / "adapter"))
+    out = tmp_path / "prefs"
+    stats = commands.data_preferences(run.path, out=out, rows=16)
+    assert run.artifact("merged") is not None  # merged on the way: its merged model answers
+    splits = run_splits(run)
+    asked = splits.train[:16]
+    said = _greedy_answers(run.artifact("merged").path, asked)
+    want = [
+        {"prompt": e.messages[-1]["content"], "chosen": e.target, "rejected": a} for e, a in zip(asked, said, strict=True) if a != e.target
+    ]
+    pairs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert pairs == want and 0 < len(pairs) < 16, said  # every mistake, nothing else, in row order
+    assert stats["train_accuracy"] == pytest.approx((16 - len(pairs)) / 16, abs=1e-4) and stats["preference_pairs"] == len(pairs)
+    for name, part in (("val.jsonl", splits.val), ("test.jsonl", splits.test)):  # held-out rows: gold vs another label, in order
+        rows = [json.loads(line) for line in (out / name).read_text().splitlines()]
+        assert [(r["prompt"], r["chosen"]) for r in rows] == [(e.messages[-1]["content"], e.target) for e in part] and rows
+        assert all(r["rejected"] in LABELS and r["rejected"] != r["chosen"] for r in rows)
+    held_out = {normalize(e.messages[-1]["content"]) for e in splits.val + splits.test}
+    assert not {normalize(p["prompt"]) for p in pairs} & held_out  # never a validation or test row
+    # a DPO recipe reads the set: its test rows are the run's test rows, with the same system prompt
+    raw = yaml.safe_load((run.path / "recipe.yaml").read_text())
+    raw["data"] = {
+        "train": str(out / "train.jsonl"),
+        "val": str(out / "val.jsonl"),
+        "test": str(out / "test.jsonl"),
+        "format": "preference",
+    }
+    raw["data"]["system_prompt"] = SYSTEM
+    raw["train"].update(objective="dpo", method="lora")
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(raw))
+    dpo = load_splits(load_recipe(tmp_path / "dpo.yaml"))
+    assert [(e.messages, e.target) for e in dpo.test] == [(e.messages, e.target) for e in splits.test]
+    assert sorted((e.target, e.rejected) for e in dpo.train + dpo.left_out) == sorted((p["chosen"], p["rejected"]) for p in pairs)
+    # the command line: the set is replaced whole; a folder that is not a preference set is refused in one line
+    res = CliRunner().invoke(main, ["data", "preferences", str(run.path), "-o", str(out), "--rows", "16"])
+    assert res.exit_code == 0, res.output
+    assert f"{out}: {len(pairs)} preference pairs from 16 training rows" in res.output
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    res = CliRunner().invoke(main, ["data", "preferences", str(run.path), "-o", str(tmp_path / "notes")])
+    assert res.exit_code == 2 and "is not a preference set made by `ftedge data preferences`" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and (tmp_path / "notes" / "todo.txt").read_text() == "keep me"

@@ -134,3 +134,17 @@ def test_os_errors_become_one_line_errors_naming_the_path(tmp_path: Path, monkey
         assert str(out) in str(info.value) and "\n" not in str(info.value)
         assert (code == errno.ENOSPC) == isinstance(info.value, DiskFullError)
         assert not out.exists()
+
+
+def test_export_refuses_when_the_data_file_changed_since_training(tmp_path: Path, base_and_adapter) -> None:
+    """Gate prompts and GPTQ calibration rows come from the splits frozen at train time: a changed data file is refused."""
+    from ftedge.export import export_stage
+
+    run = _merged_run(tmp_path, base_and_adapter)
+    data = tmp_path / "train.csv"
+    data.write_text("\n".join(data.read_text().splitlines()[:-5]) + "\n")  # five rows removed
+    with pytest.raises(FtedgeError) as err:
+        export_stage(run, tiny_target(tmp_path, ["q8_0"]))
+    msg = str(err.value)
+    assert "\n" not in msg and f"data file {data} changed since run {run.path} was trained: 5 of the " in msg
+    assert run.stage_status("export") == "pending" and not (run.path / "gguf").exists()

@@ -63,7 +63,7 @@ def _token_id(tok: Any, text: str) -> int:
 
 
 def _prompts(fam: Family) -> list[Any]:
-    from ftedge.data import Prompt
+    from ftedge.data.prompts import Prompt
 
     head = [{"role": "system", "content": SYSTEM}] if fam.system_role and fam.name != "gemma2" else []
     rows = (("where is my new card", "card_arrival"), (LONG, "card_arrival"), ("i lost my card", "lost_or_stolen_card"))
@@ -166,8 +166,8 @@ def test_ftedge_renderer_raises_one_line_on_roles_the_template_refuses(family: s
 @pytest.mark.parametrize("family", FAMILIES)
 def test_end_of_turn_token_is_the_family_one(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """models._end_of_turn_id (merge, .gguf bases) and ChatEncoder (training) agree on the family's end-of-turn token."""
-    from ftedge.data import ChatEncoder
-    from ftedge.hf import end_of_turn_id
+    from ftedge.data.encoding import ChatEncoder
+    from ftedge.families import end_of_turn_id
 
     fam = FAMILY_SPECS[family]
     tok = _tok(family_model_dir(family))
@@ -178,7 +178,8 @@ def test_end_of_turn_token_is_the_family_one(family: str, family_model_dir: Call
 @pytest.mark.parametrize("family", FAMILIES)
 def test_data_encoding_trains_the_answer_and_its_end_of_turn(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """A text_label row with data.system_prompt (as every shipped recipe has): only 'label<end-of-turn>' carries loss."""
-    from ftedge.data import IGNORE, ChatEncoder, row_to_example
+    from ftedge.data.encoding import IGNORE, ChatEncoder
+    from ftedge.data.reading import row_to_example
     from ftedge.recipe import DataConfig
 
     fam = FAMILY_SPECS[family]
@@ -196,7 +197,8 @@ def test_data_encoding_trains_the_answer_and_its_end_of_turn(family: str, family
 @pytest.mark.parametrize("family", FAMILIES)
 def test_data_encoding_of_a_multi_turn_conversation(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """A ``messages`` row with two assistant turns: both answers (with their end-of-turn) carry loss."""
-    from ftedge.data import IGNORE, ChatEncoder, row_to_example
+    from ftedge.data.encoding import IGNORE, ChatEncoder
+    from ftedge.data.reading import row_to_example
     from ftedge.recipe import DataConfig
 
     fam = FAMILY_SPECS[family]
@@ -223,33 +225,32 @@ def test_data_encoding_of_a_multi_turn_conversation(family: str, family_model_di
     assert answers == ["lost_or_stolen_card" + fam.end_of_turn, "exchange_rate" + fam.end_of_turn]
 
 
-EXPECTED_LORA = {
-    "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
-}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_all_linear_targets_the_family_projections(family: str, family_model_dir: Callable[[str], Path]) -> None:
-    """peft's all-linear (the recipes' default) adapts every projection, fused ones included, and not the tied head."""
+    """peft's all-linear (the recipes' default) adapts every projection, fused ones included (the family table's
+    linear layers: Phi-3's qkv_proj and gate_up_proj), and not the tied head."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from ftedge.families import family_of
+
     model = AutoModelForCausalLM.from_pretrained(family_model_dir(family), dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
-    expected = EXPECTED_LORA.get(family, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
-    assert adapted == expected
+    entry = family_of(FAMILY_SPECS[family].model_type)
+    assert entry is not None and adapted == set(entry.linear_names)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_preflight_knows_the_architecture_of_an_hf_folder(family: str, family_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    from ftedge.backends.ortgenai import builder_architectures
     from ftedge.recipe import load_recipe
     from ftedge.targets import load_target
-    from ftedge.validate import base_architecture, check_export_support, gguf_converter_architectures, onnx_builder_architectures
+    from ftedge.validate import base_architecture, check_export_support, gguf_converter_architectures
 
     fam = FAMILY_SPECS[family]
-    assert fam.architecture in gguf_converter_architectures() and fam.architecture in onnx_builder_architectures()
+    assert fam.architecture in gguf_converter_architectures() and fam.architecture in builder_architectures()
     recipe = _recipe(tmp_path, family_model_dir(family), family)
     assert base_architecture(load_recipe(recipe)) == fam.architecture
     notes = check_export_support(fam.architecture, load_target("laptop-cpu"), str(recipe))
@@ -355,8 +356,8 @@ def _render_go(template: str, default_system: str | None, messages: list[dict[st
 @pytest.mark.parametrize("family", FAMILIES)
 def test_modelfile_template_renders_like_transformers(family: str, family_model_dir: Callable[[str], Path]) -> None:
     """The Ollama TEMPLATE ftedge derives from the GGUF's Jinja template renders chats as transformers does."""
+    from ftedge.formats.chat_template import fit_messages, trained_chat_template
     from ftedge.formats.modelfile import go_template
-    from ftedge.hf import fit_messages, trained_chat_template
 
     fam = FAMILY_SPECS[family]
     tok = _tok(family_model_dir(family))
@@ -518,7 +519,7 @@ def test_a_gguf_base_dequantizes_to_the_family_model(
     """models.gguf_to_hf (a .gguf as base_model): same architecture, template, tokens, and the end-of-turn as eos."""
     from transformers import AutoConfig, GenerationConfig
 
-    from ftedge.hf import gguf_to_hf
+    from ftedge.loader import gguf_to_hf
 
     fam = FAMILY_SPECS[family]
     tok0 = _tok(family_model_dir(family))
@@ -596,8 +597,8 @@ def test_ftedge_run_takes_the_family_through_every_stage(family: str, family_mod
     from safetensors import safe_open
 
     from ftedge.cli import main
+    from ftedge.formats.chat_template import trained_chat_template
     from ftedge.formats.gguf import inspect_gguf
-    from ftedge.hf import trained_chat_template
     from ftedge.manifest import Run
 
     fam = FAMILY_SPECS[family]
@@ -644,8 +645,11 @@ def test_ftedge_run_takes_the_family_through_every_stage(family: str, family_mod
 @pytest.mark.parametrize("name", ["chatml", "gemma", "llama3", "phi3"])
 def test_builtin_chat_templates_train_and_stop(name: str, family_model_dir: Callable[[str], Path]) -> None:
     """Each built-in template, on a vocabulary with its turn tokens: system role, end-of-turn found, only the answer trained."""
-    from ftedge.data import IGNORE, ChatEncoder, row_to_example
-    from ftedge.hf import end_of_turn_token, read_chat_template, system_role_supported, training_tokenizer
+    from ftedge.data.encoding import IGNORE, ChatEncoder
+    from ftedge.data.reading import row_to_example
+    from ftedge.families import end_of_turn_token
+    from ftedge.formats.chat_template import read_chat_template, system_role_supported
+    from ftedge.loader import training_tokenizer
     from ftedge.recipe import DataConfig
 
     family = {"chatml": "qwen2", "gemma": "gemma3_text", "llama3": "llama3", "phi3": "phi3"}[name]
@@ -662,7 +666,7 @@ def test_builtin_chat_templates_train_and_stop(name: str, family_model_dir: Call
 
 
 def test_a_builtin_template_whose_turn_tokens_the_vocabulary_lacks_is_one_line(family_model_dir: Callable[[str], Path]) -> None:
-    from ftedge.hf import training_tokenizer
+    from ftedge.loader import training_tokenizer
 
     with pytest.raises(FtedgeError, match=r"chat_template 'gemma' ends a turn with '<end_of_turn>', which is not one token"):
         training_tokenizer(family_model_dir("llama3"), "gemma")

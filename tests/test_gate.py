@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import ROWS, SYSTEM
 
-from ftedge.data import Prompt
+from ftedge.data.prompts import Prompt
 from ftedge.export.gate import thresholds_for
 from ftedge.logits import compare_logits, log_softmax
 

@@ -49,7 +49,7 @@ def test_f16_metadata_has_template_and_special_tokens(f16: Path, model_dir: Path
 
 
 def test_k_quant_falls_back_on_short_rows_and_reports_it(f16: Path) -> None:
-    from ftedge.export.gguf import quantize_gguf
+    from ftedge.backends.llamacpp import quantize_gguf
     from ftedge.formats.gguf import inspect_gguf
 
     out = f16.parent / "model-q4_k_m.gguf"
@@ -61,7 +61,7 @@ def test_k_quant_falls_back_on_short_rows_and_reports_it(f16: Path) -> None:
 
 
 def test_unknown_quant_type_lists_valid_ones(f16: Path) -> None:
-    from ftedge.export.gguf import quantize_gguf
+    from ftedge.backends.llamacpp import quantize_gguf
 
     with pytest.raises(FtedgeError) as info:
         quantize_gguf(f16, f16.parent / "x.gguf", "q9_9")
@@ -72,7 +72,7 @@ def test_unknown_quant_type_lists_valid_ones(f16: Path) -> None:
 def test_failed_quantization_leaves_no_partial_file(f16: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import llama_cpp
 
-    from ftedge.export.gguf import quantize_gguf
+    from ftedge.backends.llamacpp import quantize_gguf
 
     def half_written(src: bytes, dst: bytes, params: object) -> int:
         Path(dst.decode()).write_bytes(b"GGUF" + b"\0" * 100)
@@ -165,6 +165,35 @@ def test_modelfile_from_gguf_metadata(q4_0: Path, tmp_path: Path) -> None:
     # without a system prompt, the template's own default system prompt is kept
     write_modelfile(q4_0, out)
     assert "You are a helpful AI assistant named SmolLM" in out.read_text()
+
+
+def test_add_eot_token_rewrites_only_that_key(f16: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from ftedge.formats.gguf import add_eot_token, inspect_gguf
+
+    copy = shutil.copy(f16, tmp_path / "eot.gguf")
+    before = inspect_gguf(copy)
+    add_eot_token(copy, 5)
+    after = inspect_gguf(copy)
+    assert after.token_id("eot") == 5 and before.token_id("eot") != 5
+    assert {k: v for k, v in after.metadata.items() if k != "tokenizer.ggml.eot_token_id"} == {
+        k: v for k, v in before.metadata.items() if k != "tokenizer.ggml.eot_token_id"
+    }
+    assert after.tensor_names == before.tensor_names and after.tensor_types == before.tensor_types
+    assert not [p for p in tmp_path.iterdir() if p.name != "eot.gguf"]  # written atomically, nothing left behind
+
+
+def test_modelfile_system_prompt_reads_back(q4_0: Path, tmp_path: Path) -> None:
+    """The SYSTEM line serve reads from a ship/ bundle is the one write_modelfile wrote (both in formats/modelfile.py)."""
+    from ftedge.formats.modelfile import read_modelfile_system, write_modelfile
+
+    assert read_modelfile_system(tmp_path) is None  # no Modelfile
+    system = "Reply with the intent label.\nOne line only."
+    write_modelfile(q4_0, tmp_path / "Modelfile", system=system)
+    assert read_modelfile_system(tmp_path) == system
+    write_modelfile(q4_0, tmp_path / "Modelfile")
+    assert read_modelfile_system(tmp_path) is None
 
 
 def test_header_reader_agrees_with_gguf_py(f16: Path, q4_0: Path) -> None:

@@ -42,6 +42,30 @@ def test_stage_status_timings_and_failure(tiny_recipe: Path, tmp_path: Path) -> 
         run.require("merge", "merged model", "ftedge merge")
 
 
+def test_stage_queries(tiny_recipe: Path, tmp_path: Path) -> None:
+    """Stages read what their predecessors recorded through Run's queries, never through the manifest's keys."""
+    run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "r")
+    pending = run.stage_record("merge")
+    assert pending.status == "pending" and pending.metrics == {} and run.stage_metrics("train") == {}
+    assert run.target_name() == "laptop-cpu"  # nothing exported yet: the recipe's export.target
+    with run.stage("train") as metrics:
+        metrics.update(steps=6, best_eval_loss=1.25)
+    with pytest.raises(RuntimeError), run.stage("export") as metrics:
+        metrics["target"] = "raspberry-pi-5"
+        raise RuntimeError("gate crashed")
+    done, failed = run.stage_record("train"), run.stage_record("export")
+    assert done.status == "done" and done.seconds is not None and done.finished and done.error is None
+    assert run.stage_metrics("train") == {"steps": 6, "best_eval_loss": 1.25}
+    assert failed.status == "failed" and "gate crashed" in failed.error and run.target_name() == "raspberry-pi-5"
+    run.stage_metrics("train")["steps"] = 99  # a copy: the manifest is written only through Run
+    assert run.stage_metrics("train")["steps"] == 6 and run.stage_status("train") == "done"
+    f = run.path / "merged.bin"
+    f.write_bytes(b"1234")
+    run.record_artifact("merged", f, stage="merge", format="hf", mode="float", source="adapter")
+    merged = run.artifact("merged")
+    assert merged.size_bytes == 4 and merged.mode == "float" and merged.source == "adapter" and merged.gate_passed is None
+
+
 def test_record_artifact_size_and_sha(tiny_recipe: Path, tmp_path: Path) -> None:
     run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "r")
     f = run.path / "gguf" / "m.gguf"

@@ -125,3 +125,19 @@ def test_unknown_merge_mode(tmp_path: Path, base_and_adapter) -> None:
     run = make_run(tmp_path, base, adapter)
     with pytest.raises(FtedgeError, match="unknown merge mode"):
         merge_stage(run, into="int4")
+
+
+def test_merge_refuses_when_the_data_file_changed_since_training(tmp_path: Path, base_and_adapter) -> None:
+    """The gate prompts are the validation rows frozen at train time: a changed data file is refused in one line."""
+    from ftedge.merge import merge_stage
+
+    run = make_run(tmp_path, *base_and_adapter)
+    data = tmp_path / "train.csv"
+    lines = data.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ",another_label"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FtedgeError) as err:
+        merge_stage(run)
+    msg = str(err.value)
+    assert "\n" not in msg and f"data file {data} changed since run {run.path} was trained" in msg and "ftedge train" in msg
+    assert run.stage_status("merge") == "pending" and not (run.path / "merged").exists()

@@ -95,8 +95,9 @@ def test_gemma3_270m_base_gguf_with_a_recipe_chat_template(gemma3_base: Path, tm
     """A base-model .gguf without a chat template: validate says so in one line; with `chat_template: gemma` it trains,
     merges, exports GGUF q8_0 and ONNX int8 with the template in every artifact, and the shipped GGUF answers and stops."""
     from ftedge.errors import FtedgeError
+    from ftedge.families import base_architecture
+    from ftedge.formats.chat_template import read_chat_template
     from ftedge.formats.gguf import inspect_gguf
-    from ftedge.hf import base_architecture, read_chat_template
     from ftedge.validate import preflight
 
     info = inspect_gguf(gemma3_base)

@@ -40,6 +40,59 @@ def test_all_shipped_recipes_validate() -> None:
         assert path.read_text().startswith("#"), f"{path.name} must start with a comment giving the command"
 
 
+def test_every_shipped_recipe_validates_on_a_fresh_clone(tmp_path: Path) -> None:
+    """`ftedge validate` on each recipe of a fresh clone (recipes/ and data/, no runs/): valid. The DPO recipe's inputs (an SFT
+    run, its preference set) are listed as todo with the commands that make them, and its header says to run those first."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from ftedge.cli import main
+
+    clone = tmp_path / "clone"
+    for folder in ("recipes", "data"):
+        shutil.copytree(REPO / folder, clone / folder)
+    recipes = sorted((clone / "recipes").glob("*.yaml"))
+    assert len(recipes) == len(list((REPO / "recipes").glob("*.yaml"))) >= 2
+    made = 0
+    for path in recipes:
+        res = CliRunner().invoke(main, ["validate", str(path)])
+        assert res.exit_code == 0, f"{path.name}: {res.output}"
+        assert res.output.strip().splitlines()[-1].startswith(f"{path}: valid"), res.output
+        recipe = load_recipe(path, check_files=False)
+        todo = [line for line in res.output.splitlines() if line.startswith("todo")]
+        assert len(todo) == len(recipe.made_by), res.output  # on a fresh clone nothing a command makes exists yet
+        header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+        for key, command in recipe.made_by.items():
+            assert any(line.startswith(f"todo  {key}: ") and line.endswith(f"`{command}` makes it") for line in todo), res.output
+            assert command in header, f"{path.name}: the header comment must give `{command}`"
+        made += len(recipe.made_by)
+    assert made >= 4  # the DPO recipe: its SFT run and three preference files
+
+
+def test_inputs_made_by_a_command(tmp_path: Path) -> None:
+    """A missing input named in made_by: training refuses it naming the command; validate lists it as todo."""
+    from ftedge.validate import TODO, preflight
+
+    raw = _raw(made_by={"data.val": "python make_val.py"})
+    raw["data"]["val"] = "val.csv"
+    path = _write(tmp_path, raw)
+    with pytest.raises(FtedgeError, match=r"data.val: .*val.csv is not made yet \(fix: run `python make_val.py` first"):
+        load_recipe(path)
+    with pytest.raises(FtedgeError, match="not made yet"):
+        preflight(path)  # what `ftedge train` / `ftedge run` check first
+    lines = preflight(path, pending_ok=True)
+    assert f"{TODO}data.val: {tmp_path.resolve() / 'val.csv'} not made yet: `python make_val.py` makes it" in lines
+    assert not any(" train rows, " in line for line in lines)  # the data is checked once it is all there
+    (tmp_path / "val.csv").write_text("text,category\nhey,a\n")
+    lines = preflight(path, pending_ok=True)
+    assert not [line for line in lines if line.startswith(TODO)] and any(" train rows, val val.csv (1)" in line for line in lines)
+    with pytest.raises(FtedgeError, match="made_by: data.trian is not an input a command makes"):
+        load_recipe(_write(tmp_path, _raw(made_by={"data.trian": "x"})))
+    with pytest.raises(FtedgeError, match="train.init_from: .*no-such-run not found"):  # without made_by: a wrong path
+        preflight(_write(tmp_path, _raw(train={"init_from": "no-such-run", "method": "lora"})))
+
+
 def test_relative_data_path_resolves_against_recipe_folder(tmp_path: Path) -> None:
     r = load_recipe(_write(tmp_path, _raw()))
     assert r.data.train == (tmp_path / "d.csv").resolve()

@@ -231,7 +231,7 @@ def test_two_processes_creating_one_run_dir_make_one_run(tiny_recipe: Path, tmp_
 def test_a_train_that_fails_to_load_is_recorded_and_force_replaces_it(tiny_recipe: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
     import shutil
 
-    from ftedge.hf import load_causal_lm
+    from ftedge.loader import load_causal_lm
 
     broken = tmp_path / "broken-model"  # passes validate (config.json + safetensors), fails to load
     shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("tokenizer*"))
@@ -322,7 +322,7 @@ def test_hints_name_valid_commands(tiny_recipe: Path, tmp_path: Path) -> None:
 
 # -- label warnings ----------------------------------------------------------------------------------
 def test_label_warnings() -> None:
-    from ftedge.data import label_warnings
+    from ftedge.data.splits import label_warnings
 
     train = ["a", "a", "b", "b", "c"]
     assert label_warnings(train, ["a", "b"], "validation") == [
@@ -338,7 +338,7 @@ def test_label_warnings() -> None:
 
 def test_train_and_bench_warn_about_labels(tiny_recipe: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from ftedge.bench.stage import data_file_config, data_file_examples, warn_unlearned_labels
-    from ftedge.data import check_dataset
+    from ftedge.data.splits import check_dataset
 
     data = tmp_path / "rare.csv"
     rows = [f"text {i},common" for i in range(10)] + [f"text {i},other" for i in range(10)] + ["lonely text,rare"]
@@ -432,7 +432,7 @@ def test_the_converter_running_out_of_space_says_so(tmp_path: Path, tiny_model_d
 def test_exports_check_the_free_space_first(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
     """Before the converter or the builder starts: the expected size (weights x bytes per weight) against what is free."""
     import ftedge.errors
-    from ftedge.hf import parameter_count
+    from ftedge.basemodel import parameter_count
 
     monkeypatch.setattr(ftedge.errors, "free_bytes", lambda folder: 1_000_000)
     params = parameter_count(tiny_model_dir)
@@ -472,7 +472,7 @@ def test_a_read_only_model_cache_says_which_setting_to_change(tmp_path: Path, mo
     """A .gguf base model is dequantized once into $FTEDGE_CACHE: a cache that cannot be written is named, with the setting."""
     from helpers import read_only
 
-    from ftedge.hf import gguf_to_hf
+    from ftedge.loader import gguf_to_hf
 
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -93,6 +93,21 @@ def _doc(*entries: dict) -> dict:
     return {"schema": 1, "reference": next(e["name"] for e in entries if e.get("reference")), "artifacts": list(entries)}
 
 
+def _typed(doc: dict):
+    """The bench results a test document stands for, read through the schema as ship and bench read them."""
+    from ftedge.results import parse_results
+
+    where = {
+        "ftedge_version": "0",
+        "created": "2026-01-01T00:00:00Z",
+        "subject": "run",
+        "target": {"name": "edge", "threads": 2, "n_ctx": 512},
+    }
+    full = {**where, "eval": {}, "speed": {"decode_tokens": 8, "repeats": 1, "warmup": 0}, **doc}
+    full["artifacts"] = [{"path": e["name"], **e} for e in doc["artifacts"]]
+    return parse_results(full)
+
+
 def test_ship_auto_takes_the_smallest_gguf_within_tolerance_that_fits_and_passed(tmp_path: Path) -> None:
     from ftedge.choose import ship_decision
 
@@ -107,7 +122,7 @@ def test_ship_auto_takes_the_smallest_gguf_within_tolerance_that_fits_and_passed
         _entry("gguf-q3_k_m", "gguf", 80, accuracy=0.79, peak_rss_mb=500),  # over max_ram_mb
         _entry("onnx-int4", "onnx", 70, accuracy=0.80),
     )
-    d = ship_decision(doc, _target(tmp_path))
+    d = ship_decision(_typed(doc), _target(tmp_path))
     verdicts = {c.name: (c.verdict, c.reason) for c in d.candidates}
     assert d.chosen == "gguf-q5_k_m" and d.within_tolerance and d.metric == "accuracy" and d.tolerance == pytest.approx(4.0)
     assert verdicts["gguf-q8_0"][0] == "qualifies" and "larger than gguf-q5_k_m" in verdicts["gguf-q8_0"][1]
@@ -120,11 +135,11 @@ def test_ship_auto_takes_the_smallest_gguf_within_tolerance_that_fits_and_passed
     assert "gguf-q5_k_m" in d.summary and "4.00 points" in d.summary
     # a narrow interval: the tolerance is 1 point, so 2.8 points down is too much
     doc["artifacts"][0]["accuracy_ci"] = [0.795, 0.805]
-    narrow = ship_decision(doc, _target(tmp_path))
+    narrow = ship_decision(_typed(doc), _target(tmp_path))
     assert narrow.chosen == "gguf-q8_0" and narrow.within_tolerance and narrow.tolerance == 1.0  # exactly 1 point down
     # the target's own tolerance wins; an artifact the run no longer has is skipped
-    assert ship_decision(doc, _target(tmp_path, ship_tolerance=6)).chosen == "gguf-q4_k_m"
-    assert ship_decision(doc, _target(tmp_path, ship_tolerance=6), available={"gguf-q8_0"}).chosen == "gguf-q8_0"
+    assert ship_decision(_typed(doc), _target(tmp_path, ship_tolerance=6)).chosen == "gguf-q4_k_m"
+    assert ship_decision(_typed(doc), _target(tmp_path, ship_tolerance=6), available={"gguf-q8_0"}).chosen == "gguf-q8_0"
 
 
 def test_ship_auto_on_perplexity_and_when_nothing_is_close_enough(tmp_path: Path) -> None:
@@ -135,15 +150,15 @@ def test_ship_auto_on_perplexity_and_when_nothing_is_close_enough(tmp_path: Path
         _entry("gguf-q8_0", "gguf", 140, perplexity=10.05, chrf=39.0),
         _entry("gguf-q4_k_m", "gguf", 100, perplexity=10.6, chrf=41.0),
     )
-    d = ship_decision(doc, _target(tmp_path))
+    d = ship_decision(_typed(doc), _target(tmp_path))
     assert d.metric == "perplexity" and d.unit == "%" and d.tolerance == 1.0 and d.chosen == "gguf-q8_0"
-    assert ship_decision(doc, _target(tmp_path, ship_metric="chrf")).chosen == "gguf-q4_k_m"  # 1 point better
+    assert ship_decision(_typed(doc), _target(tmp_path, ship_metric="chrf")).chosen == "gguf-q4_k_m"  # 1 point better
     doc["artifacts"][1]["perplexity"] = 11.0
-    d = ship_decision(doc, _target(tmp_path))
+    d = ship_decision(_typed(doc), _target(tmp_path))
     assert d.chosen == "gguf-q4_k_m" and not d.within_tolerance and "no GGUF within 1.00%" in d.summary
-    lines = decision_markdown(d.as_dict())
+    lines = decision_markdown(d)
     assert lines[0] == d.summary + "." and sum(line.startswith("| gguf-") for line in lines) == 2
-    nothing = ship_decision(_doc(_entry("pytorch", "torch", 300, reference=True, perplexity=10.0)), _target(tmp_path))
+    nothing = ship_decision(_typed(_doc(_entry("pytorch", "torch", 300, reference=True, perplexity=10.0))), _target(tmp_path))
     assert nothing.chosen is None and "no GGUF" in nothing.summary
 
 

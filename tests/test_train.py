@@ -47,6 +47,13 @@ def test_train_writes_adapter_metrics_and_is_idempotent(tiny_recipe, tmp_path):
     art = run.artifacts(stage="train")["adapter"]
     assert art["format"] == "peft" and Path(art["base_model"]).is_dir()
     assert run.is_done("train") and run.manifest()["stages"]["train"]["metrics"]["steps"] == 6
+    # the splits are frozen into the run: the rows every later stage reads back (run_splits) are the ones split now
+    from ftedge.data.splits import load_splits, run_splits
+
+    assert run.artifacts(stage="train")["splits"]["path"] == "splits.json" and (run.path / "splits.json").is_file()
+    frozen, now = run_splits(run), load_splits(run.recipe())
+    for name in ("train", "val", "test"):
+        assert [(e.source, e.target) for e in getattr(frozen, name)] == [(e.source, e.target) for e in getattr(now, name)]
     assert list((run.path / "train").glob("events.out.tfevents.*"))
     ckpts = sorted(p.name for p in (run.path / "train" / "checkpoints").iterdir())
     assert ckpts == ["step-000004", "step-000006"]  # the last two kept
@@ -115,6 +122,12 @@ def test_ctrl_c_checkpoints_and_resume_matches_uninterrupted(tiny_recipe, tmp_pa
             train_stage(cut)
     assert cut.stage_status("train") == "failed"
     assert (cut.path / "train" / "checkpoints" / "step-000003").is_dir()  # saved on Ctrl-C, off the save_every grid
+    data = Path(cut.recipe().data.train)
+    kept = data.read_bytes()
+    data.write_text(kept.decode().replace("card", "Card", 1))  # resuming trains on the frozen rows: a changed file is refused
+    with pytest.raises(FtedgeError, match=f"data file {data} changed since run {cut.path} was trained: 1 of the "):
+        train_stage(Run.open(cut.path), resume=True)
+    data.write_bytes(kept)
     assert train_stage(Run.open(cut.path), resume=True)["steps"] == 8
     a, b = _losses(full), _losses(cut)
     assert [r["step"] for r in b] == list(range(1, 9))
@@ -246,7 +259,8 @@ def _loss_and_grads(loss_module, model, batch):
 def test_packed_attention_in_one_row_matches_rows_of_max_length(tiny_recipe, checkpointing):
     """A micro-batch laid in one unpadded row with the packed attention gives the loss and gradients of
     the same examples in padded rows of max_length with transformers' block-diagonal SDPA mask."""
-    from ftedge.data import Encoded, make_batch
+    from ftedge.data.encoding import Encoded
+    from ftedge.train.batch import make_batch
     from ftedge.train.model import LabelOnlyLoss, load_model, packed_attention_index
 
     recipe = load_recipe(tiny_recipe, [f"train.gradient_checkpointing={str(checkpointing).lower()}"])

@@ -8,17 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ftedge.backends.ortgenai import builder_architectures
 from ftedge.errors import FtedgeError
-from ftedge.hf import HUB_ARCHITECTURES
+from ftedge.families import HUB_ARCHITECTURES
 from ftedge.targets import load_target
-from ftedge.validate import check_export_support, gguf_converter_architectures, onnx_builder_architectures, preflight
+from ftedge.validate import check_export_support, gguf_converter_architectures, preflight
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_registries_are_read_from_installed_tools() -> None:
     assert {"LlamaForCausalLM", "Qwen2ForCausalLM"} <= gguf_converter_architectures()
-    assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"} <= onnx_builder_architectures()
+    assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"} <= builder_architectures()
 
 
 def test_hub_recipes_name_exportable_models() -> None:
@@ -30,7 +31,7 @@ def test_hub_recipes_name_exportable_models() -> None:
             hub[path.name] = base
     assert len(hub) >= 4
     for name, base in hub.items():
-        assert base in HUB_ARCHITECTURES, f"{name}: add {base}'s architecture to ftedge.hf.HUB_ARCHITECTURES"
+        assert base in HUB_ARCHITECTURES, f"{name}: add {base}'s architecture to ftedge.families.HUB_ARCHITECTURES"
         check_export_support(HUB_ARCHITECTURES[base], target, name)
 
 
@@ -85,7 +86,7 @@ def test_a_base_without_chat_template_needs_one_from_the_recipe(tiny_recipe: Pat
 
 
 def test_a_jinja_chat_template_is_found_beside_the_recipe(tiny_recipe: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
-    from ftedge.hf import read_chat_template
+    from ftedge.formats.chat_template import read_chat_template
     from ftedge.recipe import load_recipe
 
     base = _without_template(tiny_model_dir, tmp_path)
@@ -104,7 +105,7 @@ def test_lora_targets_the_model_lacks_fail_before_training(tiny_recipe: Path) ->
 
 
 def test_architecture_of_a_gguf_base_comes_from_its_header(tiny_recipe: Path) -> None:
-    from ftedge.hf import base_architecture
+    from ftedge.families import base_architecture
 
     arch = base_architecture("smollm2-135m-instruct")
     assert (arch.name, arch.source, arch.gguf_arch) == ("LlamaForCausalLM", "GGUF header", "llama")
@@ -141,7 +142,7 @@ def test_general_prompts_are_checked_before_training(tiny_recipe: Path, tmp_path
 
 
 def test_shipped_chat_recipes_validate_offline() -> None:
-    """The chat recipes name hub models; their architecture is known without a download (ftedge.hf.HUB_ARCHITECTURES)."""
+    """The chat recipes name hub models; their architecture is known without a download (ftedge.families.HUB_ARCHITECTURES)."""
     recipes = [p for p in (REPO / "recipes").glob("*-chat.yaml") if "/" in yaml.safe_load(p.read_text())["base_model"]]
     assert len(recipes) >= 4
     for path in recipes:

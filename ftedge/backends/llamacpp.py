@@ -1,4 +1,5 @@
-"""llama.cpp backend (llama-cpp-python, low-level API): a .gguf file.
+"""llama.cpp backend (llama-cpp-python, low-level API): a .gguf file; and llama.cpp's quantizer (``quantize_gguf``),
+which ``ftedge export`` calls.
 
 Uses the low-level API rather than ``llama_cpp.Llama`` for two reasons:
 
@@ -24,17 +25,20 @@ import ctypes
 import functools
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ftedge.atomic import atomic_path
 from ftedge.backends.base import Backend, Sampling, sample_next
-from ftedge.errors import FtedgeError
-from ftedge.formats.chat_template import render_chat_template
+from ftedge.errors import FtedgeError, from_os_error, os_error_in
+from ftedge.formats.chat_template import fit_messages, render_chat_template
 from ftedge.formats.gguf import GgufInfo, inspect_gguf
-from ftedge.hf import fit_messages
+from ftedge.formats.quants import GGUF_QUANT_TYPES, check_gguf_type, gguf_file_type
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,13 @@ class capture_native_log:
         _log_capture = None
 
 
+def runtime_version() -> str:
+    """The installed llama-cpp-python's version (imports it: an ImportError says it is missing or broken)."""
+    import llama_cpp
+
+    return str(llama_cpp.__version__)
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_amx() -> bool:
     """True when ggml's CPU backend would use AMX (built with it and the CPU advertises it)."""
@@ -116,6 +127,62 @@ def extra_bufts_enabled(info: GgufInfo, requested: bool | str = "auto") -> bool:
 
 
 FLASH_ATTN_TYPES = {False: 0, True: 1, "auto": -1}  # llama_flash_attn_type: DISABLED, ENABLED, AUTO
+
+
+# -- quantization ---------------------------------------------------------------------------
+_FALLBACK = re.compile(r"(\S+)\s+-\s+ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\w+)\)\s+->\s+falling back to\s+(\w+)")
+
+
+@dataclass
+class QuantReport:
+    """What quantization did: the type asked for, and per-tensor fallbacks llama.cpp chose."""
+
+    quant: str
+    fallbacks: list[dict[str, str]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        by_type: dict[str, int] = {}
+        for f in self.fallbacks:
+            key = f"{f['wanted']}->{f['used']}"
+            by_type[key] = by_type.get(key, 0) + 1
+        return {"fallback_tensors": len(self.fallbacks), "fallbacks": by_type}
+
+
+def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = None) -> QuantReport:
+    """Quantize a float GGUF to ``quant`` with llama.cpp, atomically; report per-tensor fallbacks."""
+    import llama_cpp
+
+    quant = check_gguf_type(quant)
+    if quant not in GGUF_QUANT_TYPES:
+        raise FtedgeError(f"{quant} is written by the converter, not by quantization")
+    inspect_gguf(src)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = gguf_file_type(quant)
+    params.nthread = threads or min(4, os.cpu_count() or 1)
+    report = QuantReport(quant)
+    try:
+        with atomic_path(dst) as tmp, capture_native_log() as lines:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            if rc != 0 or not tmp.is_file():
+                text = "".join(lines)
+                cause = os_error_in(text, dst.parent)  # llama.cpp's log names it, else the disk is full
+                if cause is not None:
+                    raise from_os_error(cause, dst)
+                last = [ln for ln in text.splitlines() if "error" in ln.lower()][-1:] or [f"code {rc}"]
+                raise FtedgeError(f"llama.cpp could not quantize {src.name} to {quant}: {last[0].strip()[:300]}")
+            inspect_gguf(tmp)
+    except OSError as err:
+        raise from_os_error(err, dst) from None
+    for m in _FALLBACK.finditer("".join(lines)):
+        report.fallbacks.append({"tensor": m.group(1), "ncols": m.group(2), "wanted": m.group(4).lower(), "used": m.group(5).lower()})
+    if report.fallbacks:
+        log.info(
+            "%s: %d tensors fell back from k-quants (rows not divisible by 256): %s",
+            dst.name,
+            len(report.fallbacks),
+            report.summary()["fallbacks"],
+        )
+    return report
 
 
 # -- the backend ------------------------------------------------------------------------

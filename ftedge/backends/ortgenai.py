@@ -6,8 +6,11 @@ time, so the artifact on disk is never modified.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import numpy as np
 
 from ftedge.backends.base import Backend, Sampling, sample_next
 from ftedge.errors import FtedgeError
-from ftedge.hf import fit_messages
+from ftedge.formats.chat_template import fit_messages, folder_chat_template, read_tokenizer_config
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,25 @@ def read_genai_config(path: Path) -> dict:
     return cfg
 
 
+def runtime_version() -> str:
+    """The installed onnxruntime-genai's version (imports it: an ImportError says it is missing or broken)."""
+    import onnxruntime_genai as og
+
+    return str(og.__version__)
+
+
+@functools.lru_cache(maxsize=1)
+def builder_architectures() -> frozenset[str]:
+    """HF architectures onnxruntime-genai's model builder accepts (read from the installed builder's source, without
+    importing it); empty when onnxruntime-genai is not installed."""
+    spec = importlib.util.find_spec("onnxruntime_genai")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    builder = Path(list(spec.submodule_search_locations)[0]) / "models" / "builder.py"
+    text = builder.read_text(encoding="utf-8") if builder.is_file() else ""
+    return frozenset(re.findall(r'config\.architectures\[0\] == "(\w+)"', text))
+
+
 class OrtGenAIBackend(Backend):
     name = "ortgenai"
 
@@ -63,8 +85,7 @@ class OrtGenAIBackend(Backend):
         self._context_length = int(self._cfg["model"].get("context_length") or self._cfg.get("search", {}).get("max_length") or 2048)
         window = self._cfg["model"]["decoder"].get("sliding_window") or {}
         self._window = int(window.get("window_size") or 0) if isinstance(window, dict) else 0
-        template = self.path / "chat_template.jinja"
-        self._template = template.read_text() if template.is_file() else None
+        self._template = folder_chat_template(self.path)
 
     @property
     def settings(self) -> dict:
@@ -88,22 +109,20 @@ class OrtGenAIBackend(Backend):
         elif eos:
             ids.update(int(i) for i in eos)
         ids.update(int(i) for i in np.asarray(self.tokenizer.eos_token_ids).ravel())
-        tok_cfg = self.path / "tokenizer_config.json"
-        if tok_cfg.is_file():
-            eos_text = json.loads(tok_cfg.read_text()).get("eos_token")
-            if isinstance(eos_text, dict):
-                eos_text = eos_text.get("content")
-            if isinstance(eos_text, str):
-                tid = int(self.tokenizer.to_token_id(eos_text))
-                if tid >= 0:
-                    ids.add(tid)
+        eos_text = read_tokenizer_config(self.path).get("eos_token")
+        if isinstance(eos_text, dict):
+            eos_text = eos_text.get("content")
+        if isinstance(eos_text, str):
+            tid = int(self.tokenizer.to_token_id(eos_text))
+            if tid >= 0:
+                ids.add(tid)
         return {i for i in ids if i >= 0}
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         kwargs: dict = {"add_generation_prompt": add_generation_prompt}
         if self._template is not None:
             kwargs["template_str"] = self._template
-        chat = fit_messages(messages, self._template or self._config_template())
+        chat = fit_messages(messages, self._template)
         try:
             return self.tokenizer.apply_chat_template(json.dumps(chat), **kwargs)
         except Exception as err:
@@ -111,12 +130,6 @@ class OrtGenAIBackend(Backend):
                 f"{self.path}: cannot apply the chat template ({_first_line(err)})",
                 hint="export a model whose tokenizer has a chat template",
             ) from None
-
-    def _config_template(self) -> str | None:
-        """The chat template in tokenizer_config.json (what ORT GenAI uses without chat_template.jinja)."""
-        cfg = self.path / "tokenizer_config.json"
-        template = json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
-        return template if isinstance(template, str) else None
 
     def tokenize(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]

@@ -37,7 +37,7 @@ class TorchBackend(Backend):
         sits on a tied LM head or embedding (merging would change both): those keep the adapter as trained."""
         import torch
 
-        from ftedge.hf import compute_dtype, dequantize_4bit, load_causal_lm, load_tokenizer
+        from ftedge.loader import compute_dtype, dequantize_4bit, load_causal_lm, load_tokenizer
         from ftedge.recipe import QuantConfig
 
         self.path = Path(path)
@@ -56,8 +56,8 @@ class TorchBackend(Backend):
             self.path, trust_remote_code=trust_remote_code, require_chat_template=False, chat_template=chat_template
         )
         if adapter is not None:
-            from ftedge.hf import adapts_tied_embedding, attach_adapter
-            from ftedge.train.model import prefix_tokens
+            from ftedge.families import adapts_tied_embedding, prefix_tokens
+            from ftedge.loader import attach_adapter
 
             model = attach_adapter(model, adapter)
             exact = (
@@ -83,6 +83,9 @@ class TorchBackend(Backend):
 
     @property
     def stop_ids(self) -> set[int]:
+        """EOS (the generation config's and the tokenizer's) and the token the chat template ends a turn with."""
+        from ftedge.families import end_of_turn_id
+
         ids: set[int] = set()
         gen = getattr(self.model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None)
@@ -92,6 +95,9 @@ class TorchBackend(Backend):
             ids.update(eos)
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
+        eot = end_of_turn_id(self.tokenizer)
+        if eot is not None:
+            ids.add(eot)
         return ids
 
     @property
@@ -108,7 +114,7 @@ class TorchBackend(Backend):
         return int(self.model.config.vocab_size)
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        from ftedge.hf import fit_messages
+        from ftedge.formats.chat_template import fit_messages
 
         chat = fit_messages(messages, self.tokenizer.chat_template)
         return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -20,24 +20,24 @@ a final assistant turn, is optional).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ftedge import atomic
 from ftedge.backends.base import Backend
 from ftedge.errors import FtedgeError
+from ftedge.formats.general_set import GeneralSet, read_general
+from ftedge.formats.logits_cache import TopKCache, read_topk_cache, write_topk_cache
 from ftedge.logits import grouped_kl, log_softmax, top_k
 
 log = logging.getLogger(__name__)
 
 GENERAL_FILE = Path(__file__).resolve().parent / "general.jsonl"
 REPLY_TOKENS = 32
+BASE_KIND = "drift-base"  # the top-k cache the base model's worker writes (ftedge.formats.logits_cache)
 NOTE = (
     "drift from base: each artifact against the untuned base model on general prompts that are not your task "
     "(with short written answers, teacher-forced): KL(base || artifact) in nats and top-1 agreement per answer "
@@ -48,65 +48,6 @@ NOTE = (
     "means the model lost general ability (catastrophic forgetting): check that it still does what you need "
     "besides your task."
 )
-
-
-@dataclass
-class GeneralSet:
-    """Chat prompts (``{"messages": [...], "answer": str | None}``) and plain paragraphs."""
-
-    prompts: list[dict[str, Any]] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
-
-    def as_job(self) -> dict[str, Any]:
-        return {"prompts": self.prompts, "texts": self.texts}
-
-
-def read_general(path: Path, into: GeneralSet | None = None) -> GeneralSet:
-    """Prompts and texts of a general-set JSON-lines file; a bad row is a one-line error naming it."""
-    out = into if into is not None else GeneralSet()
-    path = Path(path)
-    hint = 'write one {"prompt": ..., "answer": ...}, {"messages": [...]} or {"text": ...} object per line'
-    if not path.is_file():
-        raise FtedgeError(f"general prompts file {path} not found", hint="fix eval.general_prompts in the recipe")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise FtedgeError(f"{path}: not UTF-8 text", hint=hint) from None
-    before = len(out.prompts) + len(out.texts)
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise FtedgeError(f"{path}:{n}: not a JSON object per line ({err.msg})", hint=hint) from None
-        if not isinstance(row, dict):
-            raise FtedgeError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}", hint=hint)
-        answer = row["answer"] if isinstance(row.get("answer"), str) and row["answer"].strip() else None
-        if isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            out.prompts.append({"messages": [{"role": "user", "content": row["prompt"]}], "answer": answer})
-        elif isinstance(row.get("messages"), list) and row["messages"]:
-            turns = list(row["messages"])
-            ok = all(
-                isinstance(t, dict) and t.get("role") in ("system", "user", "assistant") and isinstance(t.get("content"), str)
-                for t in turns
-            )
-            if ok and len(turns) > 1 and turns[-1]["role"] == "assistant" and answer is None:
-                answer = turns.pop()["content"]  # a conversation with its answer
-            if not ok or turns[-1]["role"] != "user":
-                raise FtedgeError(
-                    f"{path}:{n}: messages must be {{role, content}} turns ending with a user turn (or its answer)", hint=hint
-                )
-            out.prompts.append({"messages": [{"role": t["role"], "content": t["content"]} for t in turns], "answer": answer})
-        elif isinstance(row.get("text"), str) and row["text"].strip():
-            out.texts.append(row["text"])
-        elif "about" not in row:
-            raise FtedgeError(f"{path}:{n}: no 'prompt', 'messages' or 'text'", hint=hint)
-    if len(out.prompts) + len(out.texts) == before:
-        raise FtedgeError(f"{path}: no prompts or texts", hint=hint)
-    out.sources.append(str(path))
-    return out
 
 
 def load_general(extra: Path | None = None) -> GeneralSet:
@@ -124,10 +65,7 @@ def base_reference(backend: Backend, general: dict[str, Any], out: Path, *, n_ct
     that answer, saved to ``out``; the base's general-text perplexity."""
     from ftedge.bench.measures import conversation_ids
 
-    seqs: list[np.ndarray] = []
-    starts: list[int] = []
-    top_ids: list[np.ndarray] = []
-    top_logp: list[np.ndarray] = []
+    cache = TopKCache(BASE_KIND)
     stops = backend.stop_ids
     written = 0
     for item in general.get("prompts") or []:
@@ -135,38 +73,22 @@ def base_reference(backend: Backend, general: dict[str, Any], out: Path, *, n_ct
             prompt, full = conversation_ids(backend, item["messages"], item["answer"])
         else:
             prompt = backend.chat_ids(item["messages"])
-            full = prompt + list(backend.generate(prompt, max_new_tokens=reply_tokens, stop_ids=stops))
+            full = prompt + backend.stream(prompt, max_new_tokens=reply_tokens, stop_ids=stops).run().ids  # the stop token included
         if len(full) > n_ctx or len(full) <= len(prompt):
             continue
         written += bool(item.get("answer"))
         logp = log_softmax(backend.logits(full)[len(prompt) - 1 : len(full) - 1], np.float32)  # row j predicts answer token j
-        ids_k, logp_k = top_k(logp)
-        seqs.append(np.asarray(full, dtype=np.int32))
-        starts.append(len(prompt) - 1)
-        top_ids.append(ids_k)
-        top_logp.append(logp_k)
+        cache.add(full, len(prompt) - 1, *top_k(logp))
     texts = [backend.tokenize(t)[:n_ctx] for t in general.get("texts") or []]
     texts = [t for t in texts if len(t) > 1]
     nll, count = _text_nll(backend, texts)
-    lengths = [len(s) for s in seqs]
-    with atomic.atomic_path(Path(out)) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                seq_offsets=np.cumsum([0, *lengths]).astype(np.int64),
-                seqs=np.concatenate(seqs) if seqs else np.zeros(0, np.int32),
-                starts=np.asarray(starts, dtype=np.int64),
-                row_offsets=np.cumsum([0, *(len(x) for x in top_ids)]).astype(np.int64),
-                top_ids=np.concatenate(top_ids) if top_ids else np.zeros((0, 1), np.int32),
-                top_logp=np.concatenate(top_logp) if top_logp else np.zeros((0, 1), np.float32),
-                text_offsets=np.cumsum([0, *(len(t) for t in texts)]).astype(np.int64),
-                texts=np.asarray([i for t in texts for i in t], dtype=np.int32),
-            )
+    cache.texts = [np.asarray(t, dtype=np.int32) for t in texts]
+    write_topk_cache(Path(out), cache)
     return {
-        "general_prompts": len(seqs),
+        "general_prompts": len(cache),
         "written_answers": written,
         "general_texts": len(texts),
-        "answer_tokens": sum(len(x) for x in top_ids),
+        "answer_tokens": sum(len(x) for x in cache.top_ids),
         "general_ppl": float(np.exp(nll / count)) if count else None,
     }
 
@@ -183,24 +105,19 @@ def _text_nll(backend: Backend, texts: Sequence[Sequence[int]]) -> tuple[float, 
 # -- in the worker: an artifact -------------------------------------------------------------
 def drift(backend: Backend, base_file: Path) -> dict[str, Any]:
     """KL(base || artifact) and top-1 agreement over the general prompts' answers, and general-text perplexity."""
-    with np.load(base_file) as z:
-        ref = {k: z[k] for k in z.files}
+    ref = read_topk_cache(base_file, BASE_KIND)
     vocab = backend.vocab_size
     agree = kl_sum = 0.0
     positions = 0
-    for i, start in enumerate(ref["starts"].tolist()):
-        full = ref["seqs"][ref["seq_offsets"][i] : ref["seq_offsets"][i + 1]].tolist()
-        rows = slice(int(ref["row_offsets"][i]), int(ref["row_offsets"][i + 1]))
-        r_ids, r_logp = ref["top_ids"][rows], ref["top_logp"][rows]
+    for seq, start, r_ids, r_logp in zip(ref.seqs, ref.starts, ref.top_ids, ref.top_logp, strict=True):
+        full = seq.tolist()
         if max(full) >= vocab:
             raise FtedgeError(f"{backend.path}: its vocabulary ({vocab}) does not hold the base model's tokens")
         mine = log_softmax(backend.logits(full)[start : len(full) - 1], np.float32)
         agree += float((mine.argmax(axis=-1) == r_ids[:, 0]).sum())
         kl_sum += float(grouped_kl(r_ids, r_logp, mine).sum())
         positions += len(mine)
-    offsets = ref["text_offsets"].tolist()
-    texts = [ref["texts"][a:b].tolist() for a, b in zip(offsets, offsets[1:], strict=False)]
-    nll, count = _text_nll(backend, texts)
+    nll, count = _text_nll(backend, [t.tolist() for t in ref.texts])
     return {
         "drift_kl": kl_sum / positions if positions else None,
         "drift_top1": agree / positions if positions else None,

@@ -32,17 +32,14 @@ def answers(backend: Backend, examples: Sequence[dict[str, Any]], *, n_ctx: int)
     """The greedy answer to each example's prompt (examples with no chat prompt are skipped)."""
     chat = [ex for ex in examples if ex.get("messages")]
     tokens = budget(backend, [str(ex["target"]) for ex in chat])
-    stops = backend.stop_ids
     out: list[dict[str, str]] = []
     for ex in chat:
         ids = backend.chat_ids(ex["messages"])
         room = min(tokens, n_ctx - len(ids))
         if room <= 0:
             continue
-        new = [t for t in backend.generate(ids, max_new_tokens=room, stop_ids=stops) if t not in stops]
-        out.append(
-            {"prompt": str(ex["messages"][-1]["content"]), "reference": str(ex["target"]), "answer": backend.detokenize(new).strip()}
-        )
+        answer = backend.stream(ids, max_new_tokens=room).text()
+        out.append({"prompt": str(ex["messages"][-1]["content"]), "reference": str(ex["target"]), "answer": answer.strip()})
     return out
 
 

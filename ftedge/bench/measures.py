@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ftedge import atomic
 from ftedge.backends.base import Backend
 from ftedge.errors import FtedgeError
+from ftedge.formats.logits_cache import TopKCache, read_topk_cache, write_topk_cache
 from ftedge.logits import TOP_K, grouped_kl, log_softmax, scored_from, top_k
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # 8 BANKING77 rows, p99 0.35-0.40): 2 nats is 4x the largest move, so an accepted answer is the decoded answer.
 SAFE_MARGIN = 2.0
 ANSWER_SLACK = 8  # tokens beyond the longest gold answer: room for an answer tokenized differently
+REFERENCE_KIND = "quality-reference"  # the top-k cache the reference artifact writes (ftedge.formats.logits_cache)
 
 
 # -- math ------------------------------------------------------------------------
@@ -50,10 +51,11 @@ def conversation_ids(backend: Backend, messages: Sequence[dict[str, str]], targe
 
 
 def decode_answer(backend: Backend, ids: Sequence[int], max_new_tokens: int, *, given: Sequence[int] = ()) -> tuple[str, int]:
-    """Greedy answer text to ``ids`` + ``given`` (answer tokens already known), and the tokens decoded."""
+    """Greedy answer text to ``ids`` + ``given`` (answer tokens already known), and the tokens decoded (a stop token too)."""
     stops = backend.stop_ids
-    new = list(backend.generate([*ids, *given], max_new_tokens=max_new_tokens, stop_ids=stops))
-    return backend.detokenize([t for t in [*given, *new] if t not in stops]), len(new)
+    reply = backend.stream([*ids, *given], max_new_tokens=max_new_tokens, stop_ids=stops)
+    new = list(reply)
+    return backend.detokenize([t for t in [*given, *new] if t not in stops]), len(reply.ids)
 
 
 def generate_text(backend: Backend, ids: Sequence[int], max_new_tokens: int) -> str:
@@ -118,10 +120,8 @@ def measure_quality(
     ``reuse_teacher_forcing`` scores answers with ``greedy_answer`` (skips decoding where the gold answer leads by a
     safe margin); off, every answer is decoded from its prompt. ``predictions`` holds every scored row, in order.
     """
-    ref = None
-    if reference_in is not None and Path(reference_in).is_file():
-        with np.load(reference_in) as z:
-            ref = {k: z[k] for k in z.files}
+    ref = read_topk_cache(reference_in, REFERENCE_KIND) if reference_in is not None and Path(reference_in).is_file() else None
+    save = TopKCache(REFERENCE_KIND) if reference_out is not None else None  # one entry per example, empty when skipped
     correct = scored = skipped = mismatched = decoded = 0
     nll_sum = 0.0
     nll_count = 0
@@ -129,10 +129,6 @@ def measure_quality(
     compared = 0
     predictions: list[dict[str, Any]] = []  # every scored example: metrics are computed from all of them
     nll_rows: list[tuple[float, int]] = []  # each example's answer (sum of NLL, tokens): the perplexity's bootstrap
-    save_ids: list[np.ndarray] = []
-    save_top_ids: list[np.ndarray] = []
-    save_top_logp: list[np.ndarray] = []
-    offsets, row_offsets = [0], [0]
     convs = [conversation_ids(backend, ex["messages"], ex["target"]) for ex in examples]
     budget = answer_budget(convs, max_new_tokens) if task == "label_match" else 0
     # Positions every conversation shares (system prompt, template header) would weigh as
@@ -141,8 +137,8 @@ def measure_quality(
     for i, (ex, (prompt, full)) in enumerate(zip(examples, convs, strict=True)):
         if max(len(full), len(prompt) + budget) > n_ctx:
             skipped += 1
-            offsets.append(offsets[-1])
-            row_offsets.append(row_offsets[-1])
+            if save is not None:
+                save.add([], 0, np.zeros((0, TOP_K), np.int32), np.zeros((0, TOP_K), np.float32))
             continue
         logp = log_softmax(
             backend.logits(full)[:-1], np.float32
@@ -163,38 +159,21 @@ def measure_quality(
         nll_rows.append((nll, len(answer_rows)))
         nll_sum += nll
         nll_count += len(answer_rows)
-        if reference_out is not None:
-            ids_k, logp_k = top_k(logp)
-            save_ids.append(np.asarray(full, dtype=np.int32))
-            save_top_ids.append(ids_k)
-            save_top_logp.append(logp_k)
-            offsets.append(offsets[-1] + len(full))
-            row_offsets.append(row_offsets[-1] + len(logp))
-        if ref is not None and i + 1 < len(ref["offsets"]):
-            a, b = int(ref["offsets"][i]), int(ref["offsets"][i + 1])
-            if b == a:
+        if save is not None:
+            save.add(full, 0, *top_k(logp))
+        if ref is not None and i < len(ref):
+            if not len(ref.seqs[i]):
                 continue
-            if ref["ids"][a:b].tolist() != list(full):
+            if ref.seqs[i].tolist() != list(full):
                 mismatched += 1
                 continue
-            rows = slice(int(ref["row_offsets"][i]), int(ref["row_offsets"][i + 1]))
-            r_ids, r_logp = ref["top_ids"][rows][start:], ref["top_logp"][rows][start:]
+            r_ids, r_logp = ref.top_ids[i][start:], ref.top_logp[i][start:]
             mine = logp[start:]
             agree += float((mine.argmax(axis=-1) == r_ids[:, 0]).sum())
             kl_sum += float(grouped_kl(r_ids, r_logp, mine).sum())
             compared += len(mine)
-    if reference_out is not None:
-        n_rows = sum(len(x) for x in save_top_ids)
-        with atomic.atomic_path(Path(reference_out)) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(
-                    fh,
-                    offsets=np.asarray(offsets, dtype=np.int64),
-                    row_offsets=np.asarray(row_offsets, dtype=np.int64),
-                    ids=np.concatenate(save_ids) if save_ids else np.zeros(0, np.int32),
-                    top_ids=np.concatenate(save_top_ids) if save_top_ids else np.zeros((n_rows, TOP_K), np.int32),
-                    top_logp=np.concatenate(save_top_logp) if save_top_logp else np.zeros((n_rows, TOP_K), np.float32),
-                )
+    if save is not None:
+        write_topk_cache(Path(reference_out), save)
     if skipped:
         log.warning("%d held-out examples longer than the context (%d) were skipped", skipped, n_ctx)
     return {
@@ -228,7 +207,7 @@ def measure_speed(
     gaps: list[float] = []
     for r in range(warmup + repeats):
         t0 = time.perf_counter()
-        stamps = [time.perf_counter() for _ in backend.generate(ids, max_new_tokens=decode_tokens, stop_ids=set())]
+        stamps = [time.perf_counter() for _ in backend.stream(ids, max_new_tokens=decode_tokens, stop_ids=set())]
         if r < warmup or not stamps:
             continue
         ttfts.append(stamps[0] - t0)

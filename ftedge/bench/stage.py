@@ -1,10 +1,10 @@
 """The bench stage: accuracy and latency of every artifact through its backend, side by side.
 
 ``bench_run`` scores every artifact of a run (the PyTorch base+adapter reference, merged, each
-GGUF quant, each ONNX variant) on the same rows of the recipe's **test** split (never trained,
-validated, gated or calibrated on; ``ftedge.data``) and prompts, under the target profile's threads
+GGUF quant, each ONNX variant) on the same rows of the **test** split frozen into the run at train time
+(never trained, validated, gated or calibrated on; ``ftedge.data.splits.run_splits``) and prompts, under the target profile's threads
 and llama.cpp runtime settings; ``bench_artifact`` does the same for one standalone ``.gguf`` or
-ORT GenAI folder, on any labelled file in a recipe format (``--data``, read by ``ftedge.data``).
+ORT GenAI folder, on any labelled file in a recipe format (``--data``, read by ``ftedge.data.reading``).
 results.json says which split and how many rows were scored, the runtime settings of each
 artifact, and every row's answer. Each artifact runs in its own process (``ftedge.bench.worker``),
 so a runtime crash loses only that artifact's entry, and peak RSS is that artifact's own.
@@ -28,21 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftedge import __version__, atomic
+from ftedge import __version__
 from ftedge.backends.base import detect_format
+from ftedge.bench.job import BenchJob, SpeedJob
+from ftedge.choose import fits
 from ftedge.errors import FtedgeError
 from ftedge.manifest import Run
+from ftedge.results import MEASURED_KEYS, BenchResults, DriftBase, Entry, EvalInfo, HostInfo, SpeedInfo, TargetInfo, write_results
 from ftedge.targets import Target
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
-ENTRY_KEYS = (
-    "name", "format", "quant", "path", "size_bytes", "accuracy", "perplexity", "top1_agreement", "kl",
-    "ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_p95", "peak_rss_mb", "fits",
-    # added without a schema change (None where not measured): bench.metrics, .generative, .forgetting
-    "accuracy_ci", "macro_f1", "perplexity_ci", "chrf", "chrf_ci", "drift_kl", "drift_top1", "general_ppl",
-)  # fmt: skip
 MB = 1024 * 1024
 DEFAULT_SPEED_PROMPT = "Explain in two sentences why the sky is blue."
 LABEL_COLUMNS = ("label", "category", "intent", "target", "answer")
@@ -111,9 +107,7 @@ def run_specs(run: Run) -> list[ArtifactSpec]:
     for art in run.models():
         quant = art.quant or (_hf_dtype(art.path) if art.format == "hf" and art.path.is_dir() else None)
         load = {"trust_remote_code": recipe.trust_remote_code} if art.format == "hf" else {}
-        models.append(
-            ArtifactSpec(art.key, art.format or "", quant, art.path, art.entry.get("size_bytes"), load, gate_passed=art.gate_passed)
-        )
+        models.append(ArtifactSpec(art.key, art.format or "", quant, art.path, art.size_bytes, load, gate_passed=art.gate_passed))
     adapter = run.artifact("adapter")
     if not models and adapter is None:
         raise FtedgeError(f"no artifacts in {run.path}", hint=f"run `ftedge export {run.path}` first")
@@ -121,7 +115,7 @@ def run_specs(run: Run) -> list[ArtifactSpec]:
     models.sort(key=lambda s: (order.get(s.format, 3), s.name))
     specs: list[ArtifactSpec] = []
     if adapter is not None:
-        from ftedge.hf import training_tokenizer
+        from ftedge.loader import training_tokenizer
 
         base = run.base_model()  # the recipe's base model, or train.init_from's merged model
         four_bit = recipe.quant.bits == 4
@@ -145,12 +139,13 @@ def _example_dicts(examples: Sequence[Any]) -> list[dict[str, Any]]:
     return [{"messages": [dict(m) for m in ex.messages], "target": str(ex.target)} for ex in examples]
 
 
-def run_examples(recipe: Any) -> tuple[list[dict[str, Any]], int]:
-    """The first ``eval.max_examples`` rows of the recipe's test split as plain dicts {messages, target}, and the split's size."""
-    from ftedge.data import bench_examples
+def run_examples(run: Run) -> tuple[list[dict[str, Any]], int]:
+    """The first ``eval.max_examples`` rows of the run's test split (frozen at train time) as plain dicts {messages, target},
+    and the split's size."""
+    from ftedge.data.splits import run_splits
 
-    test = bench_examples(recipe)
-    return _example_dicts(test[: recipe.eval.max_examples]), len(test)
+    test = run_splits(run).test
+    return _example_dicts(test[: run.recipe().eval.max_examples]), len(test)
 
 
 def data_file_config(path: Path, *, recipe: Any | None = None, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
@@ -159,7 +154,7 @@ def data_file_config(path: Path, *, recipe: Any | None = None, overrides: Sequen
     ``eval.KEY=VALUE`` overrides."""
     from pydantic import ValidationError
 
-    from ftedge.data import read_rows
+    from ftedge.data.reading import read_rows
     from ftedge.recipe import DataConfig, EvalConfig, apply_overrides
 
     path = Path(path)
@@ -189,8 +184,8 @@ def data_file_config(path: Path, *, recipe: Any | None = None, overrides: Sequen
 
 
 def data_file_examples(path: Path, cfg: Any) -> list[dict[str, Any]]:
-    """Every row of a labelled data file, read by ``ftedge.data`` in the config's format, as plain dicts {messages, target}."""
-    from ftedge.data import examples_from_file
+    """Every row of a labelled data file, read by ``ftedge.data.reading`` in the config's format, as plain dicts {messages, target}."""
+    from ftedge.data.reading import examples_from_file
 
     examples = examples_from_file(Path(path), cfg)
     if not examples:
@@ -213,14 +208,13 @@ def _last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def run_worker(
-    job: dict[str, Any], work_dir: Path, name: str, *, command: Callable[[Path, Path], list[str]] | None = None
-) -> dict[str, Any]:
+def run_worker(job: BenchJob, work_dir: Path, *, command: Callable[[Path, Path], list[str]] | None = None) -> dict[str, Any]:
     """Run one job in a child process; a crash or error yields a failed result, never an exception."""
     work_dir.mkdir(parents=True, exist_ok=True)
+    name = job.name
     job_path, result_path, log_path = work_dir / f"{name}.job.json", work_dir / f"{name}.result.json", work_dir / f"{name}.log"
     result_path.unlink(missing_ok=True)
-    atomic.write_json(job_path, job)
+    job.write(job_path)
     cmd = (command or worker_command)(job_path, result_path)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
@@ -249,17 +243,8 @@ def run_worker(
     return result
 
 
-def fits(size_bytes: int | None, peak_rss_mb: float | None, target: Target) -> bool | None:
-    """Whether the artifact fits the target's size and memory budgets (None when unknown)."""
-    checks: list[bool] = []
-    if target.max_size_mb is not None and size_bytes is not None:
-        checks.append(size_bytes / MB <= target.max_size_mb)
-    if target.max_ram_mb is not None and peak_rss_mb is not None:
-        checks.append(peak_rss_mb <= target.max_ram_mb)
-    return all(checks) if checks else None
-
-
-def make_entry(spec: ArtifactSpec, result: dict[str, Any], target: Target, *, base: Path | None = None) -> dict[str, Any]:
+def make_entry(spec: ArtifactSpec, result: dict[str, Any], target: Target, *, base: Path | None = None) -> Entry:
+    """The results.json entry of one artifact: what the spec says about it, and what its worker measured (when it succeeded)."""
     ok = result.get("status") == "ok"
     size = spec.size_bytes if spec.size_bytes is not None else (_model_size(spec.path) if spec.path.exists() else None)
     path = str(spec.path)
@@ -268,46 +253,22 @@ def make_entry(spec: ArtifactSpec, result: dict[str, Any], target: Target, *, ba
             path = spec.path.resolve().relative_to(base).as_posix()
         except ValueError:
             pass
-    entry: dict[str, Any] = {
-        "name": spec.name,
-        "format": spec.format,
-        "quant": spec.quant,
-        "path": path,
-        "size_bytes": size,
-        "status": "ok" if ok else "failed",
-        "reference": spec.reference,
-    }
-    if spec.gate_passed is not None:
-        entry["gate_passed"] = spec.gate_passed
-    for key in ENTRY_KEYS:
-        if key not in entry:
-            entry[key] = result.get(key) if ok else None
-    entry["peak_rss_mb"] = result.get("peak_rss_mb")
+    measured = {k: result[k] for k in MEASURED_KEYS if k in result and (ok or k in ("peak_rss_mb", "wall_seconds"))}
+    entry = Entry(
+        name=spec.name,
+        format=spec.format,
+        quant=spec.quant,
+        path=path,
+        size_bytes=size,
+        status="ok" if ok else "failed",
+        reference=spec.reference,
+        gate_passed=spec.gate_passed,
+        error=None if ok else str(result.get("error", "unknown error")),
+        **measured,
+    )
     if ok and spec.reference and result.get("n_examples"):
-        entry["top1_agreement"], entry["kl"] = 1.0, 0.0  # the reference against itself
-    entry["fits"] = fits(size, entry["peak_rss_mb"], target) if ok else None
-    for extra in (
-        "n_examples",
-        "skipped_examples",
-        "per_label",
-        "confusions",
-        "generations",
-        "drift_positions",
-        "parity_positions",
-        "tokenization_mismatches",
-        "prompt_tokens",
-        "decode_steps",
-        "decoded_tokens",
-        "max_new_tokens",
-        "runtime",
-        "load_seconds",
-        "phase_seconds",
-        "wall_seconds",
-    ):
-        if extra in result:
-            entry[extra] = result[extra]
-    if not ok:
-        entry["error"] = result.get("error", "unknown error")
+        entry.top1_agreement, entry.kl = 1.0, 0.0  # the reference against itself
+    entry.fits = fits(size, entry.peak_rss_mb, target) if ok else None
     return entry
 
 
@@ -325,7 +286,7 @@ def bench_specs(
     command: Callable[[Path, Path], list[str]] | None = None,
     generate: int = 0,
     general_in: Path | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+) -> tuple[list[Entry], dict[str, list[dict[str, Any]]]]:
     """Bench each artifact in its own process; returns the entries and each artifact's predictions.
 
     ``generate``: greedy answers to the first N examples (chat data); ``general_in``: the base
@@ -335,51 +296,45 @@ def bench_specs(
 
     ref_file = work_dir / "reference-topk.npz"
     ref_file.unlink(missing_ok=True)
-    entries: list[dict[str, Any]] = []
+    entries: list[Entry] = []
     predictions: dict[str, list[dict[str, Any]]] = {}
+    speed_job = SpeedJob(list(speed_messages), speed.decode_tokens, speed.repeats, speed.warmup)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as progress:
         bar = progress.add_task("bench", total=len(specs))
         for i, spec in enumerate(specs, 1):
             progress.update(bar, description=f"bench {i}/{len(specs)}: {spec.name}")
-            job = {
-                "name": spec.name,
-                "path": str(spec.path),
-                "load": spec.load,
-                "threads": target.threads,
-                "n_ctx": target.n_ctx,
-                "runtime": target.runtime.model_dump(),
-                "examples": list(examples),
-                "task": task,
-                "max_new_tokens": max_new_tokens,
-                "speed": {
-                    "messages": list(speed_messages),
-                    "decode_tokens": speed.decode_tokens,
-                    "repeats": speed.repeats,
-                    "warmup": speed.warmup,
-                },
-                "reference_out": str(ref_file) if spec.reference and examples else None,
-                "reference_in": str(ref_file) if not spec.reference and ref_file.is_file() else None,
-                "generate": generate,
-                "general_in": str(general_in) if general_in is not None else None,
-            }
-            result = run_worker(job, work_dir, spec.name, command=command)
+            job = BenchJob(
+                name=spec.name,
+                path=str(spec.path),
+                target=target,
+                load=spec.load,
+                examples=list(examples),
+                task=task,
+                max_new_tokens=max_new_tokens,
+                speed=speed_job,
+                reference_out=str(ref_file) if spec.reference and examples else None,
+                reference_in=str(ref_file) if not spec.reference and ref_file.is_file() else None,
+                generate=generate,
+                general_in=str(general_in) if general_in is not None else None,
+            )
+            result = run_worker(job, work_dir, command=command)
             if result.get("status") == "ok":
                 result.update(task_figures(result))
             entry = make_entry(spec, result, target, base=base)
             entries.append(entry)
             predictions[spec.name] = result.get("predictions") or []
-            if entry["status"] == "ok":
-                phases = {"load": result.get("load_seconds") or 0.0, **(result.get("phase_seconds") or {})}
+            if entry.ok:
+                phases = {"load": entry.load_seconds or 0.0, **(entry.phase_seconds or {})}
                 log.info(
                     "%s: accuracy %s, decode %.1f tok/s (%.0f s: %s)",
                     spec.name,
-                    _fmt(entry["accuracy"]),
-                    entry["decode_tok_s"] or 0.0,
-                    result.get("wall_seconds", 0),
+                    _fmt(entry.accuracy),
+                    entry.decode_tok_s or 0.0,
+                    entry.wall_seconds or 0,
                     ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()),
                 )
             else:
-                log.warning("%s: failed: %s", spec.name, entry["error"])
+                log.warning("%s: failed: %s", spec.name, entry.error)
             progress.advance(bar)
     return entries, predictions
 
@@ -400,47 +355,48 @@ def task_figures(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def bench_base(recipe: Any, target: Target, work_dir: Path, *, command: Callable[[Path, Path], list[str]] | None = None) -> dict[str, Any]:
-    """Run the untuned base model on the general set in its own worker (for drift from base); its summary for results.json.
+def bench_base(
+    recipe: Any, target: Target, work_dir: Path, *, command: Callable[[Path, Path], list[str]] | None = None
+) -> tuple[DriftBase, Path | None]:
+    """Run the untuned base model on the general set in its own worker (for drift from base): its summary for results.json,
+    and the base's general-set file the artifacts' workers compare with (None when it failed).
 
-    The summary's ``file`` is the base's general-set file the artifacts' workers compare with;
-    a base that cannot be resolved or run is a warning (no drift figures), not a failed bench.
+    A base that cannot be resolved or run is a warning (no drift figures), not a failed bench.
     """
     from ftedge.bench import forgetting
-    from ftedge.hf import resolve_base_model
+    from ftedge.loader import resolve_base_model
 
     general = forgetting.load_general(recipe.eval.general_prompts)
-    info: dict[str, Any] = {"model": recipe.base_model, "sources": general.sources}
+    info: dict[str, Any] = {"model": str(recipe.base_model), "sources": general.sources}
     try:
         base = resolve_base_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
     except FtedgeError as err:
         log.warning("drift from base skipped: %s", err.one_line())
-        return {**info, "status": "failed", "error": err.one_line()}
+        return DriftBase(**info, status="failed", error=err.one_line()), None
     out = work_dir / "base-general.npz"
     out.unlink(missing_ok=True)
-    job = {
-        "name": "base",
-        "path": str(base),
-        "load": {"kind": "torch", "trust_remote_code": recipe.trust_remote_code},
-        "threads": target.threads,
-        "n_ctx": target.n_ctx,
-        "general": general.as_job(),
-        "general_out": str(out),
-    }
+    job = BenchJob(
+        name="base",
+        path=str(base),
+        target=target,
+        load={"kind": "torch", "trust_remote_code": recipe.trust_remote_code},
+        general=general.as_job(),
+        general_out=str(out),
+    )
     log.info("drift from base: the untuned base on %d general prompts and %d texts", len(general.prompts), len(general.texts))
-    result = run_worker(job, work_dir, "base", command=command)
+    result = run_worker(job, work_dir, command=command)
     if result.get("status") != "ok" or not out.is_file():
         log.warning("drift from base skipped: the base model failed (%s)", result.get("error"))
-        return {**info, "status": "failed", "error": result.get("error", "no output")}
+        return DriftBase(**info, status="failed", error=str(result.get("error", "no output"))), None
     keys = ("general_prompts", "written_answers", "general_texts", "answer_tokens", "general_ppl", "wall_seconds")
-    return {**info, "status": "ok", **{k: result.get(k) for k in keys}, "file": str(out)}
+    return DriftBase(**info, status="ok", **{k: result.get(k) for k in keys}), out
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _host() -> dict[str, Any]:
+def _host() -> HostInfo:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -449,13 +405,13 @@ def _host() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    return HostInfo(cpu=cpu, cpus=os.cpu_count(), platform=platform.platform(), python=platform.python_version())
 
 
 def results_doc(
     subject: Path,
     target: Target,
-    entries: list[dict[str, Any]],
+    entries: list[Entry],
     *,
     task: str | None,
     n_examples: int,
@@ -465,50 +421,29 @@ def results_doc(
     split: str | None = None,
     n_available: int | None = None,
     predictions: dict[str, list[dict[str, Any]]] | None = None,
-) -> dict[str, Any]:
-    """results.json (schema 1). ``eval.split``: ``test`` (a run's test split) or ``file`` (``--data``); ``eval.max_new_tokens``:
+) -> BenchResults:
+    """results.json (``ftedge.results``). ``eval.split``: ``test`` (a run's test split) or ``file`` (``--data``); ``eval.max_new_tokens``:
     the answer budget used (the longest answer + slack, capped by ``eval.max_new_tokens_cap``); ``predictions``: every
     scored row's answer per artifact, in the order of the rows."""
-    budget = next((e["max_new_tokens"] for e in entries if e.get("max_new_tokens")), None)
-    doc = {
-        "schema": SCHEMA,
-        "ftedge_version": __version__,
-        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "subject": str(subject),
-        "target": {
-            "name": target.name,
-            "threads": target.threads,
-            "n_ctx": target.n_ctx,
-            "max_size_mb": target.max_size_mb,
-            "max_ram_mb": target.max_ram_mb,
-            "runtime": target.runtime.model_dump(),
-        },
-        "eval": {
-            "task": task,
-            "n_examples": n_examples,
-            "max_new_tokens": budget,
-            "max_new_tokens_cap": max_new_tokens,
-            "split": split,
-            "n_available": n_available,
-        },
-        "speed": {
-            "prompt_tokens": prompt_tokens,
-            "decode_tokens": speed.decode_tokens,
-            "repeats": speed.repeats,
-            "warmup": speed.warmup,
-            "greedy": True,
-        },
-        "reference": next((e["name"] for e in entries if e.get("reference")), None),
-        "host": _host(),
-        "artifacts": entries,
-    }
-    if predictions is not None:
-        doc["predictions"] = predictions
-    return doc
+    budget = next((e.max_new_tokens for e in entries if e.max_new_tokens), None)
+    return BenchResults(
+        ftedge_version=__version__,
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        subject=str(subject),
+        target=TargetInfo.of(target),
+        eval=EvalInfo(
+            task=task, n_examples=n_examples, max_new_tokens=budget, max_new_tokens_cap=max_new_tokens, split=split, n_available=n_available
+        ),
+        speed=SpeedInfo(prompt_tokens=prompt_tokens, decode_tokens=speed.decode_tokens, repeats=speed.repeats, warmup=speed.warmup),
+        reference=next((e.name for e in entries if e.reference), None),
+        host=_host(),
+        artifacts=entries,
+        predictions=predictions,
+    )
 
 
-def _prompt_tokens(entries: list[dict[str, Any]]) -> int | None:
-    return next((e["prompt_tokens"] for e in entries if e.get("prompt_tokens")), None)
+def _prompt_tokens(entries: list[Entry]) -> int | None:
+    return next((e.prompt_tokens for e in entries if e.prompt_tokens), None)
 
 
 # -- public API ------------------------------------------------------------------
@@ -519,7 +454,7 @@ def bench_run(
     json_path: Path | None = None,
     speed: SpeedConfig | None = None,
     command: Callable[[Path, Path], list[str]] | None = None,
-) -> dict[str, Any]:
+) -> BenchResults:
     """Bench every artifact of a run; write bench/results.json, report.md, plot.png; print the table."""
     from ftedge.bench import report
 
@@ -527,14 +462,14 @@ def bench_run(
     specs = run_specs(run)
     recipe = run.recipe()
     out_dir = run.path / "bench"
+    examples, n_test = run_examples(run)  # refused in one line if the data file changed since training
     with run.stage("bench") as metrics:
-        examples, n_test = run_examples(recipe)
         if not examples:
             raise FtedgeError(f"no test rows for {run.path}", hint="set data.test or data.test_fraction > 0 in the recipe")
         log.info("bench: %d of the %d test rows", len(examples), n_test)
         warn_unlearned_labels(run, examples, "the test rows")
         task = recipe.eval.task
-        drift_base = bench_base(recipe, target, out_dir / "work", command=command) if recipe.eval.drift else None
+        drift_base, general_in = bench_base(recipe, target, out_dir / "work", command=command) if recipe.eval.drift else (None, None)
         entries, predictions = bench_specs(
             specs,
             target,
@@ -547,7 +482,7 @@ def bench_run(
             base=run.path,
             command=command,
             generate=recipe.eval.generate if recipe.data.format != "text_label" else 0,
-            general_in=Path(drift_base["file"]) if drift_base and drift_base.get("file") else None,
+            general_in=general_in,
         )
         doc = results_doc(
             run.path,
@@ -562,22 +497,21 @@ def bench_run(
             n_available=n_test,
             predictions=predictions,
         )
-        if drift_base is not None:
-            doc["drift_base"] = {k: v for k, v in drift_base.items() if k != "file"}
+        doc.drift_base = drift_base
         if target.ship == "auto":
             from ftedge.choose import ship_decision
 
-            doc["ship_decision"] = ship_decision(doc, target).as_dict()
+            doc.ship_decision = ship_decision(doc, target)
         paths = report.write_reports(doc, out_dir, predictions=predictions)
         if json_path is not None:
-            atomic.write_json(Path(json_path), doc)
+            write_results(doc, Path(json_path))
         report.print_table(doc)
-        failed = [e["name"] for e in entries if e["status"] != "ok"]
+        failed = [e.name for e in entries if not e.ok]
         metrics.update(artifacts=len(entries), failed=failed, target=target.name, n_examples=len(examples))
         for key, path in paths.items():
             run.record_artifact(f"bench-{key}", path, stage="bench")
         if len(failed) == len(entries):
-            raise FtedgeError(f"every artifact failed to bench ({entries[0]['error']})", hint=f"see the logs in {out_dir / 'work'}")
+            raise FtedgeError(f"every artifact failed to bench ({entries[0].error})", hint=f"see the logs in {out_dir / 'work'}")
     return doc
 
 
@@ -590,7 +524,7 @@ def bench_artifact(
     recipe: Path | None = None,
     overrides: Sequence[str] = (),
     speed: SpeedConfig | None = None,
-) -> dict[str, Any]:
+) -> BenchResults:
     """Bench one standalone .gguf or ORT GenAI folder: speed, plus accuracy/perplexity on every row of ``data``.
 
     ``data`` is read in ``recipe``'s data format (its fields and system prompt), else as a text,label file, with
@@ -644,8 +578,8 @@ def bench_artifact(
             speed_messages=messages,
             speed=speed,
         )
-        if entries[0]["status"] != "ok":
-            raise FtedgeError(f"bench of {path} failed: {entries[0]['error']}")
+        if not entries[0].ok:
+            raise FtedgeError(f"bench of {path} failed: {entries[0].error}")
     doc = results_doc(
         path.resolve(),
         target,
@@ -660,23 +594,23 @@ def bench_artifact(
         predictions=predictions if data is not None else None,
     )
     if data is not None:
-        doc["eval"]["data"] = str(Path(data).resolve())
+        doc.eval.data = str(Path(data).resolve())
     if json_path is not None:
-        atomic.write_json(Path(json_path), doc)
+        write_results(doc, Path(json_path))
     report.print_table(doc)
     return doc
 
 
 def warn_unlearned_labels(run: Run, examples: Sequence[dict[str, Any]], what: str) -> list[str]:
     """Warn (and return the warnings) when the labels scored are ones the run's model never saw in training."""
-    from ftedge.data import label_warnings, load_splits
+    from ftedge.data.splits import label_warnings, run_splits
 
     recipe = run.recipe()
     if recipe.data.format != "text_label":
         return []
     try:
-        train = [e.target for e in load_splits(recipe).train]
-    except FtedgeError:  # the training data moved since: nothing to compare with
+        train = [e.target for e in run_splits(run).train]
+    except FtedgeError:  # the training data changed or moved since: nothing to compare with
         return []
     warnings = label_warnings(train, [str(e["target"]) for e in examples], what)
     for warning in warnings:

@@ -8,7 +8,6 @@ loses only its own entry, and the peak RSS it reports is the artifact's own.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 from ftedge import atomic
 from ftedge.backends.base import Backend
+from ftedge.bench.job import BenchJob
 from ftedge.bench.measures import measure_quality, measure_speed
 from ftedge.errors import FtedgeError
 from ftedge.logs import quiet_third_party
@@ -27,20 +27,19 @@ log = logging.getLogger(__name__)
 
 
 # -- the worker ------------------------------------------------------------------
-def open_backend(job: dict[str, Any]) -> Backend:
-    load = dict(job.get("load") or {})
-    threads = job.get("threads")
+def open_backend(job: BenchJob) -> Backend:
+    load = dict(job.load)
     if load.pop("kind", "auto") == "torch":
         from ftedge.backends.torch import TorchBackend
 
-        return TorchBackend(job["path"], threads=threads, **load)
+        return TorchBackend(job.path, threads=job.threads, **load)
     from ftedge.backends import load_backend, runtime_options
 
-    options = runtime_options(job["path"], job.get("runtime"))
-    return load_backend(job["path"], threads=threads, n_ctx=int(job.get("n_ctx") or 2048), **options, **load)
+    options = runtime_options(job.path, job.target.runtime)
+    return load_backend(job.path, threads=job.threads, n_ctx=job.n_ctx, **options, **load)
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
+def run_job(job: BenchJob) -> dict[str, Any]:
     """Load the artifact; measure quality (if examples), greedy answers (``generate``), drift from base or the
     base's own general replies (``general_in`` / ``general_out``) and speed (``speed``); return the metrics."""
     from ftedge.bench import forgetting, generative
@@ -58,40 +57,38 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             phases[name] = round(time.perf_counter() - t0, 3)
 
     backend = open_backend(job)
-    n_ctx = int(job.get("n_ctx") or 2048)
+    n_ctx = job.n_ctx
     try:
         result["load_seconds"] = round(time.perf_counter() - started, 3)
         result["runtime"] = backend.settings
-        examples = job.get("examples") or []
+        examples = job.examples
         if examples:
             with phase("quality"):
                 result.update(
                     measure_quality(
                         backend,
                         examples,
-                        task=job.get("task", "label_match"),
-                        max_new_tokens=job.get("max_new_tokens"),
-                        n_ctx=int(job.get("n_ctx") or 2048),
-                        reference_in=Path(job["reference_in"]) if job.get("reference_in") else None,
-                        reference_out=Path(job["reference_out"]) if job.get("reference_out") else None,
+                        task=job.task,
+                        max_new_tokens=job.max_new_tokens,
+                        n_ctx=n_ctx,
+                        reference_in=Path(job.reference_in) if job.reference_in else None,
+                        reference_out=Path(job.reference_out) if job.reference_out else None,
                     )
                 )
-        if examples and job.get("generate"):
+        if examples and job.generate:
             with phase("generate"):
-                result["generations"] = generative.answers(backend, examples[: int(job["generate"])], n_ctx=n_ctx)
-        if job.get("general_out"):
+                result["generations"] = generative.answers(backend, examples[: job.generate], n_ctx=n_ctx)
+        if job.general_out:
             with phase("drift"):
-                result.update(forgetting.base_reference(backend, job["general"], Path(job["general_out"]), n_ctx=n_ctx))
-        elif job.get("general_in") and Path(job["general_in"]).is_file():
+                result.update(forgetting.base_reference(backend, job.general or {}, Path(job.general_out), n_ctx=n_ctx))
+        elif job.general_in and Path(job.general_in).is_file():
             with phase("drift"):
-                result.update(forgetting.drift(backend, Path(job["general_in"])))
-        speed = job.get("speed")
-        if speed:
+                result.update(forgetting.drift(backend, Path(job.general_in)))
+        speed = job.speed
+        if speed is not None:
             with phase("speed"):
                 result.update(
-                    measure_speed(
-                        backend, speed["messages"], decode_tokens=speed["decode_tokens"], repeats=speed["repeats"], warmup=speed["warmup"]
-                    )
+                    measure_speed(backend, speed.messages, decode_tokens=speed.decode_tokens, repeats=speed.repeats, warmup=speed.warmup)
                 )
     finally:
         backend.close()
@@ -107,14 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_third_party()
-    job = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    job: BenchJob | None = None
     try:
+        job = BenchJob.read(Path(args[0]))
         result = run_job(job)
         code = 0
     except FtedgeError as err:
         result, code = {"status": "failed", "error": err.one_line()}, 1
     except Exception as err:  # any runtime error becomes this artifact's failed entry
-        log.exception("bench of %s failed", job.get("path"))
+        log.exception("bench of %s failed", job.path if job is not None else args[0])
         result, code = {"status": "failed", "error": f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"}, 1
     result["peak_rss_mb"] = peak_rss_mb()
     atomic.write_json(Path(args[1]), result)

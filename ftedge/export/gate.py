@@ -37,22 +37,23 @@ from typing import Any
 
 import numpy as np
 
-from ftedge.data import Prompt
+from ftedge.data.prompts import Prompt
 from ftedge.errors import FtedgeError
+from ftedge.families import end_of_turn_id
 from ftedge.formats.quants import CONFIDENT_MARGIN, DEFAULT_GATES, MIN_CONFIDENT_POSITIONS
-from ftedge.hf import end_of_turn_id
 from ftedge.logits import compare_logits, log_softmax, scored_from
+from ftedge.targets import Target
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STOP_BOUND = 64
 
 
-def thresholds_for(quant: str, target: Any | None = None) -> dict[str, float]:
+def thresholds_for(quant: str, target: Target | None = None) -> dict[str, float]:
     """Gate thresholds for a quant type: the target profile's keys where set, else the built-in defaults."""
     default = DEFAULT_GATES[quant.lower()]
     th = {"max_kl": default.max_kl, "max_kl_p99": default.max_kl_p99, "min_top1_confident": default.min_top1_confident}
-    gates = getattr(target, "gates", None) or {}
+    gates = target.gates if target is not None else {}
     if quant.lower() in gates:
         th.update({k: float(v) for k, v in gates[quant.lower()].model_dump().items() if v is not None})
     return th
@@ -90,8 +91,8 @@ def build_reference(
         logprobs = [log_softmax(ref.logits(s))[start:].astype(np.float32) for s in ids]
         chat_texts = [ref.apply_chat_template(p.messages) for p in prompts]
         stop_ids = ref.tokenize(chat_texts[0])
-        out = list(ref.generate(stop_ids, max_new_tokens=stop_bound, stop_ids=stops))
-        stopped = bool(out) and out[-1] in stops
+        reply = ref.stream(stop_ids, max_new_tokens=stop_bound, stop_ids=stops).run()
+        out, stopped = reply.ids, reply.finish == "stop"
     return Reference(
         prompts=list(prompts),
         texts=texts,
@@ -133,8 +134,8 @@ def tokenizer_check(backend: Any, reference: Reference) -> dict[str, Any]:
 def stop_check(backend: Any, reference: Reference) -> dict[str, Any]:
     """Greedy decoding of the first chat prompt must end with an end-of-turn id within the bound."""
     stops = backend.stop_ids
-    out = list(backend.generate(reference.stop_prompt_ids, max_new_tokens=reference.stop_bound, stop_ids=stops))
-    stopped = bool(out) and out[-1] in stops
+    reply = backend.stream(reference.stop_prompt_ids, max_new_tokens=reference.stop_bound, stop_ids=stops).run()
+    out, stopped = reply.ids, reply.finish == "stop"
     applicable = bool(reference.reference_stop.get("stopped"))
     return {
         "stopped": stopped,
@@ -159,7 +160,7 @@ def judge(figures: dict[str, Any], th: dict[str, float]) -> list[str]:
 
 
 def run_gate(
-    backend: Any, reference: Reference, quant: str, *, target: Any | None = None, thresholds: dict[str, float] | None = None
+    backend: Any, reference: Reference, quant: str, *, target: Target | None = None, thresholds: dict[str, float] | None = None
 ) -> dict[str, Any]:
     """All gate checks of one opened artifact; ``passed`` is the verdict."""
     th = thresholds or thresholds_for(quant, target)
@@ -194,12 +195,12 @@ def run_gate(
 
 
 def gate_artifact(
-    path: Path, reference: Reference, quant: str, *, target: Any | None = None, threads: int | None = None, n_ctx: int = 2048
+    path: Path, reference: Reference, quant: str, *, target: Target | None = None, threads: int | None = None, n_ctx: int = 2048
 ) -> dict[str, Any]:
     """Open an artifact (.gguf or ORT GenAI folder) through its backend, with the target's runtime settings, and gate it."""
     from ftedge.backends import load_backend, runtime_options
 
     longest = max(len(s) for s in reference.ids) + reference.stop_bound + 8
-    options = runtime_options(path, getattr(target, "runtime", None))
+    options = runtime_options(path, target.runtime if target is not None else None)
     with load_backend(path, threads=threads, n_ctx=max(n_ctx, longest), **options) as backend:
         return run_gate(backend, reference, quant, target=target)

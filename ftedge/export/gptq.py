@@ -16,29 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
+from ftedge.families import projection_parts
+
 log = logging.getLogger(__name__)
 
-# builder node name -> HF submodules whose weights are stacked along the output dimension
+# builder node name -> HF submodules whose weights are stacked along the output dimension (ftedge.families.projection_parts)
 _NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+?)/MatMul")
-_PARTS = {
-    "qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    "q_proj": ["self_attn.q_proj"],
-    "k_proj": ["self_attn.k_proj"],
-    "v_proj": ["self_attn.v_proj"],
-    "o_proj": ["self_attn.o_proj"],
-    "gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
-    "gate_proj": ["mlp.gate_proj"],
-    "up_proj": ["mlp.up_proj"],
-    "down_proj": ["mlp.down_proj"],
-}
 
 
 def hf_modules_for(node_name: str) -> list[str] | None:
     """HF module paths (``model.layers.I.self_attn.q_proj`` ...) behind a builder MatMul node, or None."""
     m = _NODE.match(node_name)
-    if not m or m.group(3) not in _PARTS:
+    parts = projection_parts(m.group(3)) if m else None
+    if m is None or parts is None:
         return None
-    return [f"model.layers.{m.group(1)}.{p}" for p in _PARTS[m.group(3)]]
+    return [f"model.layers.{m.group(1)}.{p}" for p in parts]
 
 
 MAX_CALIBRATION_TOKENS = 6144  # enough for 576..1536-wide layers; the Hessians cost ~ tokens * K^2

@@ -33,7 +33,6 @@ GPTQ cuts KL ~5x vs RTN at the same size; the remaining gap to q4_k_m is on the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -45,6 +44,7 @@ from pathlib import Path
 
 from ftedge.atomic import atomic_path
 from ftedge.errors import FtedgeError, check_free_space, from_os_error, os_error_in
+from ftedge.formats.chat_template import folder_chat_template, write_chat_template
 from ftedge.formats.quants import BYTES_PER_WEIGHT, check_onnx_precision
 
 log = logging.getLogger(__name__)
@@ -158,26 +158,15 @@ def repair_dangling_inputs(onnx_dir: Path) -> int:
     return fixed
 
 
-def _chat_template(folder: Path) -> str | None:
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
-        tmpl = json.loads(cfg.read_text()).get("chat_template")
-        if isinstance(tmpl, str):
-            return tmpl
-    return None
-
-
 def check_folder(folder: Path, source: Path | None = None) -> None:
     """genai_config.json, tokenizer and (if the source has one) chat template present; loads and runs."""
     from ftedge.backends.ortgenai import OrtGenAIBackend
 
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         raise FtedgeError(f"ONNX export {folder} has no tokenizer", hint="give a merged folder with tokenizer files")
-    if source is not None and _chat_template(source) is not None and _chat_template(folder) is None:
-        (folder / "chat_template.jinja").write_text(_chat_template(source) or "")
+    template = folder_chat_template(source) if source is not None else None
+    if template is not None and folder_chat_template(folder) is None:
+        write_chat_template(folder, template)
     with OrtGenAIBackend(folder, threads=1) as be:
         ids = be.tokenize("Hello")
         if not ids:
@@ -222,7 +211,7 @@ def export_onnx(
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
     precision = check_onnx_precision(precision)
     _check_source(merged_dir)
-    from ftedge.hf import parameter_count
+    from ftedge.basemodel import parameter_count
 
     t0 = time.time()
     try:

@@ -5,7 +5,8 @@ quantization and recorded as ``gguf-f16``) and each ``target.onnx.precisions``: 
 artifact atomically, gate it against the merged PyTorch model (``ftedge.export.gate``), and record it
 as ``gguf-<quant>`` / ``onnx-<precision>`` with ``format``, ``quant``, ``status`` and ``gate``
 {kl, kl_p99, top1_confident, top1 (raw), passed, reasons, thresholds, runtime, n_prompts, ...}. The gate
-prompts are validation rows; GPTQ calibrates on training rows only (``calibration_texts``), so no
+prompts are validation rows of the splits frozen into the run at train time (``ftedge.data.splits.run_splits``); GPTQ
+calibrates on training rows only (``calibration_texts``), so no
 artifact is judged on the text it was fitted to, and the bench's test rows stay unseen by both.
 
 A failing artifact is kept on disk and recorded with ``status: failed`` and its figures; after every artifact is processed the stage raises
@@ -24,6 +25,7 @@ from ftedge.errors import DiskError, FtedgeError, GateFailedError
 from ftedge.formats.quants import GGUF_CONVERTER_TYPES, check_gguf_type
 from ftedge.manifest import Run
 from ftedge.recipe import require_mergeable
+from ftedge.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -31,30 +33,33 @@ GATE_PROMPTS = 16
 CALIBRATION_TEXTS = 16
 
 
-def calibration_texts(recipe: Any, tokenizer: Any, n: int = CALIBRATION_TEXTS) -> list[str]:
-    """Chat-formatted training rows (prompt, answer and end-of-turn; raw text as is) for GPTQ: never validation or test rows."""
-    from ftedge.data import Prompt, training_examples
-    from ftedge.hf import end_of_turn_id
+def calibration_texts(splits: Any, tokenizer: Any, n: int = CALIBRATION_TEXTS) -> list[str]:
+    """The first ``n`` training rows of ``splits``, chat-formatted (prompt, answer and end-of-turn; raw text as is) for GPTQ:
+    never validation or test rows."""
+    from ftedge.data.prompts import Prompt
+    from ftedge.families import end_of_turn_id
 
     eot = end_of_turn_id(tokenizer)
     eot_text = tokenizer.convert_ids_to_tokens(eot) if eot is not None else None
-    return [
-        ex.target if ex.raw else Prompt(list(ex.messages), ex.target).text(tokenizer, eot=eot_text) for ex in training_examples(recipe, n)
-    ]
+    return [ex.target if ex.raw else Prompt(list(ex.messages), ex.target).text(tokenizer, eot=eot_text) for ex in splits.train[:n]]
 
 
 class _Exporter:
     """State shared by the artifacts of one export: the run, target and (lazily) the reference."""
 
-    def __init__(self, run: Run, target: Any, force: bool) -> None:
+    def __init__(self, run: Run, target: Target, force: bool) -> None:
         self.run, self.target, self.force = run, target, force
         self.merged = run.artifact_path("merged")
         if not (self.merged / "config.json").is_file():
             raise FtedgeError(f"merged model {self.merged} is missing or incomplete", hint=f"run `ftedge merge {run.path} --force`")
-        from ftedge.hf import end_of_turn_id, load_tokenizer
+        from ftedge.families import end_of_turn_id
+        from ftedge.loader import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.merged, trust_remote_code=run.recipe().trust_remote_code)
         self.end_of_turn = end_of_turn_id(self.tokenizer)
+        from ftedge.data.splits import run_splits
+
+        self.splits = run_splits(run)  # frozen at train time: refused in one line if the data file changed since
         self._reference: Any = None
         self.summary: dict[str, dict[str, Any]] = {}
         self.failed: list[str] = []
@@ -62,11 +67,11 @@ class _Exporter:
     @property
     def reference(self) -> Any:
         if self._reference is None:
-            from ftedge.data import gate_prompts
+            from ftedge.data.prompts import gate_prompts
             from ftedge.export.gate import build_reference
 
             t0 = time.time()
-            prompts = gate_prompts(self.run.recipe(), GATE_PROMPTS)
+            prompts = gate_prompts(self.splits, self.run.recipe(), GATE_PROMPTS)
             self._reference = build_reference(self.merged, prompts, threads=self.target.threads)
             log.info("parity reference: %d prompts in %.1fs", len(prompts), time.time() - t0)
         return self._reference
@@ -137,14 +142,13 @@ class _Exporter:
                 self.record_error(key, err)
                 continue
             self.gate_and_record(key, path, fmt="gguf", quant=q, build_seconds=time.time() - t0, **extra)
-        self.write_modelfile(out_dir, quants)
+        self.write_modelfile(out_dir)
 
-    def write_modelfile(self, out_dir: Path, quants: list[str]) -> None:
+    def write_modelfile(self, out_dir: Path) -> None:
+        from ftedge.choose import best
         from ftedge.formats.modelfile import write_modelfile
 
-        passing = {a.quant: a for a in self.run.usable_models("gguf")}
-        order = ([self.target.ship] if self.target.ship else []) + quants + ["f16"]
-        chosen = next((passing[q] for q in order if q in passing), None)
+        chosen = best(self.run, "gguf", self.target)  # the target's named ship type, its quants in order, then f16
         if chosen is None:
             log.warning("no GGUF passed its gate: no Modelfile written")
             return
@@ -164,7 +168,7 @@ class _Exporter:
             out = self.run.path / "onnx" / p
             t0 = time.time()
             try:
-                texts = texts if texts is not None else calibration_texts(self.run.recipe(), self.tokenizer)
+                texts = texts if texts is not None else calibration_texts(self.splits, self.tokenizer)
                 export_onnx(self.merged, out, p, calibration_texts=texts)
             except DiskError:  # no space, read-only, no permission: the next artifact would fail too
                 raise
@@ -181,7 +185,7 @@ def gate_line(gate: dict[str, Any]) -> str:
     return f"KL {gate.get('kl', 0):.4f} (p99 {gate.get('kl_p99', 0):.4f}), top-1 {conf_text} ({gate.get('top1', 0):.3f} raw)"
 
 
-def export_stage(run: Run, target: Any, *, force: bool = False) -> None:
+def export_stage(run: Run, target: Target, *, force: bool = False) -> None:
     """Build, gate and record every artifact of ``target``; raise GateFailedError naming failures."""
     require_mergeable(run.recipe(), "export")
     run.require("merge", "merged model", "ftedge merge")

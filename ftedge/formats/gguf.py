@@ -1,4 +1,5 @@
-"""Reading a GGUF file without any runtime: header, metadata, tensor types, special tokens.
+"""Reading a GGUF file without any runtime: header, metadata, tensor types, special tokens; and adding the
+end-of-turn token to its metadata (``add_eot_token``, gguf-py's reader and writer).
 
 Reads the header, metadata and tensor table straight from the file (gguf-py's enums and
 quant sizes; not its ``GGUFReader``, which decodes every vocabulary entry: 10-100 s on big
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftedge.atomic import atomic_path
 from ftedge.errors import FtedgeError
 from ftedge.formats.quants import gguf_type_name
 
@@ -218,3 +220,19 @@ class _HeaderReader:
             tensor_names=[t[0] for t in tensors],
             vocab_size=len(self.token_offsets),
         )
+
+
+# -- writing ---------------------------------------------------------------------------------
+def add_eot_token(path: Path, eot_id: int) -> None:
+    """Rewrite ``path`` with ``tokenizer.ggml.eot_token_id`` added (atomically)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE]
+    arch_name = bytes(arch.parts[arch.data[0]]).decode()
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch=arch_name, endianess=reader.endianess)
+        new = {gguf.Keys.Tokenizer.EOT_ID: MetadataDetails(gguf.GGUFValueType.UINT32, int(eot_id))}
+        copy_with_new_metadata(reader, writer, new, [])
+    del reader

@@ -13,6 +13,7 @@ Stops are the texts of the GGUF's EOS / end-of-turn tokens.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,11 +115,11 @@ def _after_end_of_turn(text: str, eot: str) -> int:
 def chat_pieces(chat_template: str, *, bos: str = "", eos: str = "", end_of_turn: str = "") -> ChatPieces:
     """The pieces of ``chat_template`` from renders of probe chats ending on a user turn (as inference renders them).
 
-    Rendered as every ftedge runtime renders (``ftedge.hf.fit_messages``: a system prompt folded into the
+    Rendered as every ftedge runtime renders (``ftedge.formats.chat_template.fit_messages``: a system prompt folded into the
     first user turn where the template has no system role). Raises ValueError when the template renders
     something the pieces cannot express; the result is checked against the template on several chats.
     """
-    from ftedge.hf import fit_messages
+    from ftedge.formats.chat_template import fit_messages
 
     specials = {k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v}
 
@@ -218,3 +219,12 @@ def write_modelfile(gguf_path: Path, out: Path, *, system: str | None = None, mo
     text, stops = modelfile_text(info, model_ref=model_ref or f"./{Path(gguf_path).name}", system=system)
     atomic.write_text(Path(out), text)
     return stops
+
+
+def read_modelfile_system(folder: Path) -> str | None:
+    """The SYSTEM prompt of an Ollama Modelfile in ``folder`` (a ship/ bundle), if any."""
+    path = Path(folder) / "Modelfile"
+    if not path.is_file():
+        return None
+    found = re.search(r'^SYSTEM """(.*?)"""', path.read_text(errors="replace"), flags=re.S | re.M)
+    return found.group(1) if found else None

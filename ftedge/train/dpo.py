@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftedge.data import IGNORE, EncodedPair, make_batch
+from ftedge.data.encoding import IGNORE, EncodedPair
+from ftedge.train.batch import make_batch
 from ftedge.train.loop import Trainer
 from ftedge.train.model import LabelOnlyLoss
 

@@ -15,35 +15,17 @@ top (final norm, LM head) or as the bottom (embeddings, below layer 0).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from torch import nn
 
 from ftedge.errors import FtedgeError
-from ftedge.hf import is_linear
+from ftedge.families import LAYER, causal_lm, layer_count
 from ftedge.recipe import TrainConfig
-from ftedge.train.model import causal_lm
-
-LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def num_layers(model: nn.Module) -> int:
     return layer_count(causal_lm(model).config, "train.unfreeze / train.layer_lr_decay")
-
-
-def layer_count(config: Any, setting: str) -> int:
-    """Decoder layers of a model config (its text config for multimodal ones); ``setting`` names what needs it."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
-    if not n:
-        raise FtedgeError(f"model type {getattr(config, 'model_type', '?')}: number of layers unknown", hint=f"drop {setting}")
-    return int(n)
-
-
-def layer_linear_names(model: nn.Module) -> list[str]:
-    """Leaf names of the linear layers inside the decoder layers (``all-linear`` without the head), fused ones included."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if LAYER.search(name + ".") and is_linear(module)})
 
 
 def layer_of(name: str, n: int) -> int:

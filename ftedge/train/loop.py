@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from ftedge import atomic
-from ftedge.data import Encoded, make_batch
+from ftedge.data.encoding import Encoded
 from ftedge.errors import FtedgeError
 from ftedge.recipe import TrainConfig
+from ftedge.train.batch import make_batch
 from ftedge.train.layers import LayerSchedule
 from ftedge.train.model import LabelOnlyLoss, label_positions, load_trainable_state, packed_attention_index, trainable_state
 

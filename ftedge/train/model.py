@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftedge.data import IGNORE
+from ftedge.data.encoding import IGNORE
 from ftedge.errors import FtedgeError
-from ftedge.hf import check_lora_targets, dequantize_4bit, load_causal_lm
+from ftedge.families import causal_lm, check_lora_targets, layer_count, layer_linear_names, prefix_tokens, tied_embeddings
+from ftedge.loader import dequantize_4bit, load_causal_lm
 from ftedge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,6 @@ def peft_config(recipe: Recipe, model: nn.Module) -> object:
     if a.method in ("lora", "dora"):
         targets, layers = a.target_modules, None
         if a.top_layers is not None:  # peft takes layers_to_transform with a list of names only
-            from ftedge.train.layers import layer_count, layer_linear_names
-
             n = layer_count(model_config, "adapter.top_layers")
             layers = list(range(max(0, n - a.top_layers), n))
             targets = layer_linear_names(model) if targets == "all-linear" else targets
@@ -226,22 +225,8 @@ def _float_outside_linear(model: nn.Module) -> None:
         for name, param in module.named_parameters(recurse=False):
             if param.dtype != torch.float32:
                 setattr(module, name, nn.Parameter(param.data.float(), requires_grad=param.requires_grad))
-    if getattr(model.config, "tie_word_embeddings", False):
+    if tied_embeddings(model.config):
         model.tie_weights()
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers CausalLM inside a PEFT wrapper (or the model itself)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
-def prefix_tokens(model: nn.Module) -> int:
-    """Virtual key/value positions a prefix-tuning adapter puts before every input (0 for other methods)."""
-    get = getattr(model, "active_peft_config", None)
-    if get is None or not getattr(get, "is_prompt_learning", False):
-        return 0
-    return int(get.num_virtual_tokens)
 
 
 class LabelOnlyLoss(nn.Module):

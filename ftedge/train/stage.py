@@ -1,6 +1,7 @@
 """The train stage: recipe -> trained adapter in the run folder.
 
-``train_stage(run)`` resolves the base model, tokenizes the data (``ftedge.data``), loads the
+``train_stage(run)`` resolves the base model, freezes the data's splits into the run
+(``splits.json``, read back by every later stage), tokenizes them (``ftedge.data``), loads the
 model per ``train.method`` (``ftedge.train.model``) and runs the loop (``ftedge.train.loop``):
 eval every ``eval_every`` steps, resumable checkpoints in ``train/checkpoints/``,
 ``train/metrics.jsonl`` and TensorBoard events in ``train/``. The best-eval weights become
@@ -25,6 +26,7 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from ftedge import atomic
@@ -44,7 +46,12 @@ def _threads() -> None:
         torch.set_num_threads(max(1, psutil.cpu_count(logical=False) or torch.get_num_threads()))
 
 
-def train_stage(run: Run, *, resume: bool = False, eta_after: float | None = None) -> dict[str, Any]:
+DataWarnings = Callable[[Any, Any, Any], list[str]]  # (recipe, tokenizer, splits) -> one line per data finding
+
+
+def train_stage(
+    run: Run, *, resume: bool = False, eta_after: float | None = None, data_warnings: DataWarnings | None = None
+) -> dict[str, Any]:
     """Train the run's recipe; returns the stage metrics.
 
     Everything after the skip check runs inside the stage (rank 0), so a failure before the first
@@ -52,26 +59,36 @@ def train_stage(run: Run, *, resume: bool = False, eta_after: float | None = Non
     the last checkpoint with ``resume``; without one (a new run, or one that failed before its first
     checkpoint) ``train/`` is emptied first, so metrics and TensorBoard events start cleanly.
     ``eta_after`` (seconds the stages after training will take, from ``ftedge run``) adds a whole-run
-    ETA to the progress bar.
+    ETA to the progress bar. ``data_warnings`` (``ftedge data check``'s findings, handed in by ``ftedge.commands``: stages
+    never import each other) are logged as warnings before the model loads.
     """
     adapter = run.artifact("adapter")
     if run.is_done("train") and adapter is not None and adapter.path.exists():
         log.info("train: already done in %s (skipped)", run.path)
-        return run.manifest()["stages"]["train"].get("metrics", {})
+        return run.stage_metrics("train")
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not _cuda())
     main = accelerator.is_main_process  # under `accelerate launch`, only rank 0 touches the manifest
     with run.stage("train") if main else contextlib.nullcontext({}) as metrics:
-        return _train(run, accelerator, metrics, resume=resume, eta_after=eta_after)
+        return _train(run, accelerator, metrics, resume=resume, eta_after=eta_after, data_warnings=data_warnings)
 
 
-def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool, eta_after: float | None = None) -> dict[str, Any]:
+def _train(
+    run: Run,
+    accelerator: Any,
+    metrics: dict[str, Any],
+    *,
+    resume: bool,
+    eta_after: float | None = None,
+    data_warnings: DataWarnings | None = None,
+) -> dict[str, Any]:
     recipe = run.recipe()
-    from ftedge.data import check_dataset, load_splits, tokenized_splits
+    from ftedge.data.encoding import tokenized_splits
+    from ftedge.data.splits import check_dataset
 
     check_dataset(recipe)  # cheap one-line errors before any model loads
-    from ftedge.hf import compute_dtype, pick_device, training_tokenizer
+    from ftedge.loader import compute_dtype, pick_device, training_tokenizer
     from ftedge.memory import peak_gpu_mb, peak_rss_mb
     from ftedge.train.loop import Trainer, fit, total_steps
     from ftedge.train.model import load_model
@@ -85,11 +102,9 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool,
     dtype = compute_dtype(recipe.quant.compute_dtype, device)
     cfg = recipe.train
     tokenizer = training_tokenizer(base, recipe.chat_template, trust_remote_code=recipe.trust_remote_code)
-    splits = load_splits(recipe)
-    if accelerator.is_main_process:
-        from ftedge.datacheck import check_data
-
-        for line in check_data(recipe, tokenizer=tokenizer, splits=splits).warnings():
+    splits = _splits(run, accelerator, resume=resume)
+    if accelerator.is_main_process and data_warnings is not None:
+        for line in data_warnings(recipe, tokenizer, splits):
             log.warning("data check: %s", line)
     steps = total_steps(cfg, len(splits.train), accelerator.num_processes)
     needed = steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
@@ -157,6 +172,18 @@ def _train(run: Run, accelerator: Any, metrics: dict[str, Any], *, resume: bool,
         log.info(summary_line(metrics))
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _splits(run: Run, accelerator: Any, *, resume: bool) -> Any:
+    """The run's splits: frozen into the run now (rank 0), or on ``--resume`` the ones frozen when it started (so a
+    resumed run trains on the same rows, and refuses if its data file changed since)."""
+    from ftedge.data.splits import SPLITS_ARTIFACT, freeze_splits, load_splits, run_splits
+
+    if resume and run.artifact(SPLITS_ARTIFACT) is not None:
+        return run_splits(run)
+    if not accelerator.is_main_process:
+        return load_splits(run.recipe())
+    return freeze_splits(run)
 
 
 def _cuda() -> bool:

@@ -1,4 +1,4 @@
-"""Base-model resolution, including the GGUF import path on a tiny GGUF written here."""
+"""The loader: base-model resolution (including the GGUF import path on a tiny GGUF written here) and the compute dtype."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from ftedge.basemodel import embedded_gguf
 from ftedge.errors import FtedgeError
-from ftedge.hf import COMPLETE_MARKER, embedded_gguf, resolve_base_model
+from ftedge.loader import COMPLETE_MARKER, resolve_base_model
 
 
 def _resolve_in_child(path: str, queue) -> None:  # pragma: no cover - runs in a child process
@@ -119,7 +120,7 @@ def test_hub_id_without_network_is_one_line(monkeypatch: pytest.MonkeyPatch) -> 
 def test_auto_compute_dtype_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch, features: dict, native: bool) -> None:
     import torch
 
-    from ftedge.hf import compute_dtype, cpu_supports_bf16
+    from ftedge.loader import compute_dtype, cpu_supports_bf16
 
     assert cpu_supports_bf16(features) is native
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
