@@ -1,5 +1,6 @@
-"""Shared fixtures (the helpers they use live in tests/helpers.py): a tiny random Llama model
-and a real chat tokenizer, built at test time.
+"""Every shared fixture (plain helper functions are in tests/helpers.py, tiny-model building in
+tests/tiny_models.py): a real chat tokenizer, tiny models, their GGUFs, a base model with an adapter,
+the family models and the converter shim, built at test time.
 
 The tokenizer is SmolLM2's (ChatML template, `<|im_end|>` ends a turn), read from the GGUF
 that the embedded-model package ships; the tiny model has random weights and that vocabulary,
@@ -9,12 +10,13 @@ so it goes through the same converter, runtimes and chat template as the real mo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from families import family_model_dir  # noqa: F401  (fixture: tiny Llama 3 / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / Phi-3 models)
-from helpers import make_tiny_model, trained_tiny_model, write_text_label_csv
+from helpers import make_adapter, write_text_label_csv
+from tiny_models import FAMILY_SPECS, converter_shim_env, make_family_model, make_tiny_model, trained_tiny_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -66,6 +68,62 @@ def confident_ggufs(tmp_path_factory: pytest.TempPathFactory, confident_model_di
     for q in ("q8_0", "q4_0"):
         out[q] = build_quant(f16, root / f"model-{q}.gguf", q, end_of_turn=2, threads=2)[0]
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model as a float32 GGUF (lossless: it dequantizes back to the same weights)."""
+    from ftedge.export.gguf import convert_to_gguf
+
+    return convert_to_gguf(tiny_model_dir, tmp_path_factory.mktemp("tiny-gguf") / "tiny-f32.gguf", outtype="f32")
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A tiny random model with larger initial weights than ``tiny_model_dir``: its greedy replies are varied text
+    (``tiny_model_dir`` answers every prompt with newlines, which would hide mixed-up or truncated answers)."""
+    return make_tiny_model(tmp_path_factory.mktemp("varied-hf"), tokenizer_dir, initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def varied_gguf(tmp_path_factory: pytest.TempPathFactory, varied_model_dir: Path) -> Path:
+    """``varied_model_dir`` as an f16 GGUF."""
+    from ftedge.export.gguf import convert_to_gguf
+
+    return convert_to_gguf(varied_model_dir, tmp_path_factory.mktemp("varied-gguf") / "tiny.f16.gguf", outtype="f16")
+
+
+@pytest.fixture(scope="session")
+def base_and_adapter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> tuple[Path, Path]:
+    """A trained tiny base model and a random non-zero LoRA adapter on it (read-only: copy before changing either)."""
+    root = tmp_path_factory.mktemp("base-and-adapter")
+    base = trained_tiny_model(root / "base", tokenizer_dir)
+    return base, make_adapter(base, root / "adapter")
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Iterator[Callable[[str], Path]]:
+    """``family_model_dir("qwen2")`` -> a tiny random Qwen2 folder (tiny_models.FAMILIES), built once per session
+    (its GGUF export needs the ``converter_shim`` fixture)."""
+    built: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in built:
+            # named after the source model: llama.cpp refuses a phi3 GGUF with a BPE vocabulary whose
+            # general.name (the converter takes it from the folder name) contains "phi3"
+            folder = tmp_path_factory.mktemp("tiny-" + FAMILY_SPECS[family].source.split("/")[-1])
+            built[family] = make_family_model(family, folder, tokenizer_dir)
+        return built[family]
+
+    yield build
+
+
+@pytest.fixture(scope="module")
+def converter_shim() -> Iterator[None]:
+    """While a module's tests run, ``python -m convert_hf_to_gguf`` (as ftedge runs it) knows the family fixtures'
+    BPE pre-tokenizers (tiny_models.converter_shim_env)."""
+    with converter_shim_env():
+        yield
 
 
 @pytest.fixture

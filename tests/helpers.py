@@ -1,9 +1,7 @@
-"""The one home of test helpers (tests/ is on sys.path under pytest; fixtures are in conftest.py).
+"""Plain test helper functions (tests/ is on sys.path under pytest). Fixtures are in conftest.py; tiny models are
+built in tiny_models.py (the one home of tiny-model building).
 
-- tiny models: ``make_tiny_model`` (a random tiny Llama with SmolLM2's real chat tokenizer),
-  ``trained_tiny_model`` (trained for a few seconds to answer and end with ``<|im_end|>``, so
-  the stop test and top-1 comparisons are meaningful; ``sharpen`` makes it confident);
-- data: ``write_text_label_csv``;
+- data: ``LABELS``, ``ROWS``, ``SYSTEM``, ``write_text_label_csv``;
 - runs: ``make_adapter`` (a PEFT LoRA adapter with random, small non-zero B matrices),
   ``make_run`` (a run whose train stage is done), ``tiny_target``;
 - disks and users (the tests run as root): ``small_disk`` (a real tmpfs), ``read_only`` (a real
@@ -24,36 +22,7 @@ from pathlib import Path
 
 import yaml
 
-TINY_LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=2,
-)
-
 LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed"]
-
-
-def make_tiny_model(out: Path, tokenizer_dir: Path, *, seed: int = 0, **overrides) -> Path:
-    """A random tiny Llama saved as safetensors with the tokenizer and a generation config."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), **{**TINY_LLAMA, **overrides})
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
 
 
 def write_text_label_csv(path: Path, n: int = 64, seed: int = 0) -> Path:
@@ -86,51 +55,6 @@ ROWS = [
     ("why was my top up declined", "top_up_failed"),
 ]
 SYSTEM = "Reply with the intent label."
-
-
-def chat_rows(tokenizer) -> list[str]:
-    texts = []
-    for text, label in ROWS:
-        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
-        texts.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + label + "<|im_end|>\n")
-    return texts
-
-
-def trained_tiny_model(out: Path, tokenizer_dir: Path, *, steps: int = 60, seed: int = 0, sharpen: float = 1.0) -> Path:
-    """The tiny model, trained (embeddings frozen, answer tokens only: ~5 s) to answer and end with <|im_end|>.
-
-    ``sharpen`` multiplies the final norm's weight, so every logit and every top-1 margin scales by it (argmaxes
-    unchanged): a model as confident of its answers as a tuned one (margins of several nats), without longer training.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(2)
-    torch.manual_seed(seed)
-    make_tiny_model(out, tokenizer_dir, seed=seed, pad_token_id=None)
-    tok = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    texts = chat_rows(tok)
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    ids = batch["input_ids"]
-    mask = torch.zeros_like(ids, dtype=torch.bool)  # the answer and its <|im_end|>
-    for r, (text, _) in enumerate(ROWS):
-        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
-        n = len(tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
-        mask[r, n : int(batch["attention_mask"][r].sum()) - 1] = True
-    model.get_input_embeddings().weight.requires_grad_(False)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        hidden = model.model(**batch).last_hidden_state[:, :-1][mask[:, 1:]]
-        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden), ids[:, 1:][mask[:, 1:]])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    with torch.no_grad():
-        model.model.norm.weight.mul_(sharpen)
-    model.eval()
-    model.save_pretrained(out, safe_serialization=True)
-    return out
 
 
 def make_adapter(base: Path, out: Path, *, scale: float = 0.05, seed: int = 0, load_in_4bit: bool = False) -> Path:

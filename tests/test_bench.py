@@ -1,7 +1,8 @@
 """Bench: backends' logits against PyTorch, quality/speed measurement, results.json, report, plot, isolation.
 
-One module-scoped run on the tiny random model holds a LoRA adapter, the merged model, a GGUF f16
-and an ONNX fp32 build, and is benched once (each artifact in its own process); the tests read it.
+One module-scoped run on the confident tiny model (trained on helpers.ROWS: it answers some test rows
+right and some wrong) holds a small random LoRA adapter, the merged model, a GGUF f16 and an ONNX fp32
+build, and is benched once (each artifact in its own process); the tests read it.
 Threads are 1: llama.cpp's spinning worker threads collapse on an oversubscribed 2-core machine.
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import LABELS, write_text_label_csv
+from helpers import LABELS, make_adapter, write_text_label_csv
 
 from ftedge.bench import stage as bench
 from ftedge.bench.measures import measure_quality, measure_speed
@@ -74,25 +75,21 @@ def _build_onnx(hf_dir: Path, out: Path, cache: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
-    """Adapter (random non-zero LoRA), merged model, GGUF f16 and ONNX fp32 of the tiny model."""
+def artifacts(tmp_path_factory: pytest.TempPathFactory, confident_model_dir: Path) -> dict[str, Path]:
+    """Adapter (random non-zero LoRA), merged model, GGUF f16 and ONNX fp32 of the confident tiny model."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bench-artifacts")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
-    )
-    peft_model.save_pretrained(root / "adapter")
-    merged = peft_model.merge_and_unload()
+    adapter = make_adapter(confident_model_dir, root / "adapter")
+    model = AutoModelForCausalLM.from_pretrained(confident_model_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     merged.save_pretrained(root / "merged", safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "merged")
+    AutoTokenizer.from_pretrained(confident_model_dir).save_pretrained(root / "merged")
     return {
-        "base": tiny_model_dir,
+        "base": confident_model_dir,
         "adapter": root / "adapter",
         "merged": root / "merged",
         "gguf": convert_to_gguf(root / "merged", root / "merged.f16.gguf", outtype="f16"),
@@ -293,14 +290,44 @@ def bench_answer(backend, messages, max_new_tokens: int = 6) -> str:
     return generate_text(backend, backend.chat_ids(messages), max_new_tokens).strip()
 
 
+class _Paced:
+    """A runtime whose timing is known: the first token after ``first`` s, then steps of ``step`` s, every ``slow_every``-th
+    step taking ``slow`` s instead (the slow tail). Only what measure_speed uses."""
+
+    path = Path("paced")
+
+    def __init__(self, first: float, step: float, slow: float, slow_every: int) -> None:
+        self.first, self.step, self.slow, self.slow_every = first, step, slow, slow_every
+
+    def chat_ids(self, messages) -> list[int]:
+        return list(range(40))
+
+    def stream(self, ids, max_new_tokens: int, stop_ids=()):
+        import time
+
+        time.sleep(self.first)
+        for i in range(max_new_tokens):
+            if i:
+                time.sleep(self.slow if i % self.slow_every == 0 else self.step)
+            yield 7
+
+
 def test_speed_reports_ttft_prefill_and_decode(artifacts: dict[str, Path]) -> None:
     from ftedge.backends import load_backend
 
     with load_backend(artifacts["gguf"], threads=1, n_ctx=512) as backend:
         s = measure_speed(backend, MESSAGES, decode_tokens=8, repeats=3, warmup=1)
-    assert s["prompt_tokens"] > 5 and s["decode_steps"] == 3 * 7
-    assert s["ttft_ms"] > 0 and s["prefill_tok_s"] > 0
-    assert s["decode_tok_s"] > 0 and 0 < s["decode_tok_s_p95"] <= max(s["decode_tok_s"], s["decode_tok_s_p95"])
+        prompt = len(backend.chat_ids(MESSAGES))
+    assert s["prompt_tokens"] == prompt and s["decode_steps"] == 3 * 7
+    assert s["ttft_ms"] > 0 and s["prefill_tok_s"] == pytest.approx(prompt / (s["ttft_ms"] / 1000), rel=1e-9)
+    assert s["decode_tok_s"] > 0 and s["decode_tok_s_p95"] > 0
+    # known timings: 40 prompt tokens in >= 50 ms; 7 steps per repeat, 6 of >= 5 ms and 1 of >= 80 ms (1 in 7 of all steps:
+    # the 95th-percentile step is a slow one, so the slow tail's speed is <= 1 / 80 ms = 12.5 tok/s)
+    paced = measure_speed(_Paced(first=0.05, step=0.005, slow=0.08, slow_every=4), MESSAGES, decode_tokens=8, repeats=3, warmup=1)
+    assert paced["prompt_tokens"] == 40 and paced["decode_steps"] == 21
+    assert 50 <= paced["ttft_ms"] < 250 and paced["prefill_tok_s"] == pytest.approx(40 / (paced["ttft_ms"] / 1000), rel=1e-9)
+    assert 7 / 0.25 < paced["decode_tok_s"] <= 7 / (6 * 0.005 + 0.08)  # the median repeat: 7 steps in >= 110 ms
+    assert 1 / 0.25 < paced["decode_tok_s_p95"] <= 1 / 0.08 < paced["decode_tok_s"]
 
 
 def test_grouped_kl_is_a_tight_lower_bound() -> None:
@@ -338,10 +365,14 @@ def test_results_json_schema_and_entries(benched) -> None:
     by = {e["name"]: e for e in on_disk["artifacts"]}
     assert by["pytorch"]["top1_agreement"] == 1.0 and by["pytorch"]["kl"] == 0.0
     # merged = base + adapter folded in: same behaviour as the reference, and so are the exports
+    # the reference answers some rows right and some wrong, with different answers (not one blank answer everywhere)
+    answers = {name: [r["answer"] for r in rows] for name, rows in on_disk["predictions"].items()}
+    assert 0 < by["pytorch"]["accuracy"] < 1 and len(set(answers["pytorch"])) > 1 and all(answers["pytorch"])
     for name in ("merged", "gguf-f16", "onnx-fp32"):
         assert by[name]["top1_agreement"] >= 0.95, by[name]
         assert by[name]["kl"] < 1e-3, by[name]
         assert by[name]["perplexity"] == pytest.approx(by["pytorch"]["perplexity"], rel=0.02)
+        assert answers[name] == answers["pytorch"], name  # row for row
         assert by[name]["accuracy"] == by["pytorch"]["accuracy"]
     assert by["gguf-f16"]["format"] == "gguf" and by["gguf-f16"]["quant"] == "f16"
     assert by["onnx-fp32"]["format"] == "onnx" and by["onnx-fp32"]["quant"] == "fp32"
@@ -519,34 +550,70 @@ def test_chat_run_shows_answers_side_by_side_with_chrf(tmp_path: Path, artifacts
                 assert f"| reference | {md_cell(ex['target'])} |" in md
 
 
-def test_ship_auto_decides_from_the_bench_results_and_writes_a_model_card(benched, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def ship_choice(tmp_path_factory: pytest.TempPathFactory, artifacts: dict[str, Path], tiny_model_dir: Path):
+    """A benched run with three GGUFs for `ship: auto` (tolerance 10 points) to choose from: the tuned model's f16 and
+    q8_0, and a smaller q4_0 of another, untrained model, which answers no row right."""
+    from ftedge.export.gguf import build_quant
+
+    folder = tmp_path_factory.mktemp("ship-choice")
+    q8 = build_quant(artifacts["gguf"], folder / "merged.q8_0.gguf", "q8_0", end_of_turn=2, threads=1)[0]
+    other = convert_to_gguf(tiny_model_dir, folder / "other.f16.gguf", outtype="f16")
+    other_q4 = build_quant(other, folder / "other.q4_0.gguf", "q4_0", end_of_turn=2, threads=1)[0]
+    run = _make_run(folder, artifacts, include=("adapter", "gguf"))
+    for quant, path in (("q8_0", q8), ("q4_0", other_q4)):
+        dst = run.path / "gguf" / f"tiny.{quant}.gguf"
+        shutil.copy(path, dst)
+        run.record_artifact(f"gguf-{quant}", dst, stage="export", format="gguf", quant=quant)
+    raw = dict(onnx=None, gguf={"quants": ["f16", "q8_0", "q4_0"]}, ship="auto", ship_tolerance=10)
+    target = load_target(_tiny_target(folder, **raw))
+    return run, bench.bench_run(run, target, speed=FAST), target
+
+
+def test_ship_auto_decides_from_the_bench_results_and_writes_a_model_card(ship_choice, benched, tmp_path: Path) -> None:
     from ftedge.ship import ship_stage
 
-    run, doc, _ = benched
+    run, doc, target = ship_choice
+    by = {e.name: e for e in doc.artifacts}
+    assert by["gguf-q4_0"].size_bytes < by["gguf-q8_0"].size_bytes < by["gguf-f16"].size_bytes
+    reference = by["pytorch"].accuracy
+    assert by["gguf-q4_0"].accuracy < reference - 0.10 and by["gguf-q8_0"].accuracy == by["gguf-f16"].accuracy == reference
     decision = doc.ship_decision
+    assert decision.metric == "accuracy" and decision.tolerance == 10 and decision.reference == "pytorch"
+    # the rule decides: the smallest is too far from the reference, the next smallest is within tolerance, the largest loses on size
     verdicts = {c.name: c.verdict for c in decision.candidates}
-    assert decision.chosen == "gguf-f16" and decision.metric == "accuracy"
-    assert verdicts == {"pytorch": "reference", "merged": "rejected", "gguf-f16": "chosen", "onnx-fp32": "rejected"}
+    reasons = {c.name: c.reason for c in decision.candidates}
+    assert decision.chosen == "gguf-q8_0" and decision.within_tolerance
+    assert verdicts == {"pytorch": "reference", "gguf-f16": "qualifies", "gguf-q8_0": "chosen", "gguf-q4_0": "rejected"}
+    gap = 100 * (reference - by["gguf-q4_0"].accuracy)
+    assert f"{gap:.2f} points worse than the reference (tolerance 10.00 points)" in reasons["gguf-q4_0"]
+    assert reasons["gguf-f16"].endswith("; larger than gguf-q8_0")
     md = (run.path / "bench" / "report.md").read_text()
-    assert "## Ship decision (`ship: auto`)" in md and "ONNX: ship/ holds a GGUF" in md
+    assert "## Ship decision (`ship: auto`)" in md and decision.summary in md
+    benched_md = (benched[0].path / "bench" / "report.md").read_text()
+    assert "ONNX: ship/ holds a GGUF" in benched_md  # why an ONNX folder is never shipped
 
-    out = ship_stage(run, load_target(_tiny_target(tmp_path, ship="auto")))
-    assert (out / "tiny.f16.gguf").read_bytes() == run.artifact_path("gguf-f16").read_bytes()
+    out = ship_stage(run, target)
+    assert sorted(p.name for p in out.glob("*.gguf")) == ["tiny.q8_0.gguf"]
+    assert (out / "tiny.q8_0.gguf").read_bytes() == run.artifact_path("gguf-q8_0").read_bytes()
     readme = (out / "README.md").read_text()
     assert readme.startswith("---\n") and str(run.path) not in readme
     _, front, body = readme.split("---\n", 2)
     meta = yaml.safe_load(front)
     assert meta["license"] == "unknown" and meta["datasets"] == ["train.csv"] and "base_model" not in meta  # a local base model
-    assert meta["metrics"] == ["accuracy", "f1"] and {"ftedge", "gguf", "f16", "lora"} <= set(meta["tags"])
+    assert meta["metrics"] == ["accuracy", "f1"] and {"ftedge", "gguf", "q8_0", "lora"} <= set(meta["tags"])
     figures = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
-    shipped = doc.entry("gguf-f16")
+    shipped = by["gguf-q8_0"]
     assert figures == {"accuracy": round(shipped.accuracy, 4), "f1": shipped.macro_f1, "perplexity": round(shipped.perplexity, 4)}
-    sections = ["## Intended use", "## Training recipe", "## Data", "## Evaluation", "## Drift from base", "## Limits", "## Why this file"]
+    sections = ["## Intended use", "## Training recipe", "## Data", "## Evaluation", "## Limits", "## Why this file"]
     positions = [body.index(s) for s in [*sections, "## Chat with it", "## Serve it"]]
     assert positions == sorted(positions)
-    assert "**gguf-f16 (shipped)**" in body and decision.summary in body
-    for name in ("pytorch", "merged", "onnx-fp32"):
+    assert "**gguf-q8_0 (shipped)**" in body and decision.summary in body
+    for name in ("pytorch", "gguf-f16", "gguf-q4_0"):
         assert f"| {name}" in body
+    # the card of a run whose bench measured drift from base (the module's run) has that section before its limits
+    drift_card = (ship_stage(benched[0], load_target(_tiny_target(tmp_path, ship="auto"))) / "README.md").read_text()
+    assert drift_card.index("## Evaluation") < drift_card.index("## Drift from base") < drift_card.index("## Limits")
 
 
 def test_ship_auto_needs_the_bench(tmp_path: Path, artifacts: dict[str, Path]) -> None:

@@ -10,14 +10,8 @@ from click.testing import CliRunner
 from ftedge import chat, session
 from ftedge.cli import main
 from ftedge.errors import FtedgeError
-from ftedge.export.gguf import convert_to_gguf
 from ftedge.manifest import Run
 from ftedge.recipe import load_recipe
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    return convert_to_gguf(tiny_model_dir, tmp_path_factory.mktemp("chat-gguf") / "tiny.f16.gguf", outtype="f16")
 
 
 def test_chat_prompt_one_shot_prints_the_greedy_reply(tiny_gguf: Path) -> None:

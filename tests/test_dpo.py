@@ -319,7 +319,8 @@ def _greedy_answers(model_dir: Path, examples) -> list[str]:
 
 def test_data_preferences_pairs_the_runs_mistakes_on_training_rows(tmp_path: Path, tokenizer_dir: Path) -> None:
     from click.testing import CliRunner
-    from helpers import make_adapter, make_run, trained_tiny_model
+    from helpers import make_adapter, make_run
+    from tiny_models import trained_tiny_model
 
     from ftedge import commands
     from ftedge.cli import main

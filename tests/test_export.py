@@ -6,16 +6,9 @@ import errno
 from pathlib import Path
 
 import pytest
-from helpers import make_adapter, make_run, tiny_target, trained_tiny_model
+from helpers import make_run, tiny_target
 
 from ftedge.errors import FtedgeError, GateFailedError, StageMissingError, from_os_error
-
-
-@pytest.fixture(scope="module")
-def base_and_adapter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("export")
-    base = trained_tiny_model(root / "base", tokenizer_dir)
-    return base, make_adapter(base, root / "adapter")
 
 
 def _merged_run(tmp_path: Path, base_and_adapter):

@@ -1,11 +1,11 @@
 """Bring-your-own-model diagnostics: Llama 3, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3/Phi-4-mini, stage by stage.
 
-Each check runs on a tiny random model of the family (``tests/families.py``: the family's own
+Each check runs on a tiny random model of the family (``tests/tiny_models.py``: the family's own
 config class, real chat template and special tokens). What fails with today's code is marked
 ``xfail(strict=True)`` with the cause; remove the marker with the fix. Fast checks (templates,
 end-of-turn, data encoding, LoRA targets, preflight) run in the default suite; GGUF / ONNX
-exports and training are ``slow`` (``make test-slow``). The ``family_model_dir`` fixture comes
-from ``tests/families.py`` through ``tests/conftest.py``.
+exports and training are ``slow`` (``make test-slow``). The ``family_model_dir`` and ``converter_shim``
+fixtures are in ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from families import FAMILIES, FAMILY_SPECS, Family, converter_shim  # noqa: F401  (fixture)
 from helpers import write_text_label_csv
+from tiny_models import FAMILIES, FAMILY_SPECS, Family
 
 from ftedge.errors import FtedgeError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,7 @@ PROMPTS = [Prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "cont
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, confident_model_dir: Path, confident_ggufs: dict[str, Path]):
     """The reference: the tiny model trained on PROMPTS' rows, confident on them (margins > 1 nat) as tuned models are."""
-    from helpers import make_tiny_model
+    from tiny_models import make_tiny_model
 
     from ftedge.export.gate import build_reference
     from ftedge.export.gguf import build_f16
@@ -175,3 +176,103 @@ def test_damaged_artifact_of_a_barely_trained_adapter_fails(barely_trained) -> N
         gate = gate_artifact(damaged, reference, quant, threads=2, n_ctx=256)
         assert not gate["passed"]
         assert any("KL" in r for r in gate["reasons"]), gate["reasons"]
+
+
+# -- the damage matrix: each artifact below is wrong in one way, and the gate says how, with figures ------------------
+def _copy_with(src: Path, out: Path, *, template: str | None = None, scale: tuple[str, float] | None = None) -> Path:
+    """A copy of the HF folder ``src`` with another chat template, or with the weight matrices under a prefix scaled."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    if template is not None:
+        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    if scale is not None:
+        prefix, factor = scale
+        tensors = load_file(str(out / "model.safetensors"))
+        names = [n for n, t in tensors.items() if n.startswith(prefix) and t.ndim == 2]
+        assert names, sorted(tensors)
+        for name in names:
+            tensors[name] = tensors[name] * factor
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+DAMAGES = ["other-chat-template", "q2_k-judged-as-q8_0", "onnx-of-other-weights", "one-layer-scaled"]
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, confident_model_dir: Path, confident_ggufs, setup):
+    """damage -> (artifact, the quant it is judged as, the reference it is judged against)."""
+    from tiny_models import TEMPLATES, make_tiny_model, trained_tiny_model
+
+    from ftedge.export.gate import build_reference
+    from ftedge.export.gguf import build_f16, build_quant
+    from ftedge.export.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("damaged")
+    reference = setup[0]  # the confident tiny model's
+    llama3 = TEMPLATES.joinpath("llama3.jinja").read_text(encoding="utf-8")
+    other_template = build_f16(_copy_with(confident_model_dir, root / "template", template=llama3), root / "template-f16.gguf")[0]
+    # a real q2_k needs rows as wide as llama.cpp's 256-wide k-quant blocks (at hidden 64 every tensor falls back to q4/q5/q8)
+    wide = trained_tiny_model(root / "wide", tokenizer_dir, sharpen=3.0, hidden_size=256, intermediate_size=512)
+    wide_f16 = build_f16(wide, root / "wide-f16.gguf")[0]
+    q2_k = build_quant(wide_f16, root / "wide-q2_k.gguf", "q2_k", end_of_turn=2, threads=2)[0]
+    wide_reference = build_reference(wide, PROMPTS, threads=2, stop_bound=32)
+    other = make_tiny_model(root / "other", tokenizer_dir, seed=1)  # same architecture and vocabulary, other weights
+    onnx = export_onnx(other, root / "onnx-fp32", "fp32")
+    scaled = build_f16(_copy_with(confident_model_dir, root / "scaled", scale=("model.layers.0.", 1.5)), root / "scaled-f16.gguf")[0]
+    return {
+        "other-chat-template": (other_template, "f16", reference),
+        "q2_k-judged-as-q8_0": (q2_k, "q8_0", wide_reference),
+        "onnx-of-other-weights": (onnx, "fp32", reference),
+        "one-layer-scaled": (scaled, "f16", reference),
+    }
+
+
+def _figure(reasons: list[str], pattern: str) -> float:
+    """The number a reason line reports (``pattern`` holds one group around it)."""
+    import re
+
+    found = [re.fullmatch(pattern, r) for r in reasons]
+    hits = [float(m.group(1)) for m in found if m]
+    assert len(hits) == 1, (pattern, reasons)
+    return hits[0]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_artifacts_fail_with_figures(damage: str, damaged) -> None:
+    from ftedge.export.gate import gate_artifact
+
+    path, quant, reference = damaged[damage]
+    gate = gate_artifact(path, reference, quant, threads=2, n_ctx=256)
+    th = thresholds_for(quant)
+    assert not gate["passed"] and gate["thresholds"] == th
+    n = len(PROMPTS)
+    assert gate["n_prompts"] == n and gate["top1_checked"]  # a confident reference: top-1 is judged too
+    kl_line = r"mean KL (\d+\.\d{4}) > " + re.escape(str(th["max_kl"]))
+    p99_line = r"p99 KL (\d+\.\d{4}) > " + re.escape(str(th["max_kl_p99"]))
+    top1_line = r"top-1 (\d\.\d{3}) < " + re.escape(str(th["min_top1_confident"]))
+    top1_line += rf" on the {gate['confident_positions']} confident positions"
+    if damage == "other-chat-template":
+        # the weights are the reference's: the logits agree; the template renders every chat differently
+        assert gate["kl"] < th["max_kl"] and gate["top1_confident"] == 1.0
+        assert gate["tokenizer"]["mismatches"] == 0 and gate["tokenizer"]["chat_template_mismatches"] == n
+        assert gate["reasons"] == [f"tokenizer: 0 id / {n} template mismatches"]
+        return
+    assert gate["tokenizer"]["passed"]  # the rest are damaged weights with the right tokenizer and template
+    assert _figure(gate["reasons"], kl_line) == pytest.approx(gate["kl"], abs=1e-4) and gate["kl"] > th["max_kl"]
+    assert _figure(gate["reasons"], p99_line) == pytest.approx(gate["kl_p99"], abs=1e-4) and gate["kl_p99"] > th["max_kl_p99"]
+    if damage == "q2_k-judged-as-q8_0":
+        # within what a q2_k may lose, beyond a q8_0's: the same file judged as a q2_k passes
+        assert gate["kl"] < thresholds_for("q2_k")["max_kl"]
+        assert gate_artifact(path, reference, "q2_k", threads=2, n_ctx=256)["passed"]
+    elif damage == "onnx-of-other-weights":
+        # another model: no confident answer survives, and it never ends a turn
+        assert gate["top1_confident"] == 0.0 and _figure(gate["reasons"], top1_line) == 0.0
+        assert not gate["stop"]["passed"] and f"no end-of-turn within {gate['stop']['bound']} tokens" in gate["reasons"]
+    else:  # layer 0's matrices 1.5x: every later position drifts, some confident answers flip
+        assert gate["top1_confident"] < th["min_top1_confident"]
+        assert _figure(gate["reasons"], top1_line) == pytest.approx(gate["top1_confident"], abs=1e-3)
+        assert gate["stop"]["passed"]

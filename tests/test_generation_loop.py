@@ -17,23 +17,13 @@ SYSTEM = "Be brief."
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A tiny random GGUF whose greedy replies are varied text (larger initial weights than conftest's model)."""
-    from helpers import make_tiny_model
-
-    from ftedge.export.gguf import convert_to_gguf
-
-    hf = make_tiny_model(tmp_path_factory.mktemp("loop-hf"), tokenizer_dir, initializer_range=0.2)
-    return convert_to_gguf(hf, tmp_path_factory.mktemp("loop-gguf") / "tiny.f16.gguf", outtype="f16")
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_gguf: Path) -> Iterator:
+def backend(varied_gguf: Path) -> Iterator:
+    """conftest's varied_gguf (greedy replies are varied text) in-process."""
     from ftedge.backends import load_backend
     from ftedge.formats.gguf import inspect_gguf
     from ftedge.launch import serve_context
 
-    with load_backend(tiny_gguf, threads=1, n_ctx=serve_context(inspect_gguf(tiny_gguf))) as b:  # the context chat opens
+    with load_backend(varied_gguf, threads=1, n_ctx=serve_context(inspect_gguf(varied_gguf))) as b:  # the context chat opens
         yield b
 
 
@@ -85,7 +75,7 @@ def test_closing_a_stream_stops_the_runtime_loop(backend) -> None:
         del backend.generate
 
 
-def test_bench_chat_and_serve_answer_with_the_backend_loop(backend, tiny_gguf: Path) -> None:
+def test_bench_chat_and_serve_answer_with_the_backend_loop(backend, varied_gguf: Path) -> None:
     from ftedge.backends.base import Sampling
     from ftedge.bench import generative, measures
     from ftedge.cli import main
@@ -123,7 +113,7 @@ def test_bench_chat_and_serve_answer_with_the_backend_loop(backend, tiny_gguf: P
         assert gen[0]["answer"] == backend.detokenize([t for t in long_raw if t not in stops]).strip()
         # chat (the CLI, its own process-level load of the same file)
         res = CliRunner().invoke(
-            main, ["chat", str(tiny_gguf), "--prompt", prompt, "--system", SYSTEM, "--max-new-tokens", "12", "--threads", "1"]
+            main, ["chat", str(varied_gguf), "--prompt", prompt, "--system", SYSTEM, "--max-new-tokens", "12", "--threads", "1"]
         )
         assert res.exit_code == 0, res.output
         assert res.output == expected + "\n"

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import trained_tiny_model
+from tiny_models import trained_tiny_model
 
 from ftedge.errors import FtedgeError
 
@@ -152,8 +152,16 @@ def test_modelfile_from_gguf_metadata(q4_0: Path, tmp_path: Path) -> None:
     assert text.startswith(f"FROM ./{q4_0.name}\n")
     assert 'PARAMETER stop "<|im_end|>"' in text
     assert 'SYSTEM """Reply with the intent label."""' in text
-    assert '{{ if eq .Role "user" }}' not in text or "<|im_start|>user\n{{ .Content }}<|im_end|>\n" in text
-    assert text.count('TEMPLATE """') == 1 and '<|im_start|>assistant\n"""' in text
+    # SmolLM2's ChatML as Ollama's Go template: its default system block when a chat has none, each role's turn, the reply header
+    chatml = (
+        '<|im_start|>{{ if not (and .Messages (eq (index .Messages 0).Role "system")) }}system\n'
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n{{ end }}"
+        '{{ range .Messages }}{{ if eq .Role "system" }}system\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n'
+        "{{ end }}{{ end }}<|im_start|>assistant\n"
+    )
+    assert text.count('TEMPLATE """') == 1 and f'TEMPLATE """{chatml}"""\n' in text
     # without a system prompt, the template's own default system prompt is kept
     write_modelfile(q4_0, out)
     assert "You are a helpful AI assistant named SmolLM" in out.read_text()

@@ -10,13 +10,7 @@ import pytest
 
 from ftedge.basemodel import embedded_gguf
 from ftedge.errors import FtedgeError
-from ftedge.export.gguf import convert_to_gguf
 from ftedge.loader import COMPLETE_MARKER, resolve_base_model
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    return convert_to_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", outtype="f32")
 
 
 def _resolve_in_child(path: str, queue) -> None:  # pragma: no cover - runs in a child process

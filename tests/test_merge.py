@@ -6,16 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import make_adapter, make_run, trained_tiny_model
+from helpers import make_run
 
 from ftedge.errors import FtedgeError, StageMissingError
-
-
-@pytest.fixture(scope="module")
-def base_and_adapter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("merge")
-    base = trained_tiny_model(root / "base", tokenizer_dir)
-    return base, make_adapter(base, root / "adapter")
 
 
 def _umask() -> int:

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from families import FAMILIES, FAMILY_SPECS
 from helpers import write_gguf_header_only
+from tiny_models import FAMILIES, FAMILY_SPECS
 
 from ftedge.errors import FtedgeError
 from ftedge.families import (

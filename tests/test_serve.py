@@ -1,7 +1,7 @@
 """ftedge serve: the official openai client, 16 concurrent streams, the bad-request corpus, client
 disconnects, the API key, the CLI (Ctrl-C), the ship/ launch lines, and the chat page in headless Chromium.
 
-One tiny random GGUF (the conftest model through llama.cpp's converter) is served from a uvicorn
+One tiny random GGUF (conftest's ``varied_gguf``: varied greedy replies) is served from a uvicorn
 thread; every expected answer is the in-process greedy reply of the same file.
 """
 
@@ -34,27 +34,11 @@ N_CTX = 2048  # above the tiny model's trained 512, so a disconnected stream wou
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A tiny random model with larger initial weights than conftest's: its greedy replies are varied text
-    (conftest's model answers every prompt with newlines, which would hide mixed-up or truncated answers)."""
-    from helpers import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("serve-hf"), tokenizer_dir, initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_hf: Path) -> Path:
-    from ftedge.export.gguf import convert_to_gguf
-
-    return convert_to_gguf(tiny_hf, tmp_path_factory.mktemp("serve-gguf") / "tiny.f16.gguf", outtype="f16")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_gguf: Path) -> Iterator:
+def reference(varied_gguf: Path) -> Iterator:
     """The same GGUF in-process: the greedy answers every served answer must equal."""
     from ftedge.backends import load_backend
 
-    with load_backend(tiny_gguf, threads=1, n_ctx=N_CTX) as backend:
+    with load_backend(varied_gguf, threads=1, n_ctx=N_CTX) as backend:
         yield backend
 
 
@@ -96,8 +80,8 @@ def serve_in_thread(gguf: Path, **kwargs) -> Iterator[Served]:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_gguf: Path) -> Iterator[Served]:
-    with serve_in_thread(tiny_gguf) as s:
+def served(varied_gguf: Path) -> Iterator[Served]:
+    with serve_in_thread(varied_gguf) as s:
         yield s
 
 
@@ -124,7 +108,7 @@ def test_sample_next_greedy_top_p_and_distribution() -> None:
     assert len(set(seq)) == 1  # the same seed, the same first draw
 
 
-def test_greedy_generation_is_unchanged_by_the_sampling_argument(reference, tiny_hf: Path) -> None:
+def test_greedy_generation_is_unchanged_by_the_sampling_argument(reference, varied_model_dir: Path) -> None:
     from ftedge.backends.torch import TorchBackend
 
     ids = reference.chat_ids([{"role": "user", "content": "hello"}])
@@ -138,7 +122,7 @@ def test_greedy_generation_is_unchanged_by_the_sampling_argument(reference, tiny
     b = list(reference.generate(ids, max_new_tokens=16, sampling=Sampling(temperature=1.0, seed=3)))
     c = list(reference.generate(ids, max_new_tokens=16, sampling=Sampling(temperature=1.0, seed=4)))
     assert a == b and a != c and a != plain
-    torch_backend = TorchBackend(tiny_hf, threads=1)
+    torch_backend = TorchBackend(varied_model_dir, threads=1)
     t_ids = torch_backend.chat_ids([{"role": "user", "content": "hello"}])
     t_plain = list(torch_backend.generate(t_ids, max_new_tokens=8))
     assert list(torch_backend.generate(t_ids, max_new_tokens=8, sampling=Sampling())) == t_plain
@@ -449,10 +433,10 @@ def test_a_client_that_leaves_mid_stream_frees_the_model(served: Served, referen
     )
 
 
-def test_api_key_is_checked_on_every_api_request(tiny_gguf: Path) -> None:
+def test_api_key_is_checked_on_every_api_request(varied_gguf: Path) -> None:
     import openai
 
-    with serve_in_thread(tiny_gguf, api_key="sekret") as s:
+    with serve_in_thread(varied_gguf, api_key="sekret") as s:
         for path in ("/v1/models", "/v1/models/tiny.f16"):
             resp = httpx.get(s.url + path)
             assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
@@ -473,13 +457,13 @@ def test_api_key_is_checked_on_every_api_request(tiny_gguf: Path) -> None:
         )  # the page asks for the key itself
 
 
-def test_serves_an_ort_genai_folder(tiny_hf: Path, tmp_path: Path) -> None:
+def test_serves_an_ort_genai_folder(varied_model_dir: Path, tmp_path: Path) -> None:
     """ONNX artifacts (no server of their own): served answers equal the in-process ORT GenAI ones; sampling works there too."""
     pytest.importorskip("onnxruntime_genai")
     from ftedge.backends import load_backend
     from ftedge.export.onnx import export_onnx
 
-    onnx_dir = export_onnx(tiny_hf, tmp_path / "onnx-fp32", "fp32")
+    onnx_dir = export_onnx(varied_model_dir, tmp_path / "onnx-fp32", "fp32")
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hello"}]
     with load_backend(onnx_dir, threads=1) as ort:
         expected = greedy(ort, messages, 10)
@@ -518,10 +502,10 @@ def _start_cli(args: list[str]) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"ftedge serve did not start: {proc.stderr.read()}")
 
 
-def test_cli_serves_a_ship_folder_and_stops_cleanly_on_ctrl_c(tmp_path: Path, tiny_gguf: Path, reference) -> None:
+def test_cli_serves_a_ship_folder_and_stops_cleanly_on_ctrl_c(tmp_path: Path, varied_gguf: Path, reference) -> None:
     ship = tmp_path / "ship"
     ship.mkdir()
-    shutil.copy(tiny_gguf, ship / "tiny.q8_0.gguf")
+    shutil.copy(varied_gguf, ship / "tiny.q8_0.gguf")
     (ship / "Modelfile").write_text(f'FROM ./tiny.q8_0.gguf\nSYSTEM """{SYSTEM}"""\nPARAMETER temperature 0\n')
     proc, url = _start_cli([str(ship), "--port", "0", "--threads", "1", "--ctx", str(N_CTX)])
     try:
@@ -572,14 +556,14 @@ def test_cli_warns_on_public_host_and_reports_a_taken_port(tmp_path: Path) -> No
 
 
 # -- ship/ launch lines ---------------------------------------------------------------------------
-def test_ship_launch_lines_match_the_gguf_metadata(tiny_gguf: Path, tmp_path: Path) -> None:
+def test_ship_launch_lines_match_the_gguf_metadata(varied_gguf: Path, tmp_path: Path) -> None:
     from ftedge.formats.gguf import inspect_gguf
     from ftedge.launch import launch_section
 
-    info = inspect_gguf(tiny_gguf)
+    info = inspect_gguf(varied_gguf)
     assert info.context_length == 512 and info.chat_template
-    text = launch_section(tiny_gguf, "tiny", SYSTEM)
-    file = tiny_gguf.name
+    text = launch_section(varied_gguf, "tiny", SYSTEM)
+    file = varied_gguf.name
     assert f"ftedge serve {file} --port 8000" in text
     assert f"llama-server -m {file} --jinja -c 512 " in text
     assert "OLLAMA_CONTEXT_LENGTH=512 ollama serve" in text and "ollama create tiny -f Modelfile" in text
@@ -590,7 +574,7 @@ def test_ship_launch_lines_match_the_gguf_metadata(tiny_gguf: Path, tmp_path: Pa
     assert repr(SYSTEM) in text
 
 
-def test_ship_bundle_readme_and_serving_a_run_or_its_ship_folder(tmp_path: Path, tiny_recipe: Path, tiny_gguf: Path) -> None:
+def test_ship_bundle_readme_and_serving_a_run_or_its_ship_folder(tmp_path: Path, tiny_recipe: Path, varied_gguf: Path) -> None:
     """ftedge's ship stage writes the launch lines; ftedge serve RUN / RUN/ship picks the shipped GGUF and the recipe's prompt."""
     from helpers import tiny_target
 
@@ -602,7 +586,7 @@ def test_ship_bundle_readme_and_serving_a_run_or_its_ship_folder(tmp_path: Path,
 
     run = Run.create(load_recipe(tiny_recipe), run_dir=tmp_path / "run")
     (run.path / "gguf").mkdir()
-    shutil.copy(tiny_gguf, run.path / "gguf" / "tiny.q8_0.gguf")
+    shutil.copy(varied_gguf, run.path / "gguf" / "tiny.q8_0.gguf")
     run.record_artifact(
         "gguf-q8_0", run.path / "gguf" / "tiny.q8_0.gguf", stage="export", format="gguf", quant="q8_0", gate={"passed": True}
     )
@@ -616,7 +600,7 @@ def test_ship_bundle_readme_and_serving_a_run_or_its_ship_folder(tmp_path: Path,
     several = tmp_path / "two"
     several.mkdir()
     for name in ("a.gguf", "b.gguf"):
-        shutil.copy(tiny_gguf, several / name)
+        shutil.copy(varied_gguf, several / name)
     from ftedge.errors import FtedgeError
 
     with pytest.raises(FtedgeError, match="several GGUF files"):

