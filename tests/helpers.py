@@ -17,6 +17,10 @@ import contextlib
 import csv
 import os
 import random
+import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,3 +220,23 @@ def write_gguf_header_only(path: Path, arch: str, name: str = "tiny") -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def start_serve_cli(args: list[str], *, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """`ftedge serve ARGS` as a subprocess; returns it with its URL once it says it listens (fails after ``timeout`` s)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ftedge.cli", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.time() + timeout
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+        if found:
+            return proc, found.group(1)
+        assert time.time() < deadline
+    proc.kill()
+    raise AssertionError(f"ftedge serve did not start: {proc.stderr.read() if proc.stderr else ''}")

@@ -7,17 +7,12 @@ confident tiny model, then `ftedge serve` on the ship/ bundle answers what bench
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
-from helpers import ROWS, SYSTEM
+from helpers import ROWS, SYSTEM, start_serve_cli
 
 from ftedge.cli import main
 from ftedge.manifest import Run
@@ -42,25 +37,6 @@ def _recipe(tmp_path: Path, base: Path) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
-
-
-def _serve(folder: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ftedge.cli", "serve", str(folder), "--port", "0", "--threads", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.time() + 120
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-        if found:
-            return proc, found.group(1)
-        assert time.time() < deadline
-    proc.kill()
-    raise AssertionError(f"ftedge serve did not start: {proc.stderr.read() if proc.stderr else ''}")
 
 
 def test_laptop_cpu_end_to_end_and_serve_answers_as_bench(tmp_path: Path, confident_model_dir: Path) -> None:
@@ -93,7 +69,7 @@ def test_laptop_cpu_end_to_end_and_serve_answers_as_bench(tmp_path: Path, confid
     predictions = json.loads((run_dir / "bench" / "predictions.json").read_text())[decision["chosen"]]
     examples = bench.run_examples(run)[0]  # the rows bench scored: the run's frozen test split
     assert [p["target"] for p in predictions] == [ex["target"] for ex in examples[: len(predictions)]]
-    proc, url = _serve(run_dir / "ship")
+    proc, url = start_serve_cli([str(run_dir / "ship"), "--port", "0", "--threads", "1"])
     try:
         client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         model = client.models.list().data[0].id

@@ -11,13 +11,10 @@ import concurrent.futures
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +23,7 @@ from pathlib import Path
 import httpx2 as httpx
 import numpy as np
 import pytest
+from helpers import start_serve_cli
 
 from ftedge.backends.base import Sampling, sample_next
 
@@ -484,22 +482,6 @@ def test_serves_an_ort_genai_folder(varied_model_dir: Path, tmp_path: Path) -> N
 
 
 # -- the command --------------------------------------------------------------------------------
-def _start_cli(args: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ftedge.cli", "serve", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.time() + 60
-    for line in proc.stdout:
-        found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-        if found:
-            return proc, found.group(1)
-        assert time.time() < deadline
-    proc.kill()
-    raise AssertionError(f"ftedge serve did not start: {proc.stderr.read()}")
 
 
 def test_cli_serves_a_ship_folder_and_stops_cleanly_on_ctrl_c(tmp_path: Path, varied_gguf: Path, reference) -> None:
@@ -507,7 +489,7 @@ def test_cli_serves_a_ship_folder_and_stops_cleanly_on_ctrl_c(tmp_path: Path, va
     ship.mkdir()
     shutil.copy(varied_gguf, ship / "tiny.q8_0.gguf")
     (ship / "Modelfile").write_text(f'FROM ./tiny.q8_0.gguf\nSYSTEM """{SYSTEM}"""\nPARAMETER temperature 0\n')
-    proc, url = _start_cli([str(ship), "--port", "0", "--threads", "1", "--ctx", str(N_CTX)])
+    proc, url = start_serve_cli([str(ship), "--port", "0", "--threads", "1", "--ctx", str(N_CTX)], timeout=60)
     try:
         cards = httpx.get(url + "/v1/models", timeout=10).json()["data"]
         assert [c["id"] for c in cards] == ["tiny.q8_0"] and cards[0]["meta"]["system_prompt"] == SYSTEM  # from the bundle's Modelfile
