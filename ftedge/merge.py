@@ -123,17 +123,11 @@ def _reference_model(base: Path, adapter: Path, *, four_bit: bool, quant: Any, t
 
 
 def _logits(model: Any, ids: list[list[int]], start: int) -> list[Any]:
-    import torch
-
+    """Log-probs of each row from ``start`` on, the rows run in padded batches (``ftedge.backends.torch.batched_logits``)."""
+    from ftedge.backends.torch import batched_logits
     from ftedge.logits import log_softmax
 
-    device = next(model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for seq in ids:
-            x = torch.tensor([seq], device=device)
-            out.append(log_softmax(model(input_ids=x).logits[0, start:].float().cpu().numpy()))
-    return out
+    return [log_softmax(lg) for lg in batched_logits(model, ids, start=start)]
 
 
 def _save(model: Any, tokenizer: Any, base: Path, out: Path, tokenizer_source: Path | None = None) -> None:

@@ -86,6 +86,41 @@ def sample_next(logits: np.ndarray, sampling: Sampling | None, rng: np.random.Ge
     return int(i if order is None else order[i])
 
 
+BATCH_TOKENS = 2048  # padded tokens per batched forward pass: the logits of one pass are BATCH_TOKENS x vocab floats
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int = BATCH_TOKENS) -> list[list[int]]:
+    """Row indices grouped for padded batches: sorted by length (little padding), each batch's rows x longest row at
+    most ``max_tokens`` (a longer row goes alone)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def token_windows(lengths: Sequence[int], max_tokens: int = BATCH_TOKENS) -> list[list[int]]:
+    """Consecutive row indices, each window holding at most ``max_tokens`` tokens (a longer row alone): how many rows
+    a caller hands ``Backend.logits_batch`` at once, so that the logits held stay bounded however many rows there are."""
+    windows: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if current and total + n > max_tokens:
+            windows.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += n
+    if current:
+        windows.append(current)
+    return windows
+
+
 class Backend(abc.ABC):
     """Load, tokenize with the chat template, next-token logits, greedy streaming generation.
 
@@ -126,6 +161,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits, shape [len(ids), vocab]: row i predicts token i+1."""
+
+    def logits_batch(self, rows: Sequence[Sequence[int]], *, start: int = 0) -> list[np.ndarray]:
+        """``logits`` of each row from position ``start`` on (float32, [len(row) - start, vocab]), in the rows' order.
+
+        This default runs one row at a time; a runtime that can run several rows in one pass (torch) overrides it
+        with the same numbers within float rounding. The result holds every row's logits: callers pass a bounded
+        number of rows at once (``token_windows``)."""
+        return [np.asarray(self.logits(row)[start:], dtype=np.float32) for row in rows]
 
     @abc.abstractmethod
     def generate(

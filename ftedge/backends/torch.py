@@ -8,7 +8,33 @@ from typing import Any
 
 import numpy as np
 
-from ftedge.backends.base import Backend, Sampling, sample_next
+from ftedge.backends.base import BATCH_TOKENS, Backend, Sampling, length_batches, sample_next
+
+
+def batched_logits(model: Any, rows: Sequence[Sequence[int]], *, start: int = 0, max_tokens: int = BATCH_TOKENS) -> list[np.ndarray]:
+    """float32 logits of each row of token ids from position ``start`` on, in the rows' order: ``model`` (a
+    transformers causal LM, a peft model too) run on right-padded batches with an attention mask, rows sorted by
+    length, each batch at most ``max_tokens`` padded tokens. Causal attention never lets a real position see the
+    padding after it, so each row's logits are its own single-row pass's within float rounding."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * len(rows)
+    with torch.inference_mode():
+        for batch in length_batches([len(r) for r in rows], max_tokens):
+            width = max(len(rows[i]) for i in batch)
+            if width == 0:  # only empty rows: nothing to run
+                continue
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, i in enumerate(batch):
+                ids[b, : len(rows[i])] = torch.tensor(list(rows[i]), dtype=torch.long)
+                mask[b, : len(rows[i])] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for b, i in enumerate(batch):
+                out[i] = logits[b, start : len(rows[i])].float().cpu().numpy()
+            del logits
+    return out
 
 
 class TorchBackend(Backend):
@@ -131,6 +157,9 @@ class TorchBackend(Backend):
             x = torch.tensor([list(ids)], device=self.device)
             out = self.model(input_ids=x).logits[0]
         return out.float().cpu().numpy()
+
+    def logits_batch(self, rows: Sequence[Sequence[int]], *, start: int = 0) -> list[np.ndarray]:
+        return batched_logits(self.model, rows, start=start)
 
     def generate(
         self, ids: Sequence[int], *, max_new_tokens: int, stop_ids: set[int] | None = None, sampling: Sampling | None = None

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ftedge.backends.base import Backend
+from ftedge.backends.base import Backend, token_windows
 from ftedge.errors import FtedgeError
 from ftedge.formats.logits_cache import TopKCache, read_topk_cache, write_topk_cache
 from ftedge.logits import TOP_K, grouped_kl, log_softmax, scored_from, top_k
@@ -134,15 +134,21 @@ def measure_quality(
     # Positions every conversation shares (system prompt, template header) would weigh as
     # much as N positions; top-1 / KL are scored from where the conversations first differ.
     start = scored_from([full for _, full in convs])
+    fits = [max(len(full), len(prompt) + budget) <= n_ctx for prompt, full in convs]
+    # The teacher-forced passes run a window of rows at a time (Backend.logits_batch: padded batches on torch), so
+    # the logits held stay bounded; the rows of a window are then scored one by one, in order.
+    window_logits: dict[int, np.ndarray] = {}
+    windows = iter(token_windows([len(full) if ok else 0 for (_, full), ok in zip(convs, fits, strict=True)]))
     for i, (ex, (prompt, full)) in enumerate(zip(examples, convs, strict=True)):
-        if max(len(full), len(prompt) + budget) > n_ctx:
+        if not fits[i]:
             skipped += 1
             if save is not None:
                 save.add([], 0, np.zeros((0, TOP_K), np.int32), np.zeros((0, TOP_K), np.float32))
             continue
-        logp = log_softmax(
-            backend.logits(full)[:-1], np.float32
-        )  # float32: half the time on a 49k vocabulary  # row j predicts full[j + 1]
+        while i not in window_logits:
+            rows = [j for j in next(windows) if fits[j]]
+            window_logits = dict(zip(rows, backend.logits_batch([convs[j][1] for j in rows]), strict=True))
+        logp = log_softmax(window_logits.pop(i)[:-1], np.float32)  # float32: half the time on a 49k vocabulary; row j predicts full[j + 1]
         if task == "label_match":
             if reuse_teacher_forcing:
                 answer, n_new = greedy_answer(backend, prompt, full, logp, budget)

@@ -88,7 +88,7 @@ def build_reference(
         texts = [p.text(ref.tokenizer, eot=eot_text) for p in prompts]
         ids = [ref.tokenize(t) for t in texts]
         start = scored_from(ids)
-        logprobs = [log_softmax(ref.logits(s))[start:].astype(np.float32) for s in ids]
+        logprobs = [log_softmax(lg).astype(np.float32) for lg in ref.logits_batch(ids, start=start)]
         chat_texts = [ref.apply_chat_template(p.messages) for p in prompts]
         stop_ids = ref.tokenize(chat_texts[0])
         reply = ref.stream(stop_ids, max_new_tokens=stop_bound, stop_ids=stops).run()
