@@ -176,3 +176,13 @@ def test_merge_drift_batched_equals_per_row(tmp_path: Path, tiny_model_dir: Path
     assert batched["positions"] == per_row_figures["positions"] > 0
     assert batched["top1"] == per_row_figures["top1"]
     assert batched["kl"] == pytest.approx(per_row_figures["kl"], abs=1e-5)
+
+
+def test_batch_tokens_bound_the_logits_of_one_pass() -> None:
+    from ftedge.backends.base import BATCH_TOKENS, LOGIT_FLOATS, batch_tokens
+
+    assert batch_tokens(1000) == BATCH_TOKENS  # a small vocabulary: the token cap decides
+    for vocab in (49_152, 151_936, 262_144):
+        n = batch_tokens(vocab)
+        assert n * vocab <= LOGIT_FLOATS < (n + 1) * vocab
+    assert batch_tokens(10**12) == 1  # never zero: a row still runs alone

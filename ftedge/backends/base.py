@@ -87,6 +87,13 @@ def sample_next(logits: np.ndarray, sampling: Sampling | None, rng: np.random.Ge
 
 
 BATCH_TOKENS = 2048  # padded tokens per batched forward pass: the logits of one pass are BATCH_TOKENS x vocab floats
+LOGIT_FLOATS = 64 * 1024 * 1024  # at most this many logits (256 MB in float32) in one batched pass, whatever the vocabulary
+
+
+def batch_tokens(vocab: int, max_tokens: int = BATCH_TOKENS) -> int:
+    """Padded tokens per batched pass for a model of ``vocab`` logits: ``max_tokens``, fewer for a large vocabulary
+    (SmolLM2's 49k: 1,365; Gemma 3's 262k: 256), so one pass's logits stay within ``LOGIT_FLOATS``."""
+    return max(1, min(max_tokens, LOGIT_FLOATS // max(vocab, 1)))
 
 
 def length_batches(lengths: Sequence[int], max_tokens: int = BATCH_TOKENS) -> list[list[int]]:

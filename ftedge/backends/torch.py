@@ -8,20 +8,23 @@ from typing import Any
 
 import numpy as np
 
-from ftedge.backends.base import BATCH_TOKENS, Backend, Sampling, length_batches, sample_next
+from ftedge.backends.base import BATCH_TOKENS, Backend, Sampling, batch_tokens, length_batches, sample_next
 
 
 def batched_logits(model: Any, rows: Sequence[Sequence[int]], *, start: int = 0, max_tokens: int = BATCH_TOKENS) -> list[np.ndarray]:
     """float32 logits of each row of token ids from position ``start`` on, in the rows' order: ``model`` (a
     transformers causal LM, a peft model too) run on right-padded batches with an attention mask, rows sorted by
-    length, each batch at most ``max_tokens`` padded tokens. Causal attention never lets a real position see the
-    padding after it, so each row's logits are its own single-row pass's within float rounding."""
+    length, each batch at most ``max_tokens`` padded tokens (fewer for a large vocabulary: ``batch_tokens``).
+    Causal attention never lets a real position see the padding after it, so each row's logits are its own
+    single-row pass's within float rounding."""
     import torch
 
     device = next(model.parameters()).device
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else getattr(model.config, "vocab_size", 0)
     out: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * len(rows)
     with torch.inference_mode():
-        for batch in length_batches([len(r) for r in rows], max_tokens):
+        for batch in length_batches([len(r) for r in rows], batch_tokens(vocab, max_tokens)):
             width = max(len(rows[i]) for i in batch)
             if width == 0:  # only empty rows: nothing to run
                 continue
