@@ -59,12 +59,7 @@ GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # ids 0..4, as 
 
 # --------------------------------------------------------------------------- the tiny Llama (SmolLM2's tokenizer)
 TINY_LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
+    **HIDDEN,
     rms_norm_eps=1e-5,
     tie_word_embeddings=True,
     bos_token_id=1,
